@@ -1,0 +1,5 @@
+import sys
+
+from vllm_kvmix.cli import main
+
+sys.exit(main())

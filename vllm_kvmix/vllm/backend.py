@@ -1,0 +1,256 @@
+"""The kvmix attention backend: metadata builder (plan) and impl (run).
+
+One backend class per format: vLLM's model runner asks the backend class for
+the cache shape without telling it the layer's format (it passes "auto" for
+specs that are not vLLM's own quantized kinds), so the format is a class
+attribute.  ``backend_class_path(fmt)`` names the class; the module-level
+``__getattr__`` creates it on first use in every process.
+
+Cache tensor of a layer: ``uint8[num_blocks, num_kv_heads, head_page_bytes]``
+(:mod:`vllm_kvmix.formats`).  The write (``do_kv_cache_update``) runs before
+``forward`` in every step, and ``forward`` reads every context token from the
+cache, the new ones included.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+
+from vllm_kvmix import ops
+from vllm_kvmix.formats import KVFormat, all_format_names, parse_format
+
+logger = logging.getLogger("vllm_kvmix")
+
+_CLASS_PREFIX = "KvmixAttentionBackend_"
+
+
+@dataclass
+class KvmixMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [B + 1] int32, device
+    seq_lens: torch.Tensor  # [B] int32, device
+    block_table: torch.Tensor  # [B, max_blocks] int32, device
+    slot_mapping: torch.Tensor  # [T] int64, device
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    causal: bool = True
+
+
+class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> KvmixMetadata:
+        m = common_attn_metadata
+        if isinstance(m.causal, torch.Tensor):
+            raise NotImplementedError("kvmix: per-token (dynamic) causality is not supported")
+        n = m.num_reqs
+        return KvmixMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
+            query_start_loc=m.query_start_loc,
+            seq_lens=m.seq_lens,
+            block_table=m.block_table_tensor,
+            slot_mapping=m.slot_mapping,
+            query_start_loc_cpu=m.query_start_loc_cpu[: n + 1].tolist(),
+            seq_lens_cpu=m.seq_lens[:n].cpu().tolist(),
+            causal=bool(m.causal),
+        )
+
+
+class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **unsupported,
+    ) -> None:
+        self.fmt: KVFormat = parse_format(kv_cache_dtype)
+        self.fmt.check_head_size(head_size)
+        if alibi_slopes is not None:
+            raise NotImplementedError(f"{self.fmt.name}: ALiBi is not supported")
+        if sinks is not None:
+            raise NotImplementedError(f"{self.fmt.name}: attention sinks are not supported")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"{self.fmt.name}: only decoder self-attention")
+        if kv_sharing_target_layer_name is not None:
+            raise NotImplementedError(f"{self.fmt.name}: cross-layer KV sharing")
+        if unsupported:
+            raise NotImplementedError(f"{self.fmt.name}: unsupported options {sorted(unsupported)}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.sliding_window = sliding_window
+        self.kv_cache_dtype = kv_cache_dtype
+        self.logits_soft_cap = logits_soft_cap or None
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+
+    def do_kv_cache_update(
+        self,
+        layer: AttentionLayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        block_size = self._block_size(kv_cache)
+        n = slot_mapping.shape[0]
+        ops.write_kv(kv_cache, key[:n], value[:n], slot_mapping, self.fmt, block_size)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: KvmixMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("kvmix: fused output quantization")
+        if attn_metadata is None:  # profiling run: no cache yet
+            return output.fill_(0)
+        n = attn_metadata.num_actual_tokens
+        out = ops.paged_attention(
+            query[:n],
+            kv_cache,
+            self.fmt,
+            self._block_size(kv_cache),
+            attn_metadata,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            soft_cap=self.logits_soft_cap,
+        )
+        output[:n] = out.to(output.dtype)
+        return output
+
+    def _block_size(self, kv_cache: torch.Tensor) -> int:
+        per_token = self.fmt.bytes_per_token_head(self.head_size)
+        return kv_cache.shape[2] // per_token
+
+
+class KvmixAttentionBackend(AttentionBackend):
+    """Base class; vLLM sees one subclass per format (``FORMAT`` set)."""
+
+    FORMAT: ClassVar[KVFormat | None] = None
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = all_format_names()
+
+    @staticmethod
+    def get_name() -> str:
+        # Attention layers look their backend up in AttentionBackendEnum by name.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[KvmixAttentionImpl]:
+        return KvmixAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KvmixMetadataBuilder]:
+        return KvmixMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_kv_cache_shape(
+        cls,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        if cls.FORMAT is None:
+            raise TypeError("use a per-format kvmix backend class")
+        layout = cls.FORMAT.layout(head_size, block_size)
+        return (num_blocks, num_kv_heads, layout.head_page_bytes)
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        if include_num_layers_dimension:
+            raise NotImplementedError
+        return (0, 1, 2)
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+
+def backend_class_name(fmt: KVFormat) -> str:
+    return _CLASS_PREFIX + fmt.name.removeprefix("kvmix-").replace("-", "_")
+
+
+def backend_class_path(fmt: KVFormat) -> str:
+    return f"{__name__}.{backend_class_name(fmt)}"
+
+
+def backend_class(fmt: KVFormat) -> type[KvmixAttentionBackend]:
+    name = backend_class_name(fmt)
+    cls = globals().get(name)
+    if cls is None:
+        cls = type(name, (KvmixAttentionBackend,), {"FORMAT": fmt, "__module__": __name__})
+        cls.__qualname__ = name
+        globals()[name] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    # Lets vLLM resolve "vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2" in
+    # any process (resolve_obj_by_qualname imports the module, then getattr).
+    if name.startswith(_CLASS_PREFIX):
+        suffix = name.removeprefix(_CLASS_PREFIX).replace("_", "-")
+        return backend_class(parse_format("kvmix-" + suffix))
+    raise AttributeError(name)

@@ -1,0 +1,230 @@
+"""Every patch of vLLM internals, in one place (pinned: vLLM 0.26.0).
+
+vLLM 0.26 has no registry for KV-cache dtypes: the accepted names are a
+``Literal`` (``vllm.config.cache.CacheDType``) checked by pydantic, argparse and
+the attention selector; the name -> torch dtype map is a dict; and the KV-cache
+spec of an ``Attention`` layer is built inside the layer.  Each patch below
+says what it replaces and why, checks that what it replaces is what it
+expects, and can be deleted when vLLM grows the hook named in its docstring.
+``tests/test_compat.py`` fails if any of these targets changes.
+
+``apply_compat_patches()`` is idempotent and refuses loudly on another vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from vllm_kvmix.formats import KVFormatError, all_format_names, is_kvmix, parse_format
+
+logger = logging.getLogger("vllm_kvmix")
+
+SUPPORTED_VLLM = ("0.26.0",)
+_applied = False
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def check_vllm_version() -> None:
+    version = vllm_version()
+    if version not in SUPPORTED_VLLM:
+        raise RuntimeError(
+            f"vllm-kvmix supports vLLM {', '.join(SUPPORTED_VLLM)}; found {version}. "
+            "Its patches of vLLM internals are version-specific."
+        )
+
+
+def apply_compat_patches() -> None:
+    global _applied
+    if _applied:
+        return
+    check_vllm_version()
+    patch_cache_dtype_literal()
+    patch_str_dtype_map()
+    patch_attention_kv_cache_spec()
+    patch_engine_args_validation()
+    patch_kv_cache_config_logging()
+    register_custom_backend()
+    _applied = True
+
+
+# ---------------------------------------------------------------------------
+def patch_cache_dtype_literal() -> None:
+    """Add the kvmix names to ``vllm.config.cache.CacheDType``.
+
+    The Literal object is shared by ``CacheConfig.cache_dtype`` (pydantic),
+    ``EngineArgs.kv_cache_dtype`` (argparse choices are read from it when the
+    CLI parser is built, after plugins load) and the attention selector's
+    ``assert kv_cache_dtype in get_args(CacheDType)``.  Extending its
+    ``__args__`` in place updates every module that imported it; the pydantic
+    dataclasses that embed it are rebuilt.  Remove when vLLM accepts
+    plugin-registered cache dtypes.
+    """
+    from pydantic.dataclasses import rebuild_dataclass
+    from vllm.config import cache as cache_mod
+    from vllm.config.vllm import VllmConfig
+
+    literal = cache_mod.CacheDType
+    args = tuple(literal.__args__)
+    if "auto" not in args or "fp8" not in args:
+        raise RuntimeError("vllm.config.cache.CacheDType is not the Literal kvmix expects")
+    new = tuple(n for n in all_format_names() if n not in args)
+    if new:
+        literal.__args__ = args + new
+        rebuild_dataclass(cache_mod.CacheConfig, force=True)
+        rebuild_dataclass(VllmConfig, force=True)
+
+
+def patch_str_dtype_map() -> None:
+    """Map kvmix names to ``torch.uint8`` in ``STR_DTYPE_TO_TORCH_DTYPE``.
+
+    ``Attention.__init__`` calls ``kv_cache_dtype_str_to_dtype`` which indexes
+    this dict; the cache of a kvmix layer is raw bytes.  Remove with the
+    Literal patch.
+    """
+    from vllm.utils import torch_utils
+
+    table = torch_utils.STR_DTYPE_TO_TORCH_DTYPE
+    if not isinstance(table, dict) or table.get("fp8") is not torch.uint8:
+        raise RuntimeError("vllm.utils.torch_utils.STR_DTYPE_TO_TORCH_DTYPE changed")
+    for name in all_format_names():
+        table.setdefault(name, torch.uint8)
+
+
+def patch_attention_kv_cache_spec() -> None:
+    """Return a kvmix spec from ``Attention.get_kv_cache_spec`` for kvmix layers.
+
+    The spec's page size is what vLLM allocates per block; vLLM builds it
+    inside the layer with no backend hook.  Other dtypes go to the original.
+    Remove when backends can supply their layer's KV-cache spec.
+    """
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    original = Attention.get_kv_cache_spec
+    if getattr(original, "_kvmix_patched", False):
+        return
+
+    @functools.wraps(original)
+    def get_kv_cache_spec(self, vllm_config):
+        if not is_kvmix(self.kv_cache_dtype):
+            return original(self, vllm_config)
+        from vllm.v1.attention.backend import AttentionType
+
+        from vllm_kvmix.vllm.spec import kvmix_spec_for_layer
+
+        if self.attn_type in (AttentionType.ENCODER_ONLY, AttentionType.ENCODER):
+            return None
+        return kvmix_spec_for_layer(self, vllm_config.cache_config.block_size)
+
+    get_kv_cache_spec._kvmix_patched = True
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+
+
+def patch_engine_args_validation() -> None:
+    """Check a kvmix ``kv_cache_dtype`` in ``EngineArgs.create_engine_config``.
+
+    Without it a misspelt name fails deep in pydantic with a list of ~60
+    literals; this raises :class:`KVFormatError` naming the kvmix choices
+    before any config is built.  Remove when vLLM validates plugin dtypes.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_kvmix_patched", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        name = self.kv_cache_dtype
+        if isinstance(name, str) and name.startswith("kvmix"):
+            parse_format(name)  # raises KVFormatError with the valid choices
+        return original(self, *args, **kwargs)
+
+    create_engine_config._kvmix_patched = True
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def patch_kv_cache_config_logging() -> None:
+    """Log format, bytes/token, blocks and the ratio vs bf16 at startup.
+
+    Wraps ``get_kv_cache_configs`` as imported by ``vllm.v1.engine.core`` (the
+    engine core computes the block count there).  Remove if vLLM logs per-spec
+    page sizes itself.
+    """
+    from vllm.v1.engine import core
+
+    original = core.get_kv_cache_configs
+    if getattr(original, "_kvmix_patched", False):
+        return
+
+    @functools.wraps(original)
+    def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+        configs = original(vllm_config, kv_cache_specs, available_memory)
+        try:
+            for line in kv_cache_summary(configs[0], kv_cache_specs[0]):
+                _log_info(line)
+        except Exception as e:  # a log line must never break startup
+            _log_info(f"kvmix: startup summary unavailable ({e!r})")
+        return configs
+
+    get_kv_cache_configs._kvmix_patched = True
+    core.get_kv_cache_configs = get_kv_cache_configs
+
+
+def _log_info(line: str) -> None:
+    # A child of vLLM's "vllm" logger, so vLLM's handlers and levels apply.
+    from vllm.logger import init_logger
+
+    init_logger("vllm.kvmix").info(line)
+
+
+def kv_cache_summary(kv_cache_config, layer_specs: dict) -> list[str]:
+    """Startup lines: per format, bytes/token over all layers, blocks, ratio vs bf16."""
+    from vllm_kvmix.formats import BF16_BYTES
+
+    kvmix_layers = {n: s for n, s in layer_specs.items() if is_kvmix(getattr(s, "kvmix_format", None))}
+    if not kvmix_layers:
+        return []
+    per_fmt: dict[str, list] = {}
+    for spec in kvmix_layers.values():
+        per_fmt.setdefault(spec.kvmix_format, []).append(spec)
+    lines = []
+    total_kvmix = total_bf16 = 0
+    for name, specs in per_fmt.items():
+        fmt = parse_format(name)
+        tok = sum(s.num_kv_heads * fmt.bytes_per_token_head(s.head_size) for s in specs)
+        bf16 = sum(s.num_kv_heads * 2 * s.head_size * BF16_BYTES for s in specs)
+        total_kvmix += tok
+        total_bf16 += bf16
+        lines.append(
+            f"kvmix: {name} on {len(specs)} layers: {fmt.bits_per_element(specs[0].head_size):.2f} "
+            f"bits/element, {tok} bytes/token (bf16: {bf16}), {bf16 / tok:.2f}x"
+        )
+    blocks = kv_cache_config.num_blocks
+    lines.append(
+        f"kvmix: KV cache {blocks} blocks; bf16 in the same memory would get "
+        f"~{int(blocks * total_kvmix / total_bf16)} blocks ({total_bf16 / total_kvmix:.2f}x more with kvmix)"
+    )
+    return lines
+
+
+def register_custom_backend() -> None:
+    """Point ``AttentionBackendEnum.CUSTOM`` at the kvmix base backend.
+
+    kvmix backends report ``get_name() == "CUSTOM"`` (layers look their backend
+    up in the enum by name); registering the path keeps ``CUSTOM.get_path()``
+    valid.  Uses vLLM's public ``register_backend``; not a patch.
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, "vllm_kvmix.vllm.backend.KvmixAttentionBackend")
+
+
+__all__ = ["apply_compat_patches", "KVFormatError"]

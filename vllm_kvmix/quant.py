@@ -34,6 +34,10 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
     # The range is measured from the rounded minimum so the top code still
     # reaches the maximum.
     scale16 = ((mx - mn16.float()) / levels).clamp(max=FP16_MAX).to(torch.float16)
+    # Rounding the scale up can push the top level past the fp16 range; one
+    # ulp down keeps every dequantized value representable in fp16.
+    top = mn16.float() + levels * scale16.float()
+    scale16 = torch.where(top > FP16_MAX, torch.nextafter(scale16, torch.zeros_like(scale16)), scale16)
     scale = scale16.float()
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     codes = torch.round((xg - mn16.float().unsqueeze(-1)) * inv.unsqueeze(-1))

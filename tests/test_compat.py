@@ -1,0 +1,120 @@
+"""The vLLM 0.26 internals kvmix patches: fail here first if vLLM changes under us."""
+
+import inspect
+import typing
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from vllm_kvmix.formats import KVFormatError, all_format_names  # noqa: E402
+from vllm_kvmix.vllm import compat  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def patched():
+    compat.apply_compat_patches()
+    compat.apply_compat_patches()  # idempotent
+
+
+def test_vllm_version_pinned():
+    assert vllm.__version__ in compat.SUPPORTED_VLLM
+
+
+def test_targets_have_expected_shape():
+    from vllm.config.cache import CacheConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.attention.backend import AttentionBackend, AttentionImpl
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+    from vllm.v1.engine import core
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    assert list(inspect.signature(Attention.get_kv_cache_spec).parameters) == ["self", "vllm_config"]
+    assert list(inspect.signature(core.get_kv_cache_configs).parameters) == [
+        "vllm_config", "kv_cache_specs", "available_memory",
+    ]
+    assert "kv_cache_dtype" in AttentionSelectorConfig._fields
+    assert list(inspect.signature(AttentionBackend.get_kv_cache_shape).parameters) == [
+        "num_blocks", "block_size", "num_kv_heads", "head_size", "cache_dtype_str",
+    ]
+    assert "do_kv_cache_update" not in AttentionImpl.__dict__  # we provide it ourselves
+    assert "real_page_size_bytes" in FullAttentionSpec.__dict__
+    assert "real_page_size_bytes" in SlidingWindowSpec.__dict__
+    assert hasattr(EngineArgs, "create_engine_config")
+
+
+def test_literal_extended_and_validated():
+    from vllm.config.cache import CacheConfig, CacheDType
+
+    args = typing.get_args(CacheDType)
+    assert "fp8" in args and all(n in args for n in all_format_names())
+    assert CacheConfig(cache_dtype="kvmix-k4v2").cache_dtype == "kvmix-k4v2"
+    with pytest.raises(Exception):
+        CacheConfig(cache_dtype="kvmix-k5v2")
+
+
+def test_cli_choices_include_kvmix():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    assert parser.parse_args(["--kv-cache-dtype", "kvmix-k4v2"]).kv_cache_dtype == "kvmix-k4v2"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "kvmix-k5v2"])
+
+
+def test_str_dtype_map():
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    assert STR_DTYPE_TO_TORCH_DTYPE["kvmix-k4v2-g32"] is torch.uint8
+
+
+def test_engine_args_reject_bad_name_with_choices():
+    from vllm.engine.arg_utils import EngineArgs
+
+    with pytest.raises(KVFormatError, match="kvmix-k4v2.*-g"):
+        EngineArgs(model="unused", kv_cache_dtype="kvmix-k5v2").create_engine_config()
+
+
+def test_platform_dispatch():
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from vllm_kvmix.vllm.platform import KvmixCpuPlatform
+
+    def cfg(dtype):
+        return AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype=dtype, block_size=None)
+
+    path = KvmixCpuPlatform.get_attn_backend_cls(None, cfg("kvmix-k4v2-g32"))
+    assert path == "vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2_g32"
+    assert KvmixCpuPlatform.get_attn_backend_cls(None, cfg("auto")).endswith("CPUAttentionBackend")
+
+
+def test_backend_classes_resolve_by_name():
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    cls = resolve_obj_by_qualname("vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2")
+    assert cls.FORMAT.name == "kvmix-k4v2"
+    assert cls.get_kv_cache_shape(10, 128, 3, 64) == (10, 3, 128 * 56)
+    assert AttentionBackendEnum[cls.get_name()] is AttentionBackendEnum.CUSTOM
+    assert AttentionBackendEnum.CUSTOM.get_path().startswith("vllm_kvmix")
+
+
+def test_specs_page_size_and_grouping():
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, KvmixSlidingWindowSpec
+
+    common = dict(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.uint8)
+    full = KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common)
+    assert full.page_size_bytes == 128 * 3 * 56
+    assert KvmixFullAttentionSpec.merge([full, full]) == full
+    assert KVCacheSpecRegistry.get_uniform_type_base_spec(full) is FullAttentionSpec
+    sw = KvmixSlidingWindowSpec(kvmix_format="kvmix-k8v4", sliding_window=512, **common)
+    assert sw.page_size_bytes == 128 * 3 * (68 + 36)
+    assert KVCacheSpecRegistry.get_uniform_type_base_spec(sw) is SlidingWindowSpec
+    with pytest.raises(ValueError, match="mix kvmix formats"):
+        KvmixFullAttentionSpec.merge([full, KvmixFullAttentionSpec(kvmix_format="kvmix-k8v8", **common)])

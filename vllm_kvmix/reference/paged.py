@@ -77,15 +77,21 @@ def dense_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """fp32 attention, ``q[Tq, Hq, D]`` over ``k, v[Tk, H, D]`` with GQA.
+    """Attention of ``q[Tq, Hq, D]`` over ``k, v[Tk, H, D]`` with GQA, in fp64.
 
     A query at position p sees keys at positions ``p - sliding_window < k <= p``
     (vLLM's convention: the window counts the query token itself).
+
+    fp64 makes each output row independent of how many query rows share the
+    call (BLAS blocking varies with the row count; in fp32 that flips the last
+    bit, and a flipped bit can flip a quantization code in the next layer), so
+    chunked prefill and prefix-cache hits reproduce unchunked results exactly.
+    Returns fp32.
     """
     tq, hq, d = q.shape
     h = k.shape[1]
-    qg = q.float().reshape(tq, h, hq // h, d)
-    s = torch.einsum("qhrd,khd->hrqk", qg, k.float()) * scale
+    qg = q.double().reshape(tq, h, hq // h, d)
+    s = torch.einsum("qhrd,khd->hrqk", qg, k.double()) * scale
     if soft_cap:
         s = soft_cap * torch.tanh(s / soft_cap)
     diff = q_pos.view(-1, 1) - k_pos.view(1, -1)  # [Tq, Tk]
@@ -96,8 +102,8 @@ def dense_attention(
         allowed &= diff < sliding_window
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # fully masked rows -> 0
-    o = torch.einsum("hrqk,khd->qhrd", p, v.float())
-    return o.reshape(tq, hq, v.shape[-1])
+    o = torch.einsum("hrqk,khd->qhrd", p, v.double())
+    return o.reshape(tq, hq, v.shape[-1]).float()
 
 
 def paged_attention(

@@ -1,0 +1,180 @@
+"""End to end through vLLM 0.26 on CPU with real SmolLM2-135M weights (slow).
+
+Bounds asserted here were measured on the CPU dev machine (see README):
+k8v8 greedy output equals bf16 on 3 of 4 prompts (24 tokens; the 4th
+diverges after 3 tokens); perplexity on 1024 tokens of
+alice29.txt: bf16 20.51, k8v8 20.50, k4v2 32.28 (+57%).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+
+from vllm_kvmix import evaluate  # noqa: E402
+from vllm_kvmix.formats import BF16_BYTES, parse_format  # noqa: E402
+
+PROMPTS = evaluate.DEFAULT_PROMPTS
+MAX_TOKENS = 24
+# SmolLM2: 30 layers x 3 KV heads x head size 64
+BF16_TOKEN_BYTES = 30 * 3 * 2 * 64 * BF16_BYTES
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2_dir, texts):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    return evaluate.text_windows(tok, texts["alice29.txt"], 1024, 1)
+
+
+@pytest.fixture(scope="module")
+def results(smollm2_dir, windows):
+    out = {}
+    for dtype in ("auto", "kvmix-k8v8", "kvmix-k4v2"):
+        out[dtype] = evaluate.run(smollm2_dir, dtype, PROMPTS, MAX_TOKENS, ppl_windows=windows)
+    return out
+
+
+def test_block_count_ratio_matches_spec(results):
+    bf16 = results["auto"].num_blocks
+    for dtype in ("kvmix-k8v8", "kvmix-k4v2"):
+        r = results[dtype]
+        token_bytes = 30 * 3 * parse_format(dtype).bytes_per_token_head(64)
+        page = r.block_size * token_bytes
+        assert r.num_blocks == evaluate.KV_BUDGET_BYTES // page
+        ratio = r.num_blocks / bf16
+        assert ratio == pytest.approx(BF16_TOKEN_BYTES / token_bytes, rel=0.02), ratio
+
+
+def _common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_k8v8_greedy_agrees_with_bf16(results):
+    """Measured: 3 of 4 prompts identical for 24 tokens; the 4th diverges after 3."""
+    agree = [
+        _common_prefix(a, b)
+        for a, b in zip(results["kvmix-k8v8"].completion_ids, results["auto"].completion_ids)
+    ]
+    assert sum(n == MAX_TOKENS for n in agree) >= 3, agree
+    assert min(agree) >= 3, agree
+    assert sum(agree) / (MAX_TOKENS * len(agree)) >= 0.75, agree
+
+
+def test_perplexity_bounds(results):
+    bf16, k8v8, k4v2 = (results[d].ppl for d in ("auto", "kvmix-k8v8", "kvmix-k4v2"))
+    assert 15 < bf16 < 26, bf16  # a real model on real text
+    assert abs(k8v8 / bf16 - 1) < 0.01, (k8v8, bf16)
+    # naive per-token k4v2 costs ~+57% here; the quality issue drives this down
+    assert 1.2 < k4v2 / bf16 < 1.75, (k4v2, bf16)
+
+
+def test_k4v2_generates_sensible_text(results):
+    r = results["kvmix-k4v2"]
+    assert all(len(ids) == MAX_TOKENS for ids in r.completion_ids)
+    assert "Paris" in r.completions[0]
+
+
+def test_prefix_caching_chunked_prefill_and_preemption_do_not_change_outputs(smollm2_dir):
+    """kvmix-k4v2 with prefix-cache hits, tiny prefill chunks and preemption vs a plain run."""
+    from vllm import SamplingParams
+
+    shared = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
+              "it was the age of foolishness, it was the epoch of belief. ") * 12
+    prompts = [shared + tail for tail in ("The king said", "Meanwhile, the queen", "In the end,")]
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+
+    def outputs(**kw):
+        llm = evaluate.make_llm(smollm2_dir, "kvmix-k4v2", max_model_len=512, **kw)
+        try:
+            # one by one, so later prompts find the shared prefix in the cache
+            return [list(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts] + [
+                list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)
+            ]
+        finally:
+            del llm
+
+    plain = outputs(enable_prefix_caching=False)
+    stressed = outputs(
+        enable_prefix_caching=True, max_num_batched_tokens=64, max_num_seqs=3,
+        num_gpu_blocks_override=5,  # 3 requests x ~3 blocks of 128: forces preemption
+    )
+    assert stressed == plain
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_answers_completions_and_chat(smollm2_dir, tmp_path):
+    import requests
+
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm_kvmix", "serve", smollm2_dir, "--host", "127.0.0.1",
+         "--port", str(port), "--kv-cache-dtype", "kvmix-k4v2", "--enforce-eager",
+         "--max-model-len", "1024", "--kv-cache-memory-bytes", str(64 << 20),
+         "--served-model-name", "smollm2"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("server did not come up in 300 s")
+        r = requests.post(base + "/v1/completions", json={
+            "model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+        }, timeout=120)
+        assert r.status_code == 200, r.text
+        assert "Paris" in r.json()["choices"][0]["text"]
+        r = requests.post(base + "/v1/chat/completions", json={
+            "model": "smollm2", "messages": [{"role": "user", "content": "Name a color."}],
+            "max_tokens": 16, "temperature": 0,
+        }, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].strip()
+        logs = (tmp_path / "serve.log").read_text()
+        assert "kvmix: kvmix-k4v2 on 30 layers: 3.50 bits/element, 5040 bytes/token" in logs
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_bad_names_fail_with_choices(smollm2_dir):
+    from vllm_kvmix.formats import KVFormatError
+
+    with pytest.raises(KVFormatError, match="Valid kvmix formats"):
+        evaluate.make_llm(smollm2_dir, "kvmix-k4v2-g7")
+    p = subprocess.run(
+        [sys.executable, "-m", "vllm_kvmix", "serve", smollm2_dir, "--kv-cache-dtype", "kvmix-k5v2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 2
+    assert "invalid choice: 'kvmix-k5v2'" in p.stderr and "kvmix-k4v2" in p.stderr

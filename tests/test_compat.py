@@ -82,6 +82,12 @@ def test_platform_dispatch():
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
     from vllm_kvmix.vllm.platform import KvmixCpuPlatform
+    from vllm_kvmix.vllm import platform_plugin
+
+    assert platform_plugin() == "vllm_kvmix.vllm.platform.KvmixCpuPlatform"
+    from vllm.platforms import current_platform
+
+    assert isinstance(current_platform, KvmixCpuPlatform)
 
     def cfg(dtype):
         return AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype=dtype, block_size=None)

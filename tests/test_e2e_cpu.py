@@ -86,31 +86,53 @@ def test_k4v2_generates_sensible_text(results):
     assert "Paris" in r.completions[0]
 
 
-def test_prefix_caching_chunked_prefill_and_preemption_do_not_change_outputs(smollm2_dir):
-    """kvmix-k4v2 with prefix-cache hits, tiny prefill chunks and preemption vs a plain run."""
+SHARED = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
+          "it was the age of foolishness, it was the epoch of belief. ") * 6
+STRESS_PROMPTS = [SHARED + tail for tail in ("The king said", "Meanwhile, the queen", "In the end,")]
+
+
+def _stress_outputs(model, **kw):
+    """Prompts one by one (later ones hit the shared prefix in the cache), then all at once.
+
+    ~220-token prompts (one full shared page of 128) + 40 tokens cross into a third page while
+    decoding.  fp32 model: vLLM's CPU bf16 kernels round differently for different batch
+    shapes (a last-bit change can flip a quantization code); in fp32 the kvmix path is exact.
+    """
     from vllm import SamplingParams
 
-    shared = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
-              "it was the age of foolishness, it was the epoch of belief. ") * 12
-    prompts = [shared + tail for tail in ("The king said", "Meanwhile, the queen", "In the end,")]
     params = SamplingParams(max_tokens=40, temperature=0.0)
+    llm = evaluate.make_llm(model, "kvmix-k4v2", max_model_len=512, dtype="float32", **kw)
+    try:
+        one_by_one = [llm.generate([p], params, use_tqdm=False)[0] for p in STRESS_PROMPTS]
+        batched = llm.generate(STRESS_PROMPTS, params, use_tqdm=False)
+        ids = [list(o.outputs[0].token_ids) for o in one_by_one + batched]
+        metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()} if not kw.get(
+            "disable_log_stats", True) else {}
+        return ids, metrics
+    finally:
+        del llm
 
-    def outputs(**kw):
-        llm = evaluate.make_llm(smollm2_dir, "kvmix-k4v2", max_model_len=512, **kw)
-        try:
-            # one by one, so later prompts find the shared prefix in the cache
-            return [list(llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts] + [
-                list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)
-            ]
-        finally:
-            del llm
 
-    plain = outputs(enable_prefix_caching=False)
-    stressed = outputs(
-        enable_prefix_caching=True, max_num_batched_tokens=64, max_num_seqs=3,
-        num_gpu_blocks_override=5,  # 3 requests x ~3 blocks of 128: forces preemption
+@pytest.fixture(scope="module")
+def plain_outputs(smollm2_dir):
+    return _stress_outputs(smollm2_dir, enable_prefix_caching=False)[0]
+
+
+def test_prefix_caching_and_chunked_prefill_do_not_change_outputs(smollm2_dir, plain_outputs):
+    """Prefix-cache hits on full pages and 64-token prefill chunks reproduce the plain run exactly."""
+    cached, _ = _stress_outputs(smollm2_dir, enable_prefix_caching=True, max_num_batched_tokens=64)
+    assert cached == plain_outputs
+
+
+def test_preemption_does_not_corrupt_outputs(smollm2_dir, plain_outputs):
+    """5 blocks of 128 tokens for 3 requests that each grow from 2 to 3 pages while decoding:
+    running requests are preempted and recomputed, and must produce the same tokens."""
+    preempted, metrics = _stress_outputs(
+        smollm2_dir, enable_prefix_caching=False, max_num_seqs=3, num_gpu_blocks_override=5,
+        disable_log_stats=False,
     )
-    assert stressed == plain
+    assert metrics.get("vllm:num_preemptions", 0) > 0, metrics
+    assert preempted == plain_outputs
 
 
 def _free_port():

@@ -13,10 +13,36 @@ def _dequant(x, bits, group):
     return dequantize(codes, meta, group)
 
 
+def _naive_attention(q, k, v, scale, q_pos, k_pos, sliding_window=None, soft_cap=None):
+    """Independent fp32 oracle: one query head at a time, explicit mask."""
+    rep = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if sliding_window is not None:
+        mask &= q_pos[:, None] - k_pos[None, :] < sliding_window
+    for hq in range(q.shape[1]):
+        s = (q[:, hq].float() @ k[:, hq // rep].float().T) * scale
+        if soft_cap:
+            s = soft_cap * torch.tanh(s / soft_cap)
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+        out[:, hq] = p @ v[:, hq // rep].float()
+    return out
+
+
 def _dense_ref(q, k, v, fmt, q_pos, k_pos, **kw):
     kd = _dequant(k, fmt.k_bits, fmt.group)
     vd = _dequant(v, fmt.v_bits, fmt.group)
-    return dense_attention(q, kd, vd, q_pos=q_pos, k_pos=k_pos, **kw)
+    return _naive_attention(q, kd, vd, q_pos=q_pos, k_pos=k_pos, **kw)
+
+
+def test_dense_attention_matches_naive():
+    q, k, v = _case(3, 40, 2, 3, 64)
+    pos = torch.arange(40)
+    for kw in ({}, {"sliding_window": 5}, {"soft_cap": 3.0}):
+        torch.testing.assert_close(
+            dense_attention(q, k, v, 0.2, pos, pos, **kw), _naive_attention(q, k, v, 0.2, pos, pos, **kw),
+            rtol=1e-5, atol=1e-5,
+        )
 
 
 class PagedSim:

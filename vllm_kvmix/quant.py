@@ -40,7 +40,8 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
     scale16 = torch.where(top > FP16_MAX, torch.nextafter(scale16, torch.zeros_like(scale16)), scale16)
     scale = scale16.float()
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    codes = torch.round((xg - mn16.float().unsqueeze(-1)) * inv.unsqueeze(-1))
+    # round half up (floor(y + 0.5)): the same rule the Triton kernels use
+    codes = torch.floor((xg - mn16.float().unsqueeze(-1)) * inv.unsqueeze(-1) + 0.5)
     codes = codes.clamp_(0, levels).to(torch.uint8).reshape(*lead, d)
     meta = torch.stack([scale16, mn16], dim=-1)
     return codes, meta

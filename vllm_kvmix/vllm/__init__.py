@@ -2,7 +2,7 @@
 
 ``register()`` is the ``vllm.general_plugins`` entry point: it applies the
 version patches in :mod:`vllm_kvmix.vllm.compat` (idempotent) in every vLLM
-process.  ``cpu_platform()`` is the ``vllm.platform_plugins`` entry point.
+process.  ``platform_plugin()`` is the ``vllm.platform_plugins`` entry point.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ def register() -> None:
     apply_compat_patches()
 
 
-def cpu_platform() -> str | None:
-    """Activate ``KvmixCpuPlatform`` exactly where vLLM would pick its CpuPlatform.
+def platform_plugin() -> str | None:
+    """Activate a kvmix platform exactly where vLLM would pick CpuPlatform / CudaPlatform.
 
     Runs while vLLM resolves ``current_platform``: it must not import modules
-    that need the platform (the class path is imported by vLLM afterwards).
+    that need the platform (vLLM imports the returned class path afterwards).
     """
-    from vllm.platforms import cpu_platform_plugin
+    from vllm.platforms import cpu_platform_plugin, cuda_platform_plugin
 
-    if cpu_platform_plugin() != "vllm.platforms.cpu.CpuPlatform":
-        return None  # not a CPU build, or a CPU variant (e.g. zentorch): leave it
-    return "vllm_kvmix.vllm.platform.KvmixCpuPlatform"
+    if cpu_platform_plugin() == "vllm.platforms.cpu.CpuPlatform":
+        return "vllm_kvmix.vllm.platform.KvmixCpuPlatform"
+    if cuda_platform_plugin() == "vllm.platforms.cuda.CudaPlatform":
+        return "vllm_kvmix.vllm.platform.KvmixCudaPlatform"
+    return None  # another platform, or a CPU variant (e.g. zentorch): leave it

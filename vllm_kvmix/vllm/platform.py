@@ -1,18 +1,26 @@
-"""The CPU platform with kvmix attention.
+"""vLLM's platforms, with kvmix attention for kvmix cache dtypes.
 
-vLLM's CpuPlatform always answers CPU_ATTN.  ``KvmixCpuPlatform`` is a subclass
-that answers the kvmix backend for ``kvmix-*`` cache dtypes and defers every
-other question to vLLM's class.  It is installed through the
-``vllm.platform_plugins`` entry point, which activates it exactly where vLLM's
-own CPU platform would be detected.
+vLLM's CpuPlatform always answers CPU_ATTN, and CudaPlatform knows nothing of
+kvmix.  ``KvmixCpuPlatform`` / ``KvmixCudaPlatform`` subclass vLLM's class,
+answer the kvmix backend for ``kvmix-*`` cache dtypes and defer every other
+question to vLLM.  They are installed through the ``vllm.platform_plugins``
+entry point (:func:`vllm_kvmix.vllm.platform_plugin`), which activates one
+exactly where vLLM would detect its own CPU or CUDA platform.  The classes are
+built on first access so that importing this module on a CPU machine never
+imports vLLM's CUDA platform (and vice versa).
 """
 
 from __future__ import annotations
 
-from vllm.platforms.cpu import CpuPlatform
+import importlib
 
 from vllm_kvmix.formats import is_kvmix, parse_format
 
+# kvmix class name -> vLLM's platform class it extends
+BASES = {
+    "KvmixCpuPlatform": "vllm.platforms.cpu.CpuPlatform",
+    "KvmixCudaPlatform": "vllm.platforms.cuda.CudaPlatform",
+}
 
 
 def kvmix_backend_path(attn_selector_config) -> str | None:
@@ -27,10 +35,26 @@ def kvmix_backend_path(attn_selector_config) -> str | None:
     return backend_class_path(parse_format(kv_cache_dtype))
 
 
-class KvmixCpuPlatform(CpuPlatform):
+def _make(name: str, base_path: str) -> type:
+    module, cls_name = base_path.rsplit(".", 1)
+    base = getattr(importlib.import_module(module), cls_name)
+
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
         path = kvmix_backend_path(attn_selector_config)
         if path is not None:
             return path
-        return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
+        return super(new_cls, cls).get_attn_backend_cls(
+            selected_backend, attn_selector_config, num_heads
+        )
+
+    new_cls = type(name, (base,), {"get_attn_backend_cls": get_attn_backend_cls, "__module__": __name__})
+    new_cls.__qualname__ = name
+    globals()[name] = new_cls
+    return new_cls
+
+
+def __getattr__(name: str):
+    if name in BASES:
+        return _make(name, BASES[name])
+    raise AttributeError(name)

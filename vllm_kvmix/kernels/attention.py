@@ -1,0 +1,147 @@
+"""Paged attention over the packed kvmix cache, dequantizing in registers.
+
+    query:  [T, Hq, D] fp16/bf16/fp32 (new tokens of all requests back to back)
+    cache:  uint8[num_blocks, H, head_page_bytes]        (layout: vllm_kvmix.formats)
+    query_start_loc: [B + 1] int32   seq_lens: [B] int32   block_table: [B, max_pages] int32
+    out:    [T, Hq, D] (query dtype)
+
+One kernel for every batch shape (prefill, chunked-prefill continuation,
+decode, mixed), like vLLM's unified Triton attention.  Grid: (query blocks,
+KV heads).  A program owns BLOCK_Q query tokens of one request times the
+REP query heads that share its KV head (GQA: each page is loaded once per KV
+head for all of them), walks the request's pages in order and keeps an online
+softmax.  Pages are dequantized by :func:`vllm_kvmix.kernels.codec.decode_tile`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_kvmix.formats import KVFormat
+from vllm_kvmix.kernels.codec import decode_tile
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, out_ptr, cache_ptr, block_table_ptr, qsl_ptr, seq_lens_ptr, qb_req_ptr, qb_tok_ptr,
+    scale, soft_cap, window,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ch, stride_bt,
+    D: tl.constexpr, PAGE: tl.constexpr, GROUP: tl.constexpr, REP: tl.constexpr,
+    REP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
+    V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    kvh = tl.program_id(1)
+    req = tl.load(qb_req_ptr + qb)
+    tok0 = tl.load(qb_tok_ptr + qb)
+    q_begin = tl.load(qsl_ptr + req)
+    q_end = tl.load(qsl_ptr + req + 1)
+    seq_len = tl.load(seq_lens_ptr + req)
+    ctx = seq_len - (q_end - q_begin)  # position of the request's first new token
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * REP_P
+    m = tl.arange(0, BLOCK_M)
+    tok = tok0 + m // REP_P
+    r = m % REP_P
+    row_ok = (tok < q_end) & (r < REP)
+    head = kvh * REP + r
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    pos = ctx + tok - q_begin
+
+    last = tl.minimum(tok0 + BLOCK_Q, q_end) - 1
+    hi = ctx + last - q_begin + 1  # keys [lo, hi) can be seen by some row
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx + tok0 - q_begin - window + 1, 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    t = tl.arange(0, PAGE)
+    for p in range(lo // PAGE, tl.cdiv(hi, PAGE)):
+        blk = tl.load(block_table_ptr + req * stride_bt + p).to(tl.int64)
+        page = cache_ptr + blk * stride_cb + kvh * stride_ch
+        kpos = p * PAGE + t
+        t_ok = kpos < hi
+        k = decode_tile(page, t, t_ok, D, K_BITS, GROUP, K_CODES, K_META)
+        v = decode_tile(page, t, t_ok, D, V_BITS, GROUP, V_CODES, V_META)
+        if IEEE_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k).to(q.dtype))
+        s = s * scale
+        if USE_SOFTCAP:
+            s = soft_cap * (2.0 / (1.0 + tl.exp(-2.0 * s / soft_cap)) - 1.0)
+        ok = row_ok[:, None] & t_ok[None, :] & (kpos[None, :] <= pos[:, None])
+        if USE_WINDOW:
+            ok = ok & (pos[:, None] - kpos[None, :] < window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        pr = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        if IEEE_DOT:
+            pv = tl.dot(pr, v, input_precision="ieee")
+        else:
+            pv = tl.dot(pr.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def plan_query_blocks(query_start_loc: list[int], block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: its request and its first token (CPU planning, once per batch)."""
+    reqs, toks = [], []
+    for b in range(len(query_start_loc) - 1):
+        for t in range(query_start_loc[b], query_start_loc[b + 1], block_q):
+            reqs.append(b)
+            toks.append(t)
+    mk = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+    return mk(reqs), mk(toks)
+
+
+def block_q_for(num_heads: int, num_kv_heads: int) -> tuple[int, int, int]:
+    """(REP, REP padded to a power of 2, query tokens per program); rows >= 16 for tl.dot."""
+    rep = num_heads // num_kv_heads
+    rep_p = triton.next_power_of_2(rep)
+    return rep, rep_p, max(1, 16 // rep_p)
+
+
+def paged_attention(
+    query: torch.Tensor, cache: torch.Tensor, fmt: KVFormat, block_size: int,
+    query_start_loc: list[int], seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
+    causal: bool = True, sliding_window: int | None = None, soft_cap: float | None = None,
+    out: torch.Tensor | None = None, plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Launcher; same contract as :func:`vllm_kvmix.reference.paged_attention`
+    (``seq_lens`` and ``block_table`` on the query's device)."""
+    if not causal:
+        raise NotImplementedError("kvmix Triton attention is causal (decoder) only")
+    t, hq, d = query.shape
+    h = cache.shape[1]
+    out = torch.empty_like(query) if out is None else out
+    if t == 0:
+        return out
+    rep, rep_p, bq = block_q_for(hq, h)
+    qb_req, qb_tok = plan or plan_query_blocks(query_start_loc, bq, query.device)
+    qsl = torch.tensor(query_start_loc, dtype=torch.int32).to(query.device)
+    lay = fmt.layout(d, block_size)
+    _paged_attention_kernel[(qb_req.numel(), h)](
+        query, out, cache, block_table, qsl, seq_lens, qb_req, qb_tok,
+        float(scale), float(soft_cap or 0.0), int(sliding_window or 0),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        cache.stride(0), cache.stride(1), block_table.stride(0),
+        D=d, PAGE=block_size, GROUP=fmt.group, REP=rep, REP_P=rep_p, BLOCK_Q=bq,
+        K_BITS=fmt.k_bits, K_CODES=lay.k.codes_offset, K_META=lay.k.meta_offset,
+        V_BITS=fmt.v_bits, V_CODES=lay.v.codes_offset, V_META=lay.v.meta_offset,
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(soft_cap),
+        IEEE_DOT=query.dtype == torch.float32,
+    )
+    return out

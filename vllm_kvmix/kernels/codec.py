@@ -1,0 +1,79 @@
+"""Per-token group quantizer of one side (K or V) of a kvmix head page, in Triton.
+
+``encode_token`` turns one token's ``[D]`` vector into packed codes + fp16
+(scale, minimum) per group and stores them; ``decode_tile`` loads a
+``[TILE, D]`` tile of one page back as fp32.  Bit-for-bit the same arithmetic
+as :func:`vllm_kvmix.quant.quantize` (fp16-rounded metadata, round half up,
+IEEE division), so kernel and reference agree exactly.
+"""
+
+import triton
+import triton.language as tl
+
+FP16_MAX: tl.constexpr = 65504.0
+
+
+@triton.jit
+def encode_token(
+    x_ptr,  # *fp [D]: one token, one KV head
+    head_page_ptr,  # *u8: start of the (page, kv head) byte range
+    off,  # token offset inside the page
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    CODES_OFF: tl.constexpr,
+    META_OFF: tl.constexpr,
+):
+    G: tl.constexpr = D // GROUP
+    PER: tl.constexpr = 8 // BITS
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    x = tl.load(x_ptr + tl.arange(0, D)).to(tl.float32)
+    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
+    xg = tl.reshape(x, (G, GROUP))
+    mn16 = tl.min(xg, axis=1).to(tl.float16)
+    mn = mn16.to(tl.float32)
+    mx = tl.max(xg, axis=1)
+    scale16 = tl.minimum(tl.math.div_rn(mx - mn, LEVELS * 1.0), FP16_MAX).to(tl.float16)
+    # keep the top level inside the fp16 range: one ulp down (the scale is >= 0)
+    top = mn + LEVELS * scale16.to(tl.float32)
+    down = (scale16.to(tl.int16, bitcast=True) - 1).to(tl.float16, bitcast=True)
+    scale16 = tl.where(top > FP16_MAX, down, scale16)
+    scale = scale16.to(tl.float32)
+    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
+    y = tl.floor((xg - mn[:, None]) * inv[:, None] + 0.5)
+    codes = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0).to(tl.int32)
+    codes = tl.reshape(codes, (D // PER, PER))
+    shifts = tl.arange(0, PER) * BITS
+    packed = tl.sum(codes << shifts[None, :], axis=1).to(tl.uint8)
+    tl.store(head_page_ptr + CODES_OFF + off * (D * BITS // 8) + tl.arange(0, D // PER), packed)
+    meta_ptr = (head_page_ptr + META_OFF + off * (G * 4)).to(tl.pointer_type(tl.float16))
+    g = tl.arange(0, G)
+    tl.store(meta_ptr + 2 * g, scale16)
+    tl.store(meta_ptr + 2 * g + 1, mn16)
+
+
+@triton.jit
+def decode_tile(
+    head_page_ptr,  # *u8: start of the (page, kv head) byte range
+    t,  # [TILE] token offsets inside the page
+    t_mask,  # [TILE] which offsets to load
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    CODES_OFF: tl.constexpr,
+    META_OFF: tl.constexpr,
+):
+    """Dequantize ``[TILE, D]`` (rows outside ``t_mask`` are 0) as fp32."""
+    G: tl.constexpr = D // GROUP
+    PER: tl.constexpr = 8 // BITS
+    d = tl.arange(0, D)
+    byte = tl.load(
+        head_page_ptr + CODES_OFF + t[:, None] * (D * BITS // 8) + (d // PER)[None, :],
+        mask=t_mask[:, None], other=0,
+    ).to(tl.int32)
+    code = (byte >> ((d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+    meta_ptr = (head_page_ptr + META_OFF).to(tl.pointer_type(tl.float16))
+    m_off = t[:, None] * (2 * G) + 2 * (d // GROUP)[None, :]
+    scale = tl.load(meta_ptr + m_off, mask=t_mask[:, None], other=0.0).to(tl.float32)
+    mn = tl.load(meta_ptr + m_off + 1, mask=t_mask[:, None], other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + mn

@@ -91,7 +91,8 @@ CASES = [  # (context tokens, new tokens) per request: decode, prefill, chunked 
 @pytest.mark.parametrize("rep", [1, 4])
 @pytest.mark.parametrize("extra", [{}, {"sliding_window": 9}, {"soft_cap": 5.0}], ids=["plain", "window", "softcap"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_attention_matches_reference(name, case, rep, extra, dtype):
+@pytest.mark.parametrize("splits", [None, 3], ids=["nosplit", "split3"])
+def test_attention_matches_reference(name, case, rep, extra, dtype, splits):
     fmt = parse_format(name)
     D, H, bs = 64, 2, 16
     ctx, new = CASES[case]
@@ -108,7 +109,7 @@ def test_attention_matches_reference(name, case, rep, extra, dtype):
     out = torch.full_like(q, float("nan"), device=DEV)  # poison: every row must be written
     tri_attn.paged_attention(
         q.to(DEV), cache.to(DEV), fmt, bs, qsl, torch.tensor(seq, dtype=torch.int32, device=DEV),
-        bt.to(DEV), D**-0.5, out=out, **extra,
+        bt.to(DEV), D**-0.5, out=out, num_splits=splits, **extra,
     )
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out.float().cpu(), ref, rtol=tol, atol=tol)

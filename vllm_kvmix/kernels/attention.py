@@ -11,6 +11,11 @@ KV heads).  A program owns BLOCK_Q query tokens of one request times the
 REP query heads that share its KV head (GQA: each page is loaded once per KV
 head for all of them), walks the request's pages in order and keeps an online
 softmax.  Pages are dequantized by :func:`vllm_kvmix.kernels.codec.decode_tile`.
+
+Split-K: when the batch has too few (query block, KV head) programs to fill the
+GPU (long contexts, small batches), a third grid axis splits each request's
+pages into NUM_SPLITS ranges; partial (max, sum, acc) go to a workspace and
+``_combine_kernel`` merges them.
 """
 
 import torch
@@ -24,6 +29,7 @@ from vllm_kvmix.kernels.codec import decode_tile
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, out_ptr, cache_ptr, block_table_ptr, qsl_ptr, seq_lens_ptr, qb_req_ptr, qb_tok_ptr,
+    ws_acc_ptr, ws_ml_ptr, num_splits,
     scale, soft_cap, window,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ch, stride_bt,
     D: tl.constexpr, PAGE: tl.constexpr, GROUP: tl.constexpr, REP: tl.constexpr,
@@ -31,9 +37,11 @@ def _paged_attention_kernel(
     K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
     V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     qb = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     req = tl.load(qb_req_ptr + qb)
     tok0 = tl.load(qb_tok_ptr + qb)
     q_begin = tl.load(qsl_ptr + req)
@@ -62,7 +70,13 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     t = tl.arange(0, PAGE)
-    for p in range(lo // PAGE, tl.cdiv(hi, PAGE)):
+    first_page = lo // PAGE
+    end_page = tl.cdiv(hi, PAGE)
+    if SPLIT:
+        per = tl.cdiv(end_page - first_page, num_splits)
+        first_page = first_page + split * per
+        end_page = tl.minimum(end_page, first_page + per)
+    for p in range(first_page, end_page):
         blk = tl.load(block_table_ptr + req * stride_bt + p).to(tl.int64)
         page = cache_ptr + blk * stride_cb + kvh * stride_ch
         kpos = p * PAGE + t
@@ -91,9 +105,65 @@ def _paged_attention_kernel(
             pv = tl.dot(pr.to(q.dtype), v.to(q.dtype))
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if SPLIT:
+        base = (qb * tl.num_programs(1) + kvh) * num_splits + split
+        tl.store(ws_acc_ptr + (base * BLOCK_M + m[:, None]) * D + d[None, :], acc)
+        tl.store(ws_ml_ptr + (base * BLOCK_M + m) * 2, m_i)
+        tl.store(ws_ml_ptr + (base * BLOCK_M + m) * 2 + 1, l_i)
+    else:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    out_ptr, ws_acc_ptr, ws_ml_ptr, qsl_ptr, qb_req_ptr, qb_tok_ptr, num_splits,
+    stride_ot, stride_oh,
+    D: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Merge the split-K partials of one (query block, KV head)."""
+    qb = tl.program_id(0)
+    kvh = tl.program_id(1)
+    req = tl.load(qb_req_ptr + qb)
+    tok0 = tl.load(qb_tok_ptr + qb)
+    q_end = tl.load(qsl_ptr + req + 1)
+    BLOCK_M: tl.constexpr = BLOCK_Q * REP_P
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    tok = tok0 + m // REP_P
+    r = m % REP_P
+    row_ok = (tok < q_end) & (r < REP)
+    head = kvh * REP + r
+    m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_all = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    base0 = (qb * tl.num_programs(1) + kvh) * num_splits
+    for s in range(num_splits):
+        row = (base0 + s) * BLOCK_M + m
+        m_s = tl.load(ws_ml_ptr + row * 2)
+        l_s = tl.load(ws_ml_ptr + row * 2 + 1)
+        a_s = tl.load(ws_acc_ptr + row[:, None] * D + d[None, :])
+        m_new = tl.maximum(m_all, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        c_old = tl.exp(m_all - m_safe)
+        c_s = tl.exp(m_s - m_safe)
+        l_all = l_all * c_old + l_s * c_s
+        acc = acc * c_old[:, None] + a_s * c_s[:, None]
+        m_all = m_new
+    o = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def num_splits_for(num_programs: int, max_pages: int, device) -> int:
+    """Split-K factor: enough programs for ~2 waves, at least 4 pages per split."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if num_programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, num_programs), max_pages // 4, 64))
 
 
 def plan_query_blocks(query_start_loc: list[int], block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +189,7 @@ def paged_attention(
     query_start_loc: list[int], seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
     causal: bool = True, sliding_window: int | None = None, soft_cap: float | None = None,
     out: torch.Tensor | None = None, plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_seq_len: int | None = None, num_splits: int | None = None,
 ) -> torch.Tensor:
     """Launcher; same contract as :func:`vllm_kvmix.reference.paged_attention`
     (``seq_lens`` and ``block_table`` on the query's device)."""
@@ -133,8 +204,19 @@ def paged_attention(
     qb_req, qb_tok = plan or plan_query_blocks(query_start_loc, bq, query.device)
     qsl = torch.tensor(query_start_loc, dtype=torch.int32).to(query.device)
     lay = fmt.layout(d, block_size)
-    _paged_attention_kernel[(qb_req.numel(), h)](
+    nqb = qb_req.numel()
+    if num_splits is None:
+        max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+        num_splits = num_splits_for(nqb * h, triton.cdiv(max_seq_len, block_size), query.device)
+    block_m = bq * rep_p
+    if num_splits > 1:
+        ws_acc = torch.empty(nqb * h * num_splits * block_m * d, dtype=torch.float32, device=query.device)
+        ws_ml = torch.empty(nqb * h * num_splits * block_m * 2, dtype=torch.float32, device=query.device)
+    else:
+        ws_acc = ws_ml = out  # unused
+    _paged_attention_kernel[(nqb, h, num_splits)](
         query, out, cache, block_table, qsl, seq_lens, qb_req, qb_tok,
+        ws_acc, ws_ml, num_splits,
         float(scale), float(soft_cap or 0.0), int(sliding_window or 0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         cache.stride(0), cache.stride(1), block_table.stride(0),
@@ -142,6 +224,11 @@ def paged_attention(
         K_BITS=fmt.k_bits, K_CODES=lay.k.codes_offset, K_META=lay.k.meta_offset,
         V_BITS=fmt.v_bits, V_CODES=lay.v.codes_offset, V_META=lay.v.meta_offset,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(soft_cap),
-        IEEE_DOT=query.dtype == torch.float32,
+        IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1,
     )
+    if num_splits > 1:
+        _combine_kernel[(nqb, h)](
+            out, ws_acc, ws_ml, qsl, qb_req, qb_tok, num_splits, out.stride(0), out.stride(1),
+            D=d, REP=rep, REP_P=rep_p, BLOCK_Q=bq,
+        )
     return out

@@ -10,7 +10,7 @@ IEEE division), so kernel and reference agree exactly.
 import triton
 import triton.language as tl
 
-FP16_MAX: tl.constexpr = 65504.0
+FP16_MAX = tl.constexpr(65504.0)
 
 
 @triton.jit
@@ -33,7 +33,8 @@ def encode_token(
     mn16 = tl.min(xg, axis=1).to(tl.float16)
     mn = mn16.to(tl.float32)
     mx = tl.max(xg, axis=1)
-    scale16 = tl.minimum(tl.math.div_rn(mx - mn, LEVELS * 1.0), FP16_MAX).to(tl.float16)
+    scale16 = tl.minimum(tl.math.div_rn(mx - mn, tl.full(mx.shape, LEVELS, tl.float32)), FP16_MAX)
+    scale16 = scale16.to(tl.float16)
     # keep the top level inside the fp16 range: one ulp down (the scale is >= 0)
     top = mn + LEVELS * scale16.to(tl.float32)
     down = (scale16.to(tl.int16, bitcast=True) - 1).to(tl.float16, bitcast=True)

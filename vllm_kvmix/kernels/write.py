@@ -26,13 +26,12 @@ def _write_kv_kernel(
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    blk = slot // BLOCK_SIZE
-    off = slot % BLOCK_SIZE
-    page = cache_ptr + blk * stride_cb + h * stride_ch
-    encode_token(key_ptr + t * stride_kt + h * stride_kh, page, off, D, K_BITS, GROUP, K_CODES, K_META)
-    encode_token(value_ptr + t * stride_vt + h * stride_vh, page, off, D, V_BITS, GROUP, V_CODES, V_META)
+    if slot >= 0:  # negative slots are padding
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        page = cache_ptr + blk * stride_cb + h * stride_ch
+        encode_token(key_ptr + t * stride_kt + h * stride_kh, page, off, D, K_BITS, GROUP, K_CODES, K_META)
+        encode_token(value_ptr + t * stride_vt + h * stride_vh, page, off, D, V_BITS, GROUP, V_CODES, V_META)
 
 
 def write_kv(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -149,7 +149,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         if attn_metadata is None:  # profiling run: no cache yet
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
-        out = ops.paged_attention(
+        ops.paged_attention(
             query[:n],
             kv_cache,
             self.fmt,
@@ -158,8 +158,8 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
             scale=self.scale,
             sliding_window=self.sliding_window,
             soft_cap=self.logits_soft_cap,
+            out=output[:n],
         )
-        output[:n] = out.to(output.dtype)
         return output
 
     def _block_size(self, kv_cache: torch.Tensor) -> int:

@@ -125,6 +125,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time launch-option variants of k4v2")
     args = ap.parse_args()
     gen = torch.Generator(device=dev).manual_seed(0)
     checks = [] if args.skip_check else check_correctness(gen)
@@ -148,6 +149,15 @@ def main():
             f = lambda: paged_attention(q, cache, fmt, KV_BS, qsl, seq, bt, D**-0.5, out=out,  # noqa: E731
                                         plan=plan, max_seq_len=L)
             res[fname] = (bench(f), B * L * HKV * fmt.bytes_per_token_head(D))
+            if args.sweep and fname == "kvmix-k4v2":
+                from vllm_kvmix.kernels import attention as attn_mod
+
+                saved = dict(attn_mod.LAUNCH)
+                for nw, ns in [(4, 1), (4, 3), (8, 2), (2, 2)]:
+                    attn_mod.LAUNCH.update(num_warps=nw, num_stages=ns)
+                    res[f"{fname}-w{nw}s{ns}"] = (bench(f), res[fname][1])
+                attn_mod.LAUNCH.clear()
+                attn_mod.LAUNCH.update(saved)
             del cache
             torch.cuda.empty_cache()
         base = res.get("fa3_bf16", (None,))[0]

@@ -166,6 +166,10 @@ def num_splits_for(num_programs: int, max_pages: int, device) -> int:
     return max(1, min(triton.cdiv(target, num_programs), max_pages // 4, 64))
 
 
+# Launch options of the attention kernel (benchmarks sweep them).
+LAUNCH = {"num_warps": 4, "num_stages": 2}
+
+
 def plan_query_blocks(query_start_loc: list[int], block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query block: its request and its first token (CPU planning, once per batch)."""
     reqs, toks = [], []
@@ -224,7 +228,7 @@ def paged_attention(
         K_BITS=fmt.k_bits, K_CODES=lay.k.codes_offset, K_META=lay.k.meta_offset,
         V_BITS=fmt.v_bits, V_CODES=lay.v.codes_offset, V_META=lay.v.meta_offset,
         USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(soft_cap),
-        IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1,
+        IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **LAUNCH,
     )
     if num_splits > 1:
         _combine_kernel[(nqb, h)](

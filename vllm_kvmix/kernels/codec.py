@@ -54,6 +54,19 @@ def encode_token(
 
 
 @triton.jit
+def _unpack(byte, BITS: tl.constexpr):
+    """``int32[R, C]`` bytes -> ``int32[R, C * 8 // BITS]`` codes, low bits first."""
+    if BITS == 8:
+        return byte
+    elif BITS == 4:
+        return tl.reshape(tl.join(byte & 15, byte >> 4), (byte.shape[0], byte.shape[1] * 2))
+    else:
+        even = tl.join(byte & 3, (byte >> 4) & 3)  # codes 0 and 2 of each byte
+        odd = tl.join((byte >> 2) & 3, (byte >> 6) & 3)  # codes 1 and 3
+        return tl.reshape(tl.join(even, odd), (byte.shape[0], byte.shape[1] * 4))
+
+
+@triton.jit
 def decode_tile(
     head_page_ptr,  # *u8: start of the (page, kv head) byte range
     t,  # [TILE] token offsets inside the page
@@ -64,17 +77,23 @@ def decode_tile(
     CODES_OFF: tl.constexpr,
     META_OFF: tl.constexpr,
 ):
-    """Dequantize ``[TILE, D]`` (rows outside ``t_mask`` are 0) as fp32."""
+    """Dequantize ``[TILE, D]`` (rows outside ``t_mask`` are 0) as fp32.
+
+    Loads each packed byte once (contiguous rows of ``D * BITS / 8`` bytes) and
+    each group's (scale, minimum) once, then unpacks and broadcasts in registers.
+    """
     G: tl.constexpr = D // GROUP
-    PER: tl.constexpr = 8 // BITS
-    d = tl.arange(0, D)
+    CB: tl.constexpr = D * BITS // 8
+    TILE: tl.constexpr = t.shape[0]
     byte = tl.load(
-        head_page_ptr + CODES_OFF + t[:, None] * (D * BITS // 8) + (d // PER)[None, :],
+        head_page_ptr + CODES_OFF + t[:, None] * CB + tl.arange(0, CB)[None, :],
         mask=t_mask[:, None], other=0,
     ).to(tl.int32)
-    code = (byte >> ((d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+    code = _unpack(byte, BITS)
     meta_ptr = (head_page_ptr + META_OFF).to(tl.pointer_type(tl.float16))
-    m_off = t[:, None] * (2 * G) + 2 * (d // GROUP)[None, :]
+    m_off = t[:, None] * (2 * G) + 2 * tl.arange(0, G)[None, :]
     scale = tl.load(meta_ptr + m_off, mask=t_mask[:, None], other=0.0).to(tl.float32)
     mn = tl.load(meta_ptr + m_off + 1, mask=t_mask[:, None], other=0.0).to(tl.float32)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (TILE, G, GROUP)), (TILE, D))
+    mn = tl.reshape(tl.broadcast_to(mn[:, :, None], (TILE, G, GROUP)), (TILE, D))
     return code.to(tl.float32) * scale + mn

@@ -80,10 +80,19 @@ def test_write_matches_reference_bit_for_bit(name, dtype):
 
 
 CASES = [  # (context tokens, new tokens) per request: decode, prefill, chunked continuation
-    ([37], [1]),
+    ([77], [1]),
     ([0], [45]),
     ([20, 0, 33, 64], [1, 18, 5, 1]),
 ]
+
+
+def test_attention_rejects_pages_it_cannot_run():
+    fmt = parse_format("kvmix-k4v2")
+    q = torch.zeros(1, 2, 64, device=DEV)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tri_attn.paged_attention(q, torch.zeros(1, 2, 16 * 56, dtype=torch.uint8, device=DEV), fmt, 16,
+                                 [0, 1], torch.ones(1, dtype=torch.int32, device=DEV),
+                                 torch.zeros(1, 1, dtype=torch.int32, device=DEV), 0.1)
 
 
 @pytest.mark.parametrize("name", ["kvmix-k4v2", "kvmix-k8v4-g32"])
@@ -94,7 +103,7 @@ CASES = [  # (context tokens, new tokens) per request: decode, prefill, chunked 
 @pytest.mark.parametrize("splits", [None, 3], ids=["nosplit", "split3"])
 def test_attention_matches_reference(name, case, rep, extra, dtype, splits):
     fmt = parse_format(name)
-    D, H, bs = 64, 2, 16
+    D, H, bs = 64, 2, 32
     ctx, new = CASES[case]
     cache, bt, kv, slots = _batch(fmt, D, H, bs, ctx, new, 1 + case, dtype)
     for b, (c, n) in enumerate(zip(ctx, new)):  # the step's own tokens are written first

@@ -166,6 +166,11 @@ def num_splits_for(num_programs: int, max_pages: int, device) -> int:
     return max(1, min(triton.cdiv(target, num_programs), max_pages // 4, 64))
 
 
+# Pages of 16 tokens with sub-byte codes come out wrong on an H100 with Triton 3.6 (the
+# register unpack of 16-row tiles; benchmarks/kernels/localize.py shows it) while 32 and 64
+# are exact, so the kernel takes pages of a multiple of 32 tokens (the backend asks vLLM for them).
+MIN_PAGE = 32
+
 # Launch options of the attention kernel (benchmarks sweep them).
 LAUNCH = {"num_warps": 4, "num_stages": 2}
 
@@ -199,6 +204,10 @@ def paged_attention(
     (``seq_lens`` and ``block_table`` on the query's device)."""
     if not causal:
         raise NotImplementedError("kvmix Triton attention is causal (decoder) only")
+    if block_size % MIN_PAGE:
+        raise ValueError(
+            f"kvmix Triton attention needs pages of a multiple of {MIN_PAGE} tokens, got {block_size}"
+        )
     t, hq, d = query.shape
     h = cache.shape[1]
     out = torch.empty_like(query) if out is None else out

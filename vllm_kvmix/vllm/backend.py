@@ -194,7 +194,8 @@ class KvmixAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
-        return [MultipleOf(16)]
+        # the Triton attention kernel's page constraint (kernels/attention.py: MIN_PAGE)
+        return [MultipleOf(32)]
 
     @classmethod
     def get_kv_cache_shape(

@@ -1,7 +1,13 @@
 import os
 
-import pytest
-import torch
+# Without a GPU the Triton kernels run in Triton's interpreter.  It must be on before triton
+# is first imported anywhere in this process (vLLM imports it during collection): triton's own
+# @jit library functions (tl.sum, ...) are built at import time.  vLLM's CPU path ignores it.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,10 +11,8 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-_had_env = "TRITON_INTERPRET" in os.environ
-if not CUDA:
-    # Must be set before the kernels are decorated (first import below).
-    os.environ["TRITON_INTERPRET"] = "1"
+# conftest.py turns the interpreter on (before triton is imported) when there is no GPU
+assert CUDA or os.environ.get("TRITON_INTERPRET") == "1"
 triton = pytest.importorskip("triton")
 
 from vllm_kvmix import reference  # noqa: E402
@@ -24,13 +22,6 @@ from vllm_kvmix.kernels import write as tri_write  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_interpret_leak():
-    yield
-    if not _had_env:  # keep later vLLM subprocesses off the interpreter
-        os.environ.pop("TRITON_INTERPRET", None)
 
 
 def _batch(fmt, D, H, bs, ctx, new, seed, dtype, poison=True):

@@ -16,42 +16,32 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 from vllm_kvmix.formats import parse_format
 
 
-def _kvmix_page_bytes(spec) -> int:
-    fmt = parse_format(spec.kvmix_format)
-    return spec.block_size * spec.num_kv_heads * fmt.bytes_per_token_head(spec.head_size)
+class _KvmixPage:
+    """Packed page size and format-checked merge; mixed in before vLLM's spec class."""
 
-
-def _merge_format(merged, specs):
-    fmts = {s.kvmix_format for s in specs}
-    if len(fmts) != 1:
-        raise ValueError(f"one KV cache group cannot mix kvmix formats: {sorted(fmts)}")
-    return replace(merged, kvmix_format=specs[0].kvmix_format)
-
-
-@dataclass(frozen=True, kw_only=True)
-class KvmixFullAttentionSpec(FullAttentionSpec):
-    kvmix_format: str = ""
+    kvmix_format: str
 
     @property
     def real_page_size_bytes(self) -> int:
-        return _kvmix_page_bytes(self)
+        fmt = parse_format(self.kvmix_format)
+        return self.block_size * self.num_kv_heads * fmt.bytes_per_token_head(self.head_size)
 
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
-        return _merge_format(super().merge(specs), specs)
+        fmts = {s.kvmix_format for s in specs}
+        if len(fmts) != 1:
+            raise ValueError(f"one KV cache group cannot mix kvmix formats: {sorted(fmts)}")
+        return replace(super().merge(specs), kvmix_format=specs[0].kvmix_format)
 
 
 @dataclass(frozen=True, kw_only=True)
-class KvmixSlidingWindowSpec(SlidingWindowSpec):
+class KvmixFullAttentionSpec(_KvmixPage, FullAttentionSpec):
     kvmix_format: str = ""
 
-    @property
-    def real_page_size_bytes(self) -> int:
-        return _kvmix_page_bytes(self)
 
-    @classmethod
-    def merge(cls, specs: list[Self]) -> Self:
-        return _merge_format(super().merge(specs), specs)
+@dataclass(frozen=True, kw_only=True)
+class KvmixSlidingWindowSpec(_KvmixPage, SlidingWindowSpec):
+    kvmix_format: str = ""
 
 
 def kvmix_spec_for_layer(layer, block_size: int):

@@ -35,7 +35,8 @@ def paged_attention(
         return triton_attention(
             query, cache, fmt, block_size, metadata.query_start_loc_cpu, metadata.seq_lens,
             metadata.block_table, scale, causal=metadata.causal, sliding_window=sliding_window,
-            soft_cap=soft_cap, out=out, max_seq_len=metadata.max_seq_len,
+            soft_cap=soft_cap, out=out, max_seq_len=metadata.max_seq_len, plan=metadata.plan,
+            query_start_loc_dev=metadata.query_start_loc,
         )
     res = reference.paged_attention(
         query, cache, fmt, block_size,

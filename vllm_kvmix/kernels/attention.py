@@ -175,15 +175,15 @@ MIN_PAGE = 32
 LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
-def plan_query_blocks(query_start_loc: list[int], block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def plan_query_blocks(query_start_loc, block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query block: its request and its first token (CPU planning, once per batch)."""
-    reqs, toks = [], []
-    for b in range(len(query_start_loc) - 1):
-        for t in range(query_start_loc[b], query_start_loc[b + 1], block_q):
-            reqs.append(b)
-            toks.append(t)
-    mk = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-    return mk(reqs), mk(toks)
+    qsl = torch.as_tensor(query_start_loc, dtype=torch.int64, device="cpu")
+    n_blk = (qsl[1:] - qsl[:-1] + block_q - 1) // block_q
+    req = torch.repeat_interleave(torch.arange(n_blk.numel()), n_blk)
+    first = torch.cumsum(n_blk, 0) - n_blk
+    tok = qsl[:-1][req] + (torch.arange(req.numel()) - first[req]) * block_q
+    return (req.to(torch.int32).to(device, non_blocking=True),
+            tok.to(torch.int32).to(device, non_blocking=True))
 
 
 def block_q_for(num_heads: int, num_kv_heads: int) -> tuple[int, int, int]:
@@ -199,6 +199,7 @@ def paged_attention(
     causal: bool = True, sliding_window: int | None = None, soft_cap: float | None = None,
     out: torch.Tensor | None = None, plan: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_seq_len: int | None = None, num_splits: int | None = None,
+    query_start_loc_dev: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launcher; same contract as :func:`vllm_kvmix.reference.paged_attention`
     (``seq_lens`` and ``block_table`` on the query's device)."""
@@ -215,7 +216,9 @@ def paged_attention(
         return out
     rep, rep_p, bq = block_q_for(hq, h)
     qb_req, qb_tok = plan or plan_query_blocks(query_start_loc, bq, query.device)
-    qsl = torch.tensor(query_start_loc, dtype=torch.int32).to(query.device)
+    qsl = query_start_loc_dev
+    if qsl is None:
+        qsl = torch.tensor(query_start_loc, dtype=torch.int32).to(query.device)
     lay = fmt.layout(d, block_size)
     nqb = qb_req.numel()
     if num_splits is None:

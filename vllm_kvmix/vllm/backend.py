@@ -48,8 +48,9 @@ class KvmixMetadata:
     block_table: torch.Tensor  # [B, max_blocks] int32, device
     slot_mapping: torch.Tensor  # [T] int64, device
     query_start_loc_cpu: list[int]
-    seq_lens_cpu: list[int]
+    seq_lens_cpu: list[int] | None  # CPU path only
     causal: bool = True
+    plan: tuple[torch.Tensor, torch.Tensor] | None = None  # Triton path: query blocks
 
 
 class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
@@ -57,6 +58,12 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_q = None
+        if device.type == "cuda":
+            from vllm_kvmix.kernels.attention import block_q_for
+
+            num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+            self.block_q = block_q_for(num_heads, kv_cache_spec.num_kv_heads)[2]
 
     def build(
         self,
@@ -68,6 +75,14 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         if isinstance(m.causal, torch.Tensor):
             raise NotImplementedError("kvmix: per-token (dynamic) causality is not supported")
         n = m.num_reqs
+        qsl_cpu = m.query_start_loc_cpu[: n + 1]
+        plan = seq_lens_cpu = None
+        if self.block_q is not None:  # plan once per batch, shared by all layers
+            from vllm_kvmix.kernels.attention import plan_query_blocks
+
+            plan = plan_query_blocks(qsl_cpu, self.block_q, self.device)
+        else:
+            seq_lens_cpu = m.seq_lens[:n].cpu().tolist()
         return KvmixMetadata(
             num_actual_tokens=m.num_actual_tokens,
             max_query_len=m.max_query_len,
@@ -76,9 +91,10 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping,
-            query_start_loc_cpu=m.query_start_loc_cpu[: n + 1].tolist(),
-            seq_lens_cpu=m.seq_lens[:n].cpu().tolist(),
+            query_start_loc_cpu=qsl_cpu.tolist(),
+            seq_lens_cpu=seq_lens_cpu,
             causal=bool(m.causal),
+            plan=plan,
         )
 
 

@@ -1,0 +1,56 @@
+"""Offline throughput of one KV-cache format through vLLM 0.26.0, one config per process.
+
+Same workloads as ../shared/gpu/peer_bench.py (so rows compare with vLLM's own formats measured
+by it in the same session):
+    cap  = 4 GiB KV budget, 256 x (1024 in + 256 out)   (capacity-bound)
+    long = 0.85 GPU memory,  64 x (8192 in + 512 out)     (attention-bound decode)
+    tpot = 0.85 GPU memory,  1 x (8192 in + 256 out)      (batch-1 decode latency)
+
+usage: python3 benchmarks/e2e/bench.py MODEL_DIR BACKEND KV_DTYPE WORKLOAD [--out FILE]
+Prints one RESULT line (JSON) and appends it to FILE if given.
+"""
+import json
+import random
+import sys
+import time
+
+WORKLOADS = {"cap": (256, 1024, 256), "long": (64, 8192, 512), "tpot": (1, 8192, 256)}
+
+
+def main():
+    model, backend, kvd, wl = sys.argv[1:5]
+    out_file = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+    from vllm import LLM, SamplingParams
+
+    n, lin, lout = WORKLOADS[wl]
+    kw = dict(model=model, load_format="dummy", skip_tokenizer_init=True, max_model_len=lin + lout + 16,
+              kv_cache_dtype=kvd, attention_backend=None if backend == "AUTO" else backend)
+    if wl == "cap":
+        kw["kv_cache_memory_bytes"] = 4 << 30
+    else:
+        kw["gpu_memory_utilization"] = 0.85
+    t0 = time.time()
+    llm = LLM(**kw)
+    t1 = time.time()
+    rnd = random.Random(0)
+    prompts = [{"prompt_token_ids": [rnd.randrange(1000, 100000) for _ in range(lin)]} for _ in range(n)]
+    sp = SamplingParams(max_tokens=lout, ignore_eos=True, temperature=0.0, detokenize=False)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+    t2 = time.time()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    t3 = time.time()
+    ntok = sum(len(o.outputs[0].token_ids) for o in outs)
+    cfg = llm.llm_engine.vllm_config.cache_config
+    row = dict(kv_cache_dtype=kvd, backend=backend, workload=wl, blocks=cfg.num_gpu_blocks,
+               block_size=cfg.block_size, out_tok_s=round(ntok / (t3 - t2), 1), init_s=round(t1 - t0, 1),
+               gen_s=round(t3 - t2, 2))
+    if wl == "tpot":  # one request: generation time over its decode tokens (prefill included once)
+        row["tpot_ms"] = round(1000 * (t3 - t2) / lout, 2)
+    print("RESULT", json.dumps(row), flush=True)
+    if out_file:
+        with open(out_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

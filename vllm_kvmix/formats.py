@@ -33,6 +33,7 @@ layouts without touching the consumers that only read offsets and sizes.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -161,6 +162,7 @@ class KVFormat:
     def compression_vs_bf16(self, head_size: int) -> float:
         return 2 * head_size * BF16_BYTES / self.bytes_per_token_head(head_size)
 
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (frozen, hashable; called per layer per step)
     def layout(self, head_size: int, block_size: int) -> PageLayout:
         self.check_head_size(head_size)
         if block_size % BLOCK_ALIGN != 0:

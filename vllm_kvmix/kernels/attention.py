@@ -18,6 +18,8 @@ pages into NUM_SPLITS ranges; partial (max, sum, acc) go to a workspace and
 ``_combine_kernel`` merges them.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -156,11 +158,16 @@ def _combine_kernel(
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+@functools.cache
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def num_splits_for(num_programs: int, max_pages: int, device) -> int:
     """Split-K factor: enough programs for ~2 waves, at least 4 pages per split."""
     if device.type != "cuda":
         return 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * _sm_count(device)
     if num_programs >= target:
         return 1
     return max(1, min(triton.cdiv(target, num_programs), max_pages // 4, 64))
@@ -175,29 +182,34 @@ MIN_PAGE = 32
 LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
-def plan_query_blocks(query_start_loc, block_q: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block: its request and its first token (CPU planning, once per batch)."""
+def plan_query_blocks(query_start_loc, block_q: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per query block: its request and its first token, plus BLOCK_Q (CPU planning, once per batch)."""
     qsl = torch.as_tensor(query_start_loc, dtype=torch.int64, device="cpu")
     n_blk = (qsl[1:] - qsl[:-1] + block_q - 1) // block_q
     req = torch.repeat_interleave(torch.arange(n_blk.numel()), n_blk)
     first = torch.cumsum(n_blk, 0) - n_blk
     tok = qsl[:-1][req] + (torch.arange(req.numel()) - first[req]) * block_q
     return (req.to(torch.int32).to(device, non_blocking=True),
-            tok.to(torch.int32).to(device, non_blocking=True))
+            tok.to(torch.int32).to(device, non_blocking=True), block_q)
 
 
-def block_q_for(num_heads: int, num_kv_heads: int) -> tuple[int, int, int]:
-    """(REP, REP padded to a power of 2, query tokens per program); rows >= 16 for tl.dot."""
+def block_q_for(num_heads: int, num_kv_heads: int, max_query_len: int = 1) -> tuple[int, int, int]:
+    """(REP, REP padded to a power of 2, query tokens per program).
+
+    A program's rows are BLOCK_Q query tokens x REP_P heads: at least 16 (tl.dot), and 64 when
+    the batch has prefill rows, so each page is dequantized once per 64 rows, not per 16.
+    """
     rep = num_heads // num_kv_heads
     rep_p = triton.next_power_of_2(rep)
-    return rep, rep_p, max(1, 16 // rep_p)
+    rows = 64 if max_query_len > 16 else 16
+    return rep, rep_p, max(1, rows // rep_p)
 
 
 def paged_attention(
     query: torch.Tensor, cache: torch.Tensor, fmt: KVFormat, block_size: int,
     query_start_loc: list[int], seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
     causal: bool = True, sliding_window: int | None = None, soft_cap: float | None = None,
-    out: torch.Tensor | None = None, plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None, plan: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     max_seq_len: int | None = None, num_splits: int | None = None,
     query_start_loc_dev: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -214,8 +226,12 @@ def paged_attention(
     out = torch.empty_like(query) if out is None else out
     if t == 0:
         return out
-    rep, rep_p, bq = block_q_for(hq, h)
-    qb_req, qb_tok = plan or plan_query_blocks(query_start_loc, bq, query.device)
+    if plan is None:
+        max_q = max(b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:]))
+        plan = plan_query_blocks(query_start_loc, block_q_for(hq, h, max_q)[2], query.device)
+    qb_req, qb_tok, bq = plan
+    rep = hq // h
+    rep_p = triton.next_power_of_2(rep)
     qsl = query_start_loc_dev
     if qsl is None:
         qsl = torch.tensor(query_start_loc, dtype=torch.int32).to(query.device)

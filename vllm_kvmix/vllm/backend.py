@@ -50,7 +50,7 @@ class KvmixMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int] | None  # CPU path only
     causal: bool = True
-    plan: tuple[torch.Tensor, torch.Tensor] | None = None  # Triton path: query blocks
+    plan: tuple[torch.Tensor, torch.Tensor, int] | None = None  # Triton path: query blocks
 
 
 class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
@@ -58,12 +58,10 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.block_q = None
+        self.heads = None
         if device.type == "cuda":
-            from vllm_kvmix.kernels.attention import block_q_for
-
             num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
-            self.block_q = block_q_for(num_heads, kv_cache_spec.num_kv_heads)[2]
+            self.heads = (num_heads, kv_cache_spec.num_kv_heads)
 
     def build(
         self,
@@ -77,10 +75,11 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         n = m.num_reqs
         qsl_cpu = m.query_start_loc_cpu[: n + 1]
         plan = seq_lens_cpu = None
-        if self.block_q is not None:  # plan once per batch, shared by all layers
-            from vllm_kvmix.kernels.attention import plan_query_blocks
+        if self.heads is not None:  # plan once per batch, shared by all layers
+            from vllm_kvmix.kernels.attention import block_q_for, plan_query_blocks
 
-            plan = plan_query_blocks(qsl_cpu, self.block_q, self.device)
+            block_q = block_q_for(*self.heads, m.max_query_len)[2]
+            plan = plan_query_blocks(qsl_cpu, block_q, self.device)
         else:
             seq_lens_cpu = m.seq_lens[:n].cpu().tolist()
         return KvmixMetadata(

@@ -2,7 +2,7 @@
 
 Bounds asserted here were measured on the CPU dev machine (see README):
 k8v8 greedy output shares 24, 24, 13 and 8 of 24 tokens with bf16 on the 4 prompts; perplexity on 1024 tokens of
-alice29.txt: bf16 20.51, k8v8 20.50, k4v2 32.28 (+57%).
+alice29.txt: bf16 20.51, k8v8 20.66 (+0.7%), k4v2 31.47 (+53%).
 """
 
 import os
@@ -75,7 +75,7 @@ def test_perplexity_bounds(results):
     bf16, k8v8, k4v2 = (results[d].ppl for d in ("auto", "kvmix-k8v8", "kvmix-k4v2"))
     assert 15 < bf16 < 26, bf16  # a real model on real text
     assert abs(k8v8 / bf16 - 1) < 0.01, (k8v8, bf16)
-    # naive per-token k4v2 costs ~+57% here; the quality issue drives this down
+    # naive per-token k4v2 costs ~+53% here; the quality issue drives this down
     assert 1.2 < k4v2 / bf16 < 1.75, (k4v2, bf16)
 
 

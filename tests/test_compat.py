@@ -23,7 +23,6 @@ def test_vllm_version_pinned():
 
 
 def test_targets_have_expected_shape():
-    from vllm.config.cache import CacheConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.layers.attention.attention import Attention
     from vllm.v1.attention.backend import AttentionBackend, AttentionImpl

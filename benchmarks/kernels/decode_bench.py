@@ -107,7 +107,6 @@ def peers(B, L, q, out, gen):
                                             causal=True, block_table=bt, out=out, fa_version=3,
                                             q_descale=one, k_descale=one, v_descale=one)
         res["fa3_fp8"] = (bench(f8), kv_bytes)
-        del k8, v8
     except Exception as e:  # noqa: BLE001
         print("FA3 unavailable:", repr(e)[:200])
     try:

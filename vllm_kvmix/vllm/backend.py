@@ -14,7 +14,6 @@ cache, the new ones included.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,7 +32,6 @@ from vllm.v1.attention.backend import (
 from vllm_kvmix import ops
 from vllm_kvmix.formats import KVFormat, all_format_names, parse_format
 
-logger = logging.getLogger("vllm_kvmix")
 
 _CLASS_PREFIX = "KvmixAttentionBackend_"
 

@@ -14,13 +14,11 @@ expects, and can be deleted when vLLM grows the hook named in its docstring.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
 from vllm_kvmix.formats import KVFormatError, all_format_names, is_kvmix, parse_format
 
-logger = logging.getLogger("vllm_kvmix")
 
 SUPPORTED_VLLM = ("0.26.0",)
 _applied = False

@@ -144,7 +144,7 @@ def main():
             qsl = list(range(B + 1))
             from vllm_kvmix.kernels.attention import block_q_for, plan_query_blocks
 
-            plan = plan_query_blocks(qsl, block_q_for(HQ, HKV, 1)[2], dev)
+            plan = plan_query_blocks(qsl, block_q_for(HQ, HKV, 1), dev)
             f = lambda: paged_attention(q, cache, fmt, KV_BS, qsl, seq, bt, D**-0.5, out=out,  # noqa: E731
                                         plan=plan, max_seq_len=L)
             res[fname] = (bench(f), B * L * HKV * fmt.bytes_per_token_head(D))

@@ -193,16 +193,16 @@ def plan_query_blocks(query_start_loc, block_q: int, device) -> tuple[torch.Tens
             tok.to(torch.int32).to(device, non_blocking=True), block_q)
 
 
-def block_q_for(num_heads: int, num_kv_heads: int, max_query_len: int = 1) -> tuple[int, int, int]:
-    """(REP, REP padded to a power of 2, query tokens per program).
+def block_q_for(num_heads: int, num_kv_heads: int, max_query_len: int = 1) -> int:
+    """Query tokens per program (BLOCK_Q).
 
-    A program's rows are BLOCK_Q query tokens x REP_P heads: at least 16 (tl.dot), and 64 when
-    the batch has prefill rows, so each page is dequantized once per 64 rows, not per 16.
+    A program's rows are BLOCK_Q query tokens x REP_P heads (the GQA group padded to a power
+    of 2): at least 16 (tl.dot), and 64 when the batch has prefill rows, so each page is
+    dequantized once per 64 rows, not per 16.
     """
-    rep = num_heads // num_kv_heads
-    rep_p = triton.next_power_of_2(rep)
+    rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
     rows = 64 if max_query_len > 16 else 16
-    return rep, rep_p, max(1, rows // rep_p)
+    return max(1, rows // rep_p)
 
 
 def paged_attention(
@@ -228,7 +228,7 @@ def paged_attention(
         return out
     if plan is None:
         max_q = max(b - a for a, b in zip(query_start_loc[:-1], query_start_loc[1:]))
-        plan = plan_query_blocks(query_start_loc, block_q_for(hq, h, max_q)[2], query.device)
+        plan = plan_query_blocks(query_start_loc, block_q_for(hq, h, max_q), query.device)
     qb_req, qb_tok, bq = plan
     rep = hq // h
     rep_p = triton.next_power_of_2(rep)

@@ -76,7 +76,7 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         if self.heads is not None:  # plan once per batch, shared by all layers
             from vllm_kvmix.kernels.attention import block_q_for, plan_query_blocks
 
-            block_q = block_q_for(*self.heads, m.max_query_len)[2]
+            block_q = block_q_for(*self.heads, m.max_query_len)
             plan = plan_query_blocks(qsl_cpu, block_q, self.device)
         else:
             seq_lens_cpu = m.seq_lens[:n].cpu().tolist()

@@ -49,7 +49,7 @@ def _batch(fmt, D, H, bs, ctx, new, seed, dtype, poison=True):
     return cache, bt, kv, slots
 
 
-FORMATS = ["kvmix-k4v2", "kvmix-k8v4-g32", "kvmix-k2v8-g128", "kvmix-k4v4"]
+FORMATS = ["kvmix-k4v2-tok", "kvmix-k8v4-tok-g32", "kvmix-k2v8-tok-g128", "kvmix-k4v4-tok"]
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -78,7 +78,7 @@ CASES = [  # (context tokens, new tokens) per request: decode, prefill, chunked 
 
 
 def test_attention_rejects_pages_it_cannot_run():
-    fmt = parse_format("kvmix-k4v2")
+    fmt = parse_format("kvmix-k4v2-tok")
     q = torch.zeros(1, 2, 64, device=DEV)
     with pytest.raises(ValueError, match="multiple of 32"):
         tri_attn.paged_attention(q, torch.zeros(1, 2, 16 * 56, dtype=torch.uint8, device=DEV), fmt, 16,
@@ -86,7 +86,7 @@ def test_attention_rejects_pages_it_cannot_run():
                                  torch.zeros(1, 1, dtype=torch.int32, device=DEV), 0.1)
 
 
-@pytest.mark.parametrize("name", ["kvmix-k4v2", "kvmix-k8v4-g32"])
+@pytest.mark.parametrize("name", ["kvmix-k4v2-tok", "kvmix-k8v4-tok-g32"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("rep", [1, 4])
 @pytest.mark.parametrize("extra", [{}, {"sliding_window": 9}, {"soft_cap": 5.0}], ids=["plain", "window", "softcap"])

@@ -79,7 +79,7 @@ def _case(seed, T, H, rep, D):
     return q, k, v
 
 
-@pytest.mark.parametrize("name", ["kvmix-k4v2", "kvmix-k8v4", "kvmix-k2v4-g32", "kvmix-k8v8-g128"])
+@pytest.mark.parametrize("name", ["kvmix-k4v2-tok", "kvmix-k8v4-tok", "kvmix-k2v4-tok-g32", "kvmix-k8v8-tok-g128"])
 @pytest.mark.parametrize("block_size", [16, 32, 64])
 @pytest.mark.parametrize("rep", [1, 3, 4])
 def test_prefill_matches_dense(name, block_size, rep):
@@ -100,7 +100,7 @@ def test_prefill_matches_dense(name, block_size, rep):
 @pytest.mark.parametrize("soft_cap", [None, 5.0])
 def test_chunked_prefill_and_decode_match_dense(splits, window, soft_cap):
     """A request written chunk by chunk; each step's queries see the whole stored context."""
-    fmt = parse_format("kvmix-k4v2")
+    fmt = parse_format("kvmix-k4v2-tok")
     D, H, rep, bs = 64, 3, 3, 16
     T = sum(splits)
     q, k, v = _case(1, T, H, rep, D)
@@ -124,7 +124,7 @@ def test_chunked_prefill_and_decode_match_dense(splits, window, soft_cap):
 
 def test_mixed_batch_with_padding_slots():
     """Decode, chunked continuation and a fresh prefill in one batch; padded slots skipped."""
-    fmt = parse_format("kvmix-k8v4")
+    fmt = parse_format("kvmix-k8v4-tok")
     D, H, rep, bs = 64, 2, 4, 32
     sim = PagedSim(fmt, D, H, bs, num_blocks=40, seed=2)
     ctx = [70, 33, 0]
@@ -156,7 +156,7 @@ def test_mixed_batch_with_padding_slots():
 
 
 def test_read_pages_roundtrip_matches_quantizer():
-    fmt = parse_format("kvmix-k2v8-g32")
+    fmt = parse_format("kvmix-k2v8-tok-g32")
     D, H, bs = 64, 2, 16
     _, k, v = _case(5, 48, H, 1, D)
     sim = PagedSim(fmt, D, H, bs, num_blocks=8)

@@ -31,18 +31,28 @@ def formats_table(shape: dict, all_groups: bool = False) -> str:
     rows = [
         f"KV formats for {shape['name']} ({n} layers x {h} KV heads x head size {d})",
         "",
-        "| kv_cache_dtype | K bits | V bits | group | bits/element | bytes/token | vs bf16 |",
-        "|---|---|---|---|---|---|---|",
-        f"| auto (bf16) | 16 | 16 | - | 16.00 | {bf16} | 1.00x |",
+        "| kv_cache_dtype | K bits | V bits | groups | bits/element | bytes/token | vs bf16 | staging/seq |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| auto (bf16) | 16 | 16 | - | 16.00 | {bf16} | 1.00x | - |",
     ]
     for fmt in all_formats():
         if d % fmt.group or (not all_groups and fmt.group != DEFAULT_GROUP):
             continue
         tok = n * h * fmt.bytes_per_token_head(d)
+        if fmt.staged:
+            groups = "K: channel x 64 tok, V: 64 ch (rotated)"
+            stage = f"{n * h * fmt.stage_bytes_per_seq_head(d) / 1024:.0f} KiB"
+        else:
+            groups, stage = f"K, V: {fmt.group} ch", "-"
         rows.append(
-            f"| {fmt.name} | {fmt.k_bits} | {fmt.v_bits} | {fmt.group} | "
-            f"{fmt.bits_per_element(d):.2f} | {tok} | {bf16 / tok:.2f}x |"
+            f"| {fmt.name} | {fmt.k_bits} | {fmt.v_bits} | {groups} | "
+            f"{fmt.bits_per_element(d):.2f} | {tok} | {bf16 / tok:.2f}x | {stage} |"
         )
+    rows += [
+        "",
+        "bits/element and bytes/token count every packed byte (codes, scales, minima); page formats",
+        "also keep each running sequence's last page at 8 bits (staging/seq, reserved for max_num_seqs).",
+    ]
     return "\n".join(rows)
 
 

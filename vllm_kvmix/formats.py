@@ -1,8 +1,22 @@
 """KV-cache format specs: names, bit widths, bytes per token and the paged layout.
 
-A kvmix format is named ``kvmix-k{K}v{V}[-g{G}]``: K-bit keys, V-bit values,
-asymmetric min-max quantization over groups of ``G`` head-dim channels (default
-64) with an fp16 scale and an fp16 minimum per group.
+Two schemes, same naming of bit widths (K-bit keys, V-bit values):
+
+``kvmix-k{K}v{V}`` (the *page* scheme, the default)
+    Pages of 64 tokens.  Keys are quantized per channel over the 64 tokens of
+    a page (one fp16 scale and minimum per channel and page): a few key
+    channels carry most of the energy and get their own range.  Values are
+    rotated by a Hadamard transform over the head dimension and quantized per
+    token in groups of 64 channels (fp16 scale and minimum).  A page is packed
+    when it fills; until then each running sequence's last page lives in an
+    8-bit staging slot (per-token, k8v8 layout), and a query always reads its
+    own page from there, so token-by-token generation, prefill and chunked
+    prefill see the same numbers.  See ``docs/formats.md`` for the evidence.
+
+``kvmix-k{K}v{V}-tok[-g{G}]`` (the *tok* scheme, the first version)
+    Asymmetric min-max quantization per token over groups of ``G`` head-dim
+    channels (default 64) for both keys and values, packed on write, no
+    staging.  The Triton kernels implement this scheme only so far.
 
 This module is pure Python (no torch, no vLLM): everything downstream (the
 reference quantizer, the kernels, the vLLM backend) takes its sizes and offsets
@@ -18,17 +32,13 @@ pair are contiguous so that a kernel loads one KV head's page in one sweep::
 
     head page = [ K codes | K meta | V codes | V meta ]
       K codes: uint8[block_size, head_size * k_bits / 8]   (low bits first)
-      K meta : fp16 [block_size, head_size / group, 2]     (scale, minimum)
+      K meta : fp16 [block_size, head_size / group, 2]     (tok: scale, minimum per token group)
+               fp16 [head_size, 2]                         (page: scale, minimum per channel)
       V codes: uint8[block_size, head_size * v_bits / 8]
       V meta : fp16 [block_size, head_size / group, 2]
 
 Values are packed little-end first: with 4-bit codes, byte ``j`` holds channel
 ``2j`` in bits 0-3 and channel ``2j+1`` in bits 4-7.
-
-The layout is described by per-side :class:`SideLayout` records (axis,
-bits, group, meta shape) so that other quantization axes (keys grouped per
-channel over the tokens of a page, for instance) can be added as new side
-layouts without touching the consumers that only read offsets and sizes.
 """
 
 from __future__ import annotations
@@ -47,7 +57,16 @@ BF16_BYTES = 2
 # starts on a 16-byte boundary (fp16 views, vector loads).
 BLOCK_ALIGN = 16
 
-_NAME_RE = re.compile(r"^kvmix-k(\d+)v(\d+)(?:-g(\d+))?$")
+PAGE = "page"
+TOK = "tok"
+SCHEMES = (PAGE, TOK)
+# Tokens per page of the page scheme: the key-channel group and vLLM's kernel block size.
+PAGE_TOKENS = 64
+# Staging slots (the last, still-filling page of each running sequence) hold
+# keys and rotated values at 8 bits per token in the tok layout.
+STAGE_BITS = 8
+
+_NAME_RE = re.compile(r"^kvmix-k(\d+)v(\d+)(-tok)?(?:-g(\d+))?$")
 
 
 class KVFormatError(ValueError):
@@ -64,6 +83,7 @@ class SideLayout:
     block_size: int
     codes_offset: int
     meta_offset: int
+    axis: str = "token"  # "token": meta per token group; "channel": per channel over the page
 
     @property
     def codes_bytes_per_token(self) -> int:
@@ -79,6 +99,8 @@ class SideLayout:
 
     @property
     def meta_bytes(self) -> int:
+        if self.axis == "channel":
+            return self.head_size * META_BYTES_PER_GROUP
         return self.block_size * self.groups_per_token * META_BYTES_PER_GROUP
 
     @property
@@ -100,13 +122,22 @@ class PageLayout:
 
 @dataclass(frozen=True)
 class KVFormat:
-    """A kvmix KV-cache format: key bits, value bits and channel group size."""
+    """A kvmix KV-cache format: key bits, value bits, group size and scheme."""
 
     k_bits: int
     v_bits: int
     group: int = DEFAULT_GROUP
+    scheme: str = PAGE
 
     def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise KVFormatError(f"kvmix scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.scheme == PAGE and self.group != DEFAULT_GROUP:
+            raise KVFormatError(
+                f"kvmix page formats use {DEFAULT_GROUP}-channel value groups and "
+                f"{PAGE_TOKENS}-token key groups; a group size applies to -tok formats "
+                f"(e.g. kvmix-k{self.k_bits}v{self.v_bits}-tok-g{self.group}). {_choices_hint()}"
+            )
         if self.k_bits not in VALID_BITS or self.v_bits not in VALID_BITS:
             raise KVFormatError(
                 f"kvmix bit widths must be in {VALID_BITS}, got k{self.k_bits}"
@@ -121,8 +152,36 @@ class KVFormat:
     # ---- naming -----------------------------------------------------------
     @property
     def name(self) -> str:
-        suffix = "" if self.group == DEFAULT_GROUP else f"-g{self.group}"
+        suffix = "" if self.scheme == PAGE else "-tok"
+        if self.group != DEFAULT_GROUP:
+            suffix += f"-g{self.group}"
         return f"{PREFIX}k{self.k_bits}v{self.v_bits}{suffix}"
+
+    @property
+    def staged(self) -> bool:
+        """Whether each running sequence's last page lives in an 8-bit staging slot."""
+        return self.scheme == PAGE
+
+    @property
+    def rotates_values(self) -> bool:
+        """Whether values are stored Hadamard-rotated (attention un-rotates its output)."""
+        return self.scheme == PAGE
+
+    @property
+    def stage_format(self) -> KVFormat:
+        """The layout of a staging slot: 8-bit keys and values per token, 64-channel groups."""
+        return KVFormat(STAGE_BITS, STAGE_BITS, DEFAULT_GROUP, TOK)
+
+    def stage_bytes_per_seq_head(self, head_size: int) -> int:
+        """Staging bytes per running sequence, layer and KV head (0 without staging)."""
+        if not self.staged:
+            return 0
+        return PAGE_TOKENS * self.stage_format.bytes_per_token_head(head_size)
+
+    @property
+    def kernel_block_size(self) -> int | None:
+        """The page size the scheme requires of vLLM's kernel blocks (None: any multiple of 16)."""
+        return PAGE_TOKENS if self.scheme == PAGE else None
 
     def __str__(self) -> str:
         return self.name
@@ -146,6 +205,9 @@ class KVFormat:
         return head_size * bits // 8 + (head_size // self.group) * META_BYTES_PER_GROUP
 
     def k_bytes_per_token(self, head_size: int) -> int:
+        if self.scheme == PAGE:  # per-channel meta over a page, averaged per token
+            self.check_head_size(head_size)
+            return head_size * self.k_bits // 8 + head_size * META_BYTES_PER_GROUP // PAGE_TOKENS
         return self.side_bytes_per_token(self.k_bits, head_size)
 
     def v_bytes_per_token(self, head_size: int) -> int:
@@ -170,12 +232,17 @@ class KVFormat:
                 f"{self.name}: block size {block_size} must be a multiple of "
                 f"{BLOCK_ALIGN}."
             )
-        k = _side(self.k_bits, self.group, head_size, block_size, 0)
-        v = _side(self.v_bits, self.group, head_size, block_size, k.end)
+        if self.scheme == PAGE and block_size != PAGE_TOKENS:
+            raise KVFormatError(
+                f"{self.name}: pages hold {PAGE_TOKENS} tokens; got a kernel block size of {block_size}."
+            )
+        k_axis = "channel" if self.scheme == PAGE else "token"
+        k = _side(self.k_bits, self.group, head_size, block_size, 0, k_axis)
+        v = _side(self.v_bits, self.group, head_size, block_size, k.end, "token")
         return PageLayout(k=k, v=v)
 
 
-def _side(bits: int, group: int, head_size: int, block_size: int, start: int) -> SideLayout:
+def _side(bits: int, group: int, head_size: int, block_size: int, start: int, axis: str) -> SideLayout:
     codes_bytes = block_size * head_size * bits // 8
     return SideLayout(
         bits=bits,
@@ -184,20 +251,25 @@ def _side(bits: int, group: int, head_size: int, block_size: int, start: int) ->
         block_size=block_size,
         codes_offset=start,
         meta_offset=start + codes_bytes,
+        axis=axis,
     )
 
 
 # ---- names ------------------------------------------------------------------
 def all_formats() -> list[KVFormat]:
-    """Every kvmix format, default group size first."""
+    """Every kvmix format: page formats, then tok formats (default group size first)."""
     groups = (DEFAULT_GROUP, *[g for g in VALID_GROUPS if g != DEFAULT_GROUP])
-    return [KVFormat(k, v, g) for g in groups for k in VALID_BITS for v in VALID_BITS]
+    page = [KVFormat(k, v) for k in VALID_BITS for v in VALID_BITS]
+    tok = [KVFormat(k, v, g, TOK) for g in groups for k in VALID_BITS for v in VALID_BITS]
+    return page + tok
 
 
 def all_format_names() -> list[str]:
-    """Every accepted name: canonical names, then the explicit ``-g64`` spellings."""
+    """Every accepted name: canonical names, then the explicit ``-tok-g64`` spellings."""
     canonical = [f.name for f in all_formats()]
-    explicit_default = [f"{f.name}-g{DEFAULT_GROUP}" for f in all_formats() if f.group == DEFAULT_GROUP]
+    explicit_default = [
+        f"{f.name}-g{DEFAULT_GROUP}" for f in all_formats() if f.scheme == TOK and f.group == DEFAULT_GROUP
+    ]
     return canonical + explicit_default
 
 
@@ -205,9 +277,9 @@ def _choices_hint() -> str:
     bits = "|".join(map(str, VALID_BITS))
     groups = "|".join(map(str, VALID_GROUPS))
     return (
-        f"Valid kvmix formats are kvmix-k{{{bits}}}v{{{bits}}} with an optional "
-        f"-g{{{groups}}} group suffix (default -g{DEFAULT_GROUP}), e.g. "
-        "kvmix-k4v2, kvmix-k8v4, kvmix-k4v2-g32."
+        f"Valid kvmix formats are kvmix-k{{{bits}}}v{{{bits}}} (page scheme) and "
+        f"kvmix-k{{{bits}}}v{{{bits}}}-tok with an optional -g{{{groups}}} group suffix "
+        f"(default -g{DEFAULT_GROUP}), e.g. kvmix-k4v2, kvmix-k8v4, kvmix-k4v2-tok-g32."
     )
 
 
@@ -216,9 +288,11 @@ def is_kvmix(name: object) -> bool:
 
 
 def parse_format(name: str) -> KVFormat:
-    """Parse ``kvmix-k{K}v{V}[-g{G}]``; raise :class:`KVFormatError` otherwise."""
+    """Parse ``kvmix-k{K}v{V}`` or ``kvmix-k{K}v{V}-tok[-g{G}]``; raise :class:`KVFormatError` otherwise."""
     m = _NAME_RE.match(name or "")
     if m is None:
         raise KVFormatError(f"Invalid kvmix KV-cache format {name!r}. {_choices_hint()}")
-    k, v, g = int(m.group(1)), int(m.group(2)), int(m.group(3) or DEFAULT_GROUP)
-    return KVFormat(k, v, g)
+    k, v = int(m.group(1)), int(m.group(2))
+    scheme = TOK if m.group(3) else PAGE
+    g = int(m.group(4) or DEFAULT_GROUP)
+    return KVFormat(k, v, g, scheme)

@@ -1,4 +1,4 @@
-"""Reference quantization: asymmetric min-max over channel groups, bit packing.
+"""Reference quantization: asymmetric min-max over groups, bit packing, Hadamard.
 
 Pure PyTorch, any device.  This is the oracle the Triton kernels are tested
 against and the arithmetic the CPU path runs.
@@ -9,6 +9,9 @@ holding ``(scale, minimum)`` per group; ``x ~= code * scale + minimum``.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -76,3 +79,36 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
     c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return c.to(torch.uint8).reshape(*lead, b * per)
+
+
+def quantize_channels(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x[..., P, D]`` per channel over its ``P`` tokens.
+
+    Returns codes ``uint8[..., P, D]`` and meta ``float16[..., D, 2]`` (scale,
+    minimum per channel); ``x[..., t, c] ~= codes[..., t, c] * scale[c] + min[c]``.
+    Same rounding rules as :func:`quantize` (it is :func:`quantize` on the
+    transposed tensor with one group per channel).
+    """
+    p = x.shape[-2]
+    codes, meta = quantize(x.transpose(-1, -2), bits, p)  # [..., D, P], [..., D, 1, 2]
+    return codes.transpose(-1, -2).contiguous(), meta.squeeze(-2)
+
+
+def dequantize_channels(codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_channels`: ``uint8[..., P, D]`` + ``fp16[..., D, 2]`` -> fp32."""
+    return codes.float() * meta[..., 0].float().unsqueeze(-2) + meta[..., 1].float().unsqueeze(-2)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_cpu(d: int) -> torch.Tensor:
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two head size, got {d}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(d)
+
+
+def hadamard(d: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The normalized Sylvester Hadamard matrix ``H[d, d]``: symmetric, ``H @ H = I``."""
+    return _hadamard_cpu(d).to(dtype=dtype, device=device)

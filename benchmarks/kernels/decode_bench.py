@@ -25,7 +25,7 @@ from vllm_kvmix.kernels.write import write_kv  # noqa: E402
 
 dev = "cuda"
 HQ, HKV, D = 32, 8, 128
-FORMATS = ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"]
+FORMATS = ["kvmix-k4v2-tok", "kvmix-k4v4-tok", "kvmix-k8v4-tok"]
 KV_BS = 64  # kvmix page size
 PEER_BS = 16
 
@@ -148,7 +148,7 @@ def main():
             f = lambda: paged_attention(q, cache, fmt, KV_BS, qsl, seq, bt, D**-0.5, out=out,  # noqa: E731
                                         plan=plan, max_seq_len=L)
             res[fname] = (bench(f), B * L * HKV * fmt.bytes_per_token_head(D))
-            if args.sweep and fname == "kvmix-k4v2":
+            if args.sweep and fname == "kvmix-k4v2-tok":
                 from vllm_kvmix.kernels import attention as attn_mod
 
                 saved = dict(attn_mod.LAUNCH)

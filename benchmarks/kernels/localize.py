@@ -9,7 +9,7 @@ from vllm_kvmix.kernels.attention import paged_attention
 attention.MIN_PAGE = 16  # lift the launcher's guard to show what it guards against
 
 dev = "cuda"
-for name in ["kvmix-k4v2", "kvmix-k8v8", "kvmix-k8v4-g32"]:
+for name in ["kvmix-k4v2-tok", "kvmix-k8v8-tok", "kvmix-k8v4-tok-g32"]:
     for D in (64, 128):
         for bs in (16, 32, 64):
             for rep in (1, 4):

@@ -76,8 +76,17 @@ def dense_attention(
     causal: bool = True,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_diag: torch.Tensor | None = None,
+    v_diag: torch.Tensor | None = None,
+    page_size: int | None = None,
+    out_rotation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q[Tq, Hq, D]`` over ``k, v[Tk, H, D]`` with GQA, in fp64.
+
+    With ``k_diag/v_diag`` (same shape as ``k, v``) and ``page_size``, a key in
+    the query's own page (``pos // page_size`` equal) is read from the diag
+    tensors instead (the page scheme's 8-bit copy of the filling page), and
+    ``out_rotation[D, D]`` multiplies the output (in fp64) from the right.
 
     A query at position p sees keys at positions ``p - sliding_window < k <= p``
     (vLLM's convention: the window counts the query token itself).
@@ -92,6 +101,11 @@ def dense_attention(
     h = k.shape[1]
     qg = q.double().reshape(tq, h, hq // h, d)
     s = torch.einsum("qhrd,khd->hrqk", qg, k.double()) * scale
+    same = None
+    if k_diag is not None:
+        same = (q_pos.view(-1, 1) // page_size) == (k_pos.view(1, -1) // page_size)  # [Tq, Tk]
+        s_diag = torch.einsum("qhrd,khd->hrqk", qg, k_diag.double()) * scale
+        s = torch.where(same, s_diag, s)
     if soft_cap:
         s = soft_cap * torch.tanh(s / soft_cap)
     diff = q_pos.view(-1, 1) - k_pos.view(1, -1)  # [Tq, Tk]
@@ -102,8 +116,15 @@ def dense_attention(
         allowed &= diff < sliding_window
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # fully masked rows -> 0
-    o = torch.einsum("hrqk,khd->qhrd", p, v.double())
-    return o.reshape(tq, hq, v.shape[-1]).float()
+    if same is None:
+        o = torch.einsum("hrqk,khd->qhrd", p, v.double())
+    else:
+        o = torch.einsum("hrqk,khd->qhrd", p * ~same, v.double())
+        o += torch.einsum("hrqk,khd->qhrd", p * same, v_diag.double())
+    o = o.reshape(tq, hq, v.shape[-1])
+    if out_rotation is not None:
+        o = o @ out_rotation.double()
+    return o.float()
 
 
 def paged_attention(

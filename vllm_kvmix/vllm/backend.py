@@ -7,9 +7,13 @@ attribute.  ``backend_class_path(fmt)`` names the class; the module-level
 ``__getattr__`` creates it on first use in every process.
 
 Cache tensor of a layer: ``uint8[num_blocks, num_kv_heads, head_page_bytes]``
-(:mod:`vllm_kvmix.formats`).  The write (``do_kv_cache_update``) runs before
-``forward`` in every step, and ``forward`` reads every context token from the
-cache, the new ones included.
+(:mod:`vllm_kvmix.formats`).  Tok formats: the write (``do_kv_cache_update``)
+runs before ``forward`` in every step, and ``forward`` reads every context token
+from the cache, the new ones included.  Page formats (staged): ``forward``
+writes and attends in one call (:func:`vllm_kvmix.reference.staged.step`),
+with the request's staging slot from :data:`vllm_kvmix.staging.SLOTS`; each
+layer's staging tensor is allocated on its first real step (its bytes are
+taken out of the KV-cache budget at sizing, ``compat.patch_kv_cache_sizing``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from vllm.v1.attention.backend import (
 
 from vllm_kvmix import ops
 from vllm_kvmix.formats import KVFormat, all_format_names, parse_format
+from vllm_kvmix.reference.staged import RequestStep
+from vllm_kvmix.staging import SLOTS
 
 
 _CLASS_PREFIX = "KvmixAttentionBackend_"
@@ -49,6 +55,10 @@ class KvmixMetadata:
     seq_lens_cpu: list[int] | None  # CPU path only
     causal: bool = True
     plan: tuple[torch.Tensor, torch.Tensor, int] | None = None  # Triton path: query blocks
+    # page scheme: one entry per request, and the number of staging slots per layer
+    requests: list[RequestStep] | None = None
+    stage_slots: int = 0
+    dummy: bool = False  # a build no model-runner step announced (profiling, warm-up)
 
 
 class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
@@ -57,6 +67,17 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.heads = None
+        self.fmt = parse_format(kv_cache_spec.kvmix_format)
+        self.stage_slots = vllm_config.scheduler_config.max_num_seqs if self.fmt.staged else 0
+        self._generation = -1
+        if self.fmt.staged and device.type != "cpu":
+            raise NotImplementedError(
+                f"{self.fmt.name}: the page scheme (per-channel keys, rotated values, 8-bit "
+                f"staging) runs on CPU only so far; on {device.type} use "
+                f"kvmix-k{self.fmt.k_bits}v{self.fmt.v_bits}-tok (Triton kernels)"
+            )
+        if self.fmt.staged and vllm_config.speculative_config is not None:
+            raise NotImplementedError(f"{self.fmt.name}: speculative decoding (rejected tokens would be packed)")
         if device.type == "cuda":
             num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
             self.heads = (num_heads, kv_cache_spec.num_kv_heads)
@@ -80,6 +101,9 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             plan = plan_query_blocks(qsl_cpu, block_q, self.device)
         else:
             seq_lens_cpu = m.seq_lens[:n].cpu().tolist()
+        requests, dummy = None, False
+        if self.fmt.staged:
+            requests, dummy = self._request_steps(qsl_cpu.tolist(), seq_lens_cpu)
         return KvmixMetadata(
             num_actual_tokens=m.num_actual_tokens,
             max_query_len=m.max_query_len,
@@ -92,7 +116,22 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             seq_lens_cpu=seq_lens_cpu,
             causal=bool(m.causal),
             plan=plan,
+            requests=requests,
+            stage_slots=self.stage_slots,
+            dummy=dummy,
         )
+
+    def _request_steps(self, qsl: list[int], seq_lens: list[int]) -> tuple[list[RequestStep] | None, bool]:
+        SLOTS.configure(self.stage_slots)
+        if SLOTS.generation == self._generation:
+            return None, True  # no step announced since our last build: a dummy run
+        self._generation = SLOTS.generation
+        slots = SLOTS.slots_for_rows(len(seq_lens))
+        steps = []
+        for b, (seq, slot) in enumerate(zip(seq_lens, slots)):
+            q0, q1 = qsl[b], qsl[b + 1]
+            steps.append(RequestStep(q0=q0, q1=q1, ctx=seq - (q1 - q0), seq=seq, slot=slot))
+        return steps, False
 
 
 class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
@@ -132,6 +171,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         self.logits_soft_cap = logits_soft_cap or None
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
+        self.stage: torch.Tensor | None = None  # page scheme: this layer's staging slots
 
     def do_kv_cache_update(
         self,
@@ -159,9 +199,20 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
     ) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("kvmix: fused output quantization")
-        if attn_metadata is None:  # profiling run: no cache yet
+        if attn_metadata is None or attn_metadata.dummy:  # profiling / warm-up: leave caches alone
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
+        if self.fmt.staged:
+            from vllm_kvmix.reference import staged
+
+            res = staged.step(
+                query[:n], key[:n], value[:n], kv_cache, self._stage(kv_cache, attn_metadata.stage_slots),
+                self.fmt, attn_metadata.requests, attn_metadata.block_table, self.scale,
+                causal=attn_metadata.causal, sliding_window=self.sliding_window,
+                soft_cap=self.logits_soft_cap,
+            )
+            output[:n].copy_(res.view(output[:n].shape))
+            return output
         ops.paged_attention(
             query[:n],
             kv_cache,
@@ -174,6 +225,15 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
             out=output[:n],
         )
         return output
+
+    def _stage(self, kv_cache: torch.Tensor, slots: int) -> torch.Tensor:
+        if self.stage is None:
+            stage_fmt = self.fmt.stage_format
+            page = stage_fmt.layout(self.head_size, 64).head_page_bytes
+            self.stage = torch.zeros(
+                (slots, self.num_kv_heads, page), dtype=torch.uint8, device=kv_cache.device
+            )
+        return self.stage
 
     def _block_size(self, kv_cache: torch.Tensor) -> int:
         per_token = self.fmt.bytes_per_token_head(self.head_size)
@@ -205,8 +265,10 @@ class KvmixAttentionBackend(AttentionBackend):
     def get_builder_cls() -> type[KvmixMetadataBuilder]:
         return KvmixMetadataBuilder
 
-    @staticmethod
-    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+    @classmethod
+    def get_supported_kernel_block_sizes(cls) -> list[int | MultipleOf]:
+        if cls.FORMAT is not None and cls.FORMAT.kernel_block_size is not None:
+            return [cls.FORMAT.kernel_block_size]  # page scheme: a page is the key-channel group
         # the Triton attention kernel's page constraint (kernels/attention.py: MIN_PAGE)
         return [MultipleOf(32)]
 
@@ -255,7 +317,8 @@ def backend_class(fmt: KVFormat) -> type[KvmixAttentionBackend]:
     name = backend_class_name(fmt)
     cls = globals().get(name)
     if cls is None:
-        cls = type(name, (KvmixAttentionBackend,), {"FORMAT": fmt, "__module__": __name__})
+        attrs = {"FORMAT": fmt, "__module__": __name__, "forward_includes_kv_cache_update": fmt.staged}
+        cls = type(name, (KvmixAttentionBackend,), attrs)
         cls.__qualname__ = name
         globals()[name] = cls
     return cls

@@ -49,6 +49,7 @@ def apply_compat_patches() -> None:
     patch_attention_kv_cache_spec()
     patch_engine_args_validation()
     patch_kv_cache_config_logging()
+    patch_step_requests()
     register_custom_backend()
     _applied = True
 
@@ -150,11 +151,15 @@ def patch_engine_args_validation() -> None:
 
 
 def patch_kv_cache_config_logging() -> None:
-    """Log format, bytes/token, blocks and the ratio vs bf16 at startup.
+    """Reserve the staging slots' bytes, then log format, bytes/token, blocks and ratio vs bf16.
 
     Wraps ``get_kv_cache_configs`` as imported by ``vllm.v1.engine.core`` (the
-    engine core computes the block count there).  Remove if vLLM logs per-spec
-    page sizes itself.
+    engine core computes the block count there from ``available_memory``, one
+    entry per worker).  Page-scheme layers keep ``max_num_seqs`` 8-bit staging
+    pages per layer outside vLLM's blocks (:mod:`vllm_kvmix.staging`); their
+    bytes come out of the memory vLLM may give to blocks, so a kvmix cache
+    never exceeds the budget the user set.  Remove if vLLM grows per-layer
+    side allocations in its KV-cache specs, or logs per-spec page sizes itself.
     """
     from vllm.v1.engine import core
 
@@ -164,8 +169,24 @@ def patch_kv_cache_config_logging() -> None:
 
     @functools.wraps(original)
     def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+        max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+        reserved = [staging_bytes(specs, max_num_seqs) for specs in kv_cache_specs]
+        if any(reserved):
+            left = [m - r for m, r in zip(available_memory, reserved)]
+            if min(left) <= 0:
+                raise ValueError(
+                    f"kvmix: the staging pages of {max_num_seqs} running sequences (max_num_seqs) "
+                    f"need {max(reserved) / 2**20:.1f} MiB, more than the KV-cache memory "
+                    f"({min(available_memory) / 2**20:.1f} MiB); lower max_num_seqs or raise the budget"
+                )
+            available_memory = left
         configs = original(vllm_config, kv_cache_specs, available_memory)
         try:
+            if reserved[0]:
+                _log_info(
+                    f"kvmix: staging: {max_num_seqs} slots (max_num_seqs) x 64 tokens at 8 bits "
+                    f"per layer = {reserved[0] / 2**20:.1f} MiB, taken out of the KV-cache memory"
+                )
             for line in kv_cache_summary(configs[0], kv_cache_specs[0]):
                 _log_info(line)
         except Exception as e:  # a log line must never break startup
@@ -174,6 +195,47 @@ def patch_kv_cache_config_logging() -> None:
 
     get_kv_cache_configs._kvmix_patched = True
     core.get_kv_cache_configs = get_kv_cache_configs
+
+
+def staging_bytes(layer_specs: dict, max_num_seqs: int) -> int:
+    """Bytes of the staging slots of every page-scheme kvmix layer of one worker."""
+    total = 0
+    for spec in layer_specs.values():
+        name = getattr(spec, "kvmix_format", None)
+        if is_kvmix(name):
+            fmt = parse_format(name)
+            total += max_num_seqs * spec.num_kv_heads * fmt.stage_bytes_per_seq_head(spec.head_size)
+    return total
+
+
+def patch_step_requests() -> None:
+    """Tell :data:`vllm_kvmix.staging.SLOTS` about every model-runner step.
+
+    Wraps ``GPUModelRunner._update_states`` (the CPU runner inherits it): after
+    it, ``input_batch.req_ids`` lists the requests in the row order of this
+    step's attention metadata, and the scheduler output names the requests
+    finished or preempted (whose staging slots are free again).  Attention
+    metadata carries no request ids in 0.26.  Remove when it does.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_kvmix.staging import SLOTS
+
+    original = GPUModelRunner._update_states
+    if getattr(original, "_kvmix_patched", False):
+        return
+
+    @functools.wraps(original)
+    def _update_states(self, scheduler_output):
+        released = set(scheduler_output.finished_req_ids)
+        released |= set(scheduler_output.preempted_req_ids or ())
+        result = original(self, scheduler_output)
+        batch = self.input_batch
+        SLOTS.on_step(batch.req_ids[: batch.num_reqs], released)
+        return result
+
+    _update_states._kvmix_patched = True
+    GPUModelRunner._update_states = _update_states
 
 
 def _log_info(line: str) -> None:

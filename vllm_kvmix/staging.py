@@ -1,0 +1,75 @@
+"""Staging slots: which 8-bit slot holds each running request's still-filling page.
+
+The page scheme keeps the last, partial page of every running request at 8
+bits until it fills (:mod:`vllm_kvmix.reference.staged`).  A request owns one
+slot from its first step until vLLM reports it finished or preempted (a
+preempted request recomputes from its first token, so its staged tokens are
+dead).  Running requests never exceed ``max_num_seqs``, so that many slots
+per layer always suffice; they are reserved out of the KV-cache budget.
+
+Pure Python.  vLLM's model runner tells :data:`SLOTS` about every step
+(``vllm_kvmix.vllm.compat.patch_step_requests``): the request ids of the
+persistent batch's rows, in the order the attention metadata uses, and the
+ids it dropped.  Metadata builds that no step announced are vLLM's dummy
+runs (profiling, warm-up); they must not touch the caches.
+"""
+
+from __future__ import annotations
+
+
+class StagingSlotsExhausted(RuntimeError):
+    pass
+
+
+class StagingSlots:
+    def __init__(self) -> None:
+        self.capacity: int | None = None
+        self.slot_of: dict[str, int] = {}
+        self._free: list[int] = []
+        self.rows: list[str] = []
+        self.generation = 0
+
+    def configure(self, capacity: int) -> None:
+        """Set the number of slots (``max_num_seqs``); the first build of a process does it."""
+        if self.capacity == capacity:
+            return
+        if self.slot_of:
+            raise RuntimeError("kvmix: staging slots reconfigured while requests hold slots")
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def on_step(self, rows: list[str], released: set[str] | frozenset[str]) -> None:
+        """A model-runner step: release ``released`` ids, record the batch rows."""
+        for req_id in released:
+            slot = self.slot_of.pop(req_id, None)
+            if slot is not None:
+                self._free.append(slot)
+        self.rows = list(rows)
+        self.generation += 1
+
+    def slots_for_rows(self, num_rows: int) -> list[int]:
+        """Slots of the first ``num_rows`` batch rows, allocating for new requests."""
+        if self.capacity is None:
+            raise RuntimeError("kvmix: staging slots used before configure()")
+        if num_rows > len(self.rows):
+            raise RuntimeError(
+                f"kvmix: the batch has {num_rows} requests but the model runner announced "
+                f"{len(self.rows)}; vLLM's step bookkeeping changed under the plugin"
+            )
+        out = []
+        for req_id in self.rows[:num_rows]:
+            slot = self.slot_of.get(req_id)
+            if slot is None:
+                if not self._free:
+                    raise StagingSlotsExhausted(
+                        f"kvmix: all {self.capacity} staging slots are held by running requests "
+                        "(more running requests than max_num_seqs?)"
+                    )
+                slot = self._free.pop()
+                self.slot_of[req_id] = slot
+            out.append(slot)
+        return out
+
+
+# One table per process: a slot is a request's, whatever layer or KV-cache group asks.
+SLOTS = StagingSlots()

@@ -67,7 +67,8 @@ def test_cli_choices_include_kvmix():
 def test_str_dtype_map():
     from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
 
-    assert STR_DTYPE_TO_TORCH_DTYPE["kvmix-k4v2-g32"] is torch.uint8
+    assert STR_DTYPE_TO_TORCH_DTYPE["kvmix-k4v2-tok-g32"] is torch.uint8
+    assert STR_DTYPE_TO_TORCH_DTYPE["kvmix-k4v2"] is torch.uint8
 
 
 def test_engine_args_reject_bad_name_with_choices():
@@ -91,8 +92,8 @@ def test_platform_dispatch():
     def cfg(dtype):
         return AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype=dtype, block_size=None)
 
-    path = KvmixCpuPlatform.get_attn_backend_cls(None, cfg("kvmix-k4v2-g32"))
-    assert path == "vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2_g32"
+    path = KvmixCpuPlatform.get_attn_backend_cls(None, cfg("kvmix-k4v2-tok-g32"))
+    assert path == "vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2_tok_g32"
     assert KvmixCpuPlatform.get_attn_backend_cls(None, cfg("auto")).endswith("CPUAttentionBackend")
 
 
@@ -102,7 +103,13 @@ def test_backend_classes_resolve_by_name():
 
     cls = resolve_obj_by_qualname("vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2")
     assert cls.FORMAT.name == "kvmix-k4v2"
-    assert cls.get_kv_cache_shape(10, 128, 3, 64) == (10, 3, 128 * 56)
+    assert cls.get_kv_cache_shape(10, 64, 3, 64) == (10, 3, 64 * 56)  # page scheme: 64-token pages
+    assert cls.get_supported_kernel_block_sizes() == [64]
+    assert cls.forward_includes_kv_cache_update  # writes and attends in one call (staging)
+    tok = resolve_obj_by_qualname("vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2_tok_g32")
+    assert tok.FORMAT.name == "kvmix-k4v2-tok-g32"
+    assert tok.get_kv_cache_shape(10, 128, 3, 64) == (10, 3, 128 * 64)
+    assert not tok.forward_includes_kv_cache_update
     assert AttentionBackendEnum[cls.get_name()] is AttentionBackendEnum.CUSTOM
     assert AttentionBackendEnum.CUSTOM.get_path().startswith("vllm_kvmix")
 
@@ -123,3 +130,22 @@ def test_specs_page_size_and_grouping():
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(sw) is SlidingWindowSpec
     with pytest.raises(ValueError, match="mix kvmix formats"):
         KvmixFullAttentionSpec.merge([full, KvmixFullAttentionSpec(kvmix_format="kvmix-k8v8", **common)])
+
+
+def test_staging_is_reserved_out_of_the_budget():
+    """Page formats: max_num_seqs staging pages per layer come out of the KV memory, or startup fails clearly."""
+    from types import SimpleNamespace
+
+    from vllm.v1.engine import core
+
+    from vllm_kvmix.vllm.compat import staging_bytes
+    from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec
+
+    common = dict(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.uint8)
+    specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common) for i in range(30)}
+    tok_specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2-tok", **common) for i in range(30)}
+    assert staging_bytes(specs, 16) == 16 * 30 * 3 * 64 * 136
+    assert staging_bytes(tok_specs, 16) == 0
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256))
+    with pytest.raises(ValueError, match="lower max_num_seqs"):
+        core.get_kv_cache_configs(cfg, [specs], [64 << 20])

@@ -5,6 +5,7 @@ k8v8 greedy output shares 24, 24, 13 and 8 of 24 tokens with bf16 on the 4 promp
 alice29.txt: bf16 20.51, k8v8 20.66 (+0.7%), k4v2 31.47 (+53%).
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -46,11 +47,15 @@ def test_block_count_ratio_matches_spec(results):
     bf16 = results["auto"].num_blocks
     for dtype in ("kvmix-k8v8", "kvmix-k4v2"):
         r = results[dtype]
-        token_bytes = 30 * 3 * parse_format(dtype).bytes_per_token_head(64)
+        fmt = parse_format(dtype)
+        token_bytes = 30 * 3 * fmt.bytes_per_token_head(64)
         page = r.block_size * token_bytes
-        assert r.num_blocks == evaluate.KV_BUDGET_BYTES // page
+        # page formats: the staging pages of max_num_seqs sequences come out of the same budget
+        staging = evaluate.MAX_NUM_SEQS * 30 * 3 * fmt.stage_bytes_per_seq_head(64)
+        assert r.num_blocks == (evaluate.KV_BUDGET_BYTES - staging) // page
         ratio = r.num_blocks / bf16
-        assert ratio == pytest.approx(BF16_TOKEN_BYTES / token_bytes, rel=0.02), ratio
+        expected = BF16_TOKEN_BYTES / token_bytes * (1 - staging / evaluate.KV_BUDGET_BYTES)
+        assert ratio == pytest.approx(expected, rel=0.02), ratio
 
 
 def _common_prefix(a, b):
@@ -61,22 +66,23 @@ def _common_prefix(a, b):
 
 
 def test_k8v8_greedy_agrees_with_bf16(results):
-    """Measured (fp64 reference attention): common prefixes [24, 24, 13, 8] of 24 tokens."""
+    """Measured: common prefixes [24, 24, 24, 3] of 24 tokens (page scheme; the tok scheme
+    gave [24, 24, 13, 8]).  A near-tie in greedy decoding can flip one prompt early, so the
+    bound is on full agreements and the overall share, not on the worst prompt."""
     agree = [
         _common_prefix(a, b)
         for a, b in zip(results["kvmix-k8v8"].completion_ids, results["auto"].completion_ids)
     ]
-    assert sum(n == MAX_TOKENS for n in agree) >= 2, agree
-    assert min(agree) >= 8, agree
+    assert sum(n == MAX_TOKENS for n in agree) >= 3, agree
     assert sum(agree) / (MAX_TOKENS * len(agree)) >= 0.7, agree
 
 
 def test_perplexity_bounds(results):
     bf16, k8v8, k4v2 = (results[d].ppl for d in ("auto", "kvmix-k8v8", "kvmix-k4v2"))
     assert 15 < bf16 < 26, bf16  # a real model on real text
-    assert abs(k8v8 / bf16 - 1) < 0.01, (k8v8, bf16)
-    # naive per-token k4v2 costs ~+53% here; the quality issue drives this down
-    assert 1.2 < k4v2 / bf16 < 1.75, (k4v2, bf16)
+    assert abs(k8v8 / bf16 - 1) < 0.005, (k8v8, bf16)
+    # measured 21.128 vs 20.513 (+3.0%); per-token k4v2 (-tok) costs +53% here
+    assert k4v2 / bf16 < 1.04, (k4v2, bf16)
 
 
 def test_k4v2_generates_sensible_text(results):
@@ -148,7 +154,7 @@ def test_vllm_serve_answers_completions_and_chat(smollm2_dir, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm_kvmix", "serve", smollm2_dir, "--host", "127.0.0.1",
          "--port", str(port), "--kv-cache-dtype", "kvmix-k4v2", "--enforce-eager",
-         "--max-model-len", "1024", "--kv-cache-memory-bytes", str(64 << 20),
+         "--max-model-len", "1024", "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "8",
          "--served-model-name", "smollm2"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"},
@@ -179,8 +185,10 @@ def test_vllm_serve_answers_completions_and_chat(smollm2_dir, tmp_path):
         assert r.json()["choices"][0]["message"]["content"].strip()
         logs = (tmp_path / "serve.log").read_text()
         assert "kvmix: kvmix-k4v2 on 30 layers: 3.50 bits/element, 5040 bytes/token" in logs
+        assert "kvmix: staging: 8 slots (max_num_seqs) x 64 tokens at 8 bits per layer = 6.0 MiB" in logs
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -21,6 +21,9 @@ DEFAULT_PROMPTS = [
 ]
 
 KV_BUDGET_BYTES = 256 << 20
+# Page formats reserve an 8-bit staging page per layer for each of max_num_seqs
+# running sequences out of the budget; evaluation runs a handful at a time.
+MAX_NUM_SEQS = 16
 
 
 @dataclass
@@ -52,6 +55,7 @@ def make_llm(model: str, kv_cache_dtype: str, **overrides):
         max_model_len=2048,
         kv_cache_memory_bytes=KV_BUDGET_BYTES,
         enforce_eager=True,
+        max_num_seqs=MAX_NUM_SEQS,
         seed=0,
     )
     kwargs.update(overrides)

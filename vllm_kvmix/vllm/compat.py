@@ -187,7 +187,7 @@ def patch_kv_cache_config_logging() -> None:
                     f"kvmix: staging: {max_num_seqs} slots (max_num_seqs) x 64 tokens at 8 bits "
                     f"per layer = {reserved[0] / 2**20:.1f} MiB, taken out of the KV-cache memory"
                 )
-            for line in kv_cache_summary(configs[0], kv_cache_specs[0]):
+            for line in kv_cache_summary(configs[0], kv_cache_specs[0], reserved[0]):
                 _log_info(line)
         except Exception as e:  # a log line must never break startup
             _log_info(f"kvmix: startup summary unavailable ({e!r})")
@@ -245,8 +245,11 @@ def _log_info(line: str) -> None:
     init_logger("vllm.kvmix").info(line)
 
 
-def kv_cache_summary(kv_cache_config, layer_specs: dict) -> list[str]:
-    """Startup lines: per format, bytes/token over all layers, blocks, ratio vs bf16."""
+def kv_cache_summary(kv_cache_config, layer_specs: dict, reserved: int = 0) -> list[str]:
+    """Startup lines: per format, bytes/token over all layers, blocks, ratio vs bf16.
+
+    ``reserved``: staging bytes taken out of the same memory (bf16 would have had them too).
+    """
     from vllm_kvmix.formats import BF16_BYTES
 
     kvmix_layers = {n: s for n, s in layer_specs.items() if is_kvmix(getattr(s, "kvmix_format", None))}
@@ -268,9 +271,11 @@ def kv_cache_summary(kv_cache_config, layer_specs: dict) -> list[str]:
             f"bits/element, {tok} bytes/token (bf16: {bf16}), {bf16 / tok:.2f}x"
         )
     blocks = kv_cache_config.num_blocks
+    block_size = next(iter(kvmix_layers.values())).block_size
+    bf16_blocks = int((blocks * block_size * total_kvmix + reserved) / (block_size * total_bf16))
     lines.append(
         f"kvmix: KV cache {blocks} blocks; bf16 in the same memory would get "
-        f"~{int(blocks * total_kvmix / total_bf16)} blocks ({total_bf16 / total_kvmix:.2f}x more with kvmix)"
+        f"~{bf16_blocks} blocks ({blocks / max(bf16_blocks, 1):.2f}x more with kvmix)"
     )
     return lines
 

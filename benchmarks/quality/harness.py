@@ -12,6 +12,7 @@ engine runs in this process); the hook's NLL is checked against vLLM's
 
     python benchmarks/quality/harness.py                      # both models, all formats
     python benchmarks/quality/harness.py --models smollm2-135m --formats auto kvmix-k4v2 --windows 2
+    python benchmarks/quality/harness.py --from-json a.json b.json   # one table and plot from runs
 
 Writes ``benchmarks/results/quality.{md,json,png}`` (``--out`` prefix).
 """
@@ -92,7 +93,7 @@ class LogitsCapture:
         return match[0]
 
 
-def score(llm, capture: LogitsCapture, windows: list[list[int]], ref: list | None):
+def score(llm, capture: LogitsCapture, windows: list[list[int]], ref: list | None, ref_dtype=None):
     """Per window: logprobs over the vocabulary (fp32, kept for the reference) and the metrics."""
     import torch
     from vllm import SamplingParams, TokensPrompt
@@ -116,7 +117,7 @@ def score(llm, capture: LogitsCapture, windows: list[list[int]], ref: list | Non
         nll += tok_nll.sum().item()
         n_tok += len(w) - 1
         if ref is None:
-            kept.append(lp)
+            kept.append(lp.to(ref_dtype or lp.dtype))
             top1 += len(w) - 1
         else:
             r = ref[i].float()
@@ -148,7 +149,14 @@ def model_windows(model_dir: str, n_windows: int, n_tokens: int) -> tuple[list[l
     return order[:n_windows], shape
 
 
-def run(models, formats, n_windows, n_tokens, dtype) -> list[dict]:
+def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32", out_json: Path | None = None) -> list[dict]:
+    """Every (model, format); the reference (``auto``) runs first per model.
+
+    ``ref_dtype``: precision the reference log-probabilities are kept in (float16
+    halves the memory for large vocabularies: Gemma-3's 262k).  Rows are written
+    to ``out_json`` after each engine.
+    """
+    import torch
     from tqdm import tqdm
 
     from vllm_kvmix.evaluate import make_llm
@@ -167,7 +175,7 @@ def run(models, formats, n_windows, n_tokens, dtype) -> list[dict]:
             llm = make_llm(mdir, fmt, dtype=dtype, max_model_len=n_tokens + 16, max_num_batched_tokens=n_tokens + 16)
             capture = LogitsCapture()
             capture.install(llm)
-            kept, metrics = score(llm, capture, windows, ref)
+            kept, metrics = score(llm, capture, windows, ref, getattr(torch, ref_dtype))
             del llm
             gc.collect()
             if fmt == "auto":
@@ -180,11 +188,46 @@ def run(models, formats, n_windows, n_tokens, dtype) -> list[dict]:
                     "bits_per_element": bits_per_element(fmt, shape["head_size"], n_tokens),
                     "bits_per_element_2k": bits_per_element(fmt, shape["head_size"], 2048),
                     "windows": len(windows), "window_tokens": n_tokens, "model_dtype": dtype,
-                    "seconds": round(time.time() - t0, 1),
+                    "ref_logprobs": ref_dtype, "seconds": round(time.time() - t0, 1),
                 })
+                if out_json is not None:
+                    out_json.write_text(json.dumps(rows, indent=1) + "\n")
             bar.update(1)
     bar.close()
     return rows
+
+
+INVARIANCE_SETTINGS = {
+    "prefix caching on, one-step prefill": dict(enable_prefix_caching=True),
+    "prefix caching off": dict(enable_prefix_caching=False),
+    "chunked prefill, 128-token chunks": dict(enable_prefix_caching=True, max_num_batched_tokens=128),
+}
+
+
+def invariance(model: str, fmt: str, n_windows: int, n_tokens: int, dtype: str = "float32") -> dict[str, float]:
+    """Perplexity (from vLLM's prompt_logprobs) under each engine setting of ``INVARIANCE_SETTINGS``.
+
+    The page scheme reads every page the same way whatever the step split, so
+    these must agree exactly in an fp32 model (in bf16 vLLM's own CPU kernels
+    round differently for different batch shapes).  Each window is scored
+    twice, so the second pass of the prefix-caching runs hits the cache (full
+    pages only) -- vLLM skips cache hits for prompt_logprobs requests, so it
+    is the generation tests that exercise hits (tests/test_e2e_cpu.py).
+    """
+    from vllm_kvmix.evaluate import make_llm, prompt_nll
+    from vllm_kvmix.models import ensure_model
+
+    mdir = str(ensure_model(model, quiet=True))
+    windows, _ = model_windows(mdir, n_windows, n_tokens)
+    out = {}
+    for name, kw in INVARIANCE_SETTINGS.items():
+        kw = {"max_num_batched_tokens": n_tokens + 16, **kw}
+        llm = make_llm(mdir, fmt, dtype=dtype, max_model_len=n_tokens + 16, **kw)
+        nll = prompt_nll(llm, windows) + prompt_nll(llm, windows)
+        del llm
+        gc.collect()
+        out[name] = math.exp(sum(nll) / len(nll))
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -254,11 +297,21 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--ref-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality"))
+    ap.add_argument("--from-json", nargs="+", metavar="JSON", help="render earlier runs' rows instead of running")
     args = ap.parse_args(argv)
-    rows = run(args.models, args.formats, args.windows, args.tokens, args.dtype)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        seen, rows = set(), []
+        for r in (r for path in args.from_json for r in json.loads(Path(path).read_text())):
+            if (r["model"], r["kv_cache_dtype"]) not in seen:  # split runs each carry their reference row
+                seen.add((r["model"], r["kv_cache_dtype"]))
+                rows.append(r)
+    else:
+        rows = run(args.models, args.formats, args.windows, args.tokens, args.dtype, args.ref_dtype,
+                   out.with_suffix(".json"))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     md = markdown(rows)
     out.with_suffix(".md").write_text(md)

@@ -38,7 +38,6 @@ from vllm_kvmix.formats import KVFormat, all_format_names, parse_format
 from vllm_kvmix.reference.staged import RequestStep
 from vllm_kvmix.staging import SLOTS
 
-
 _CLASS_PREFIX = "KvmixAttentionBackend_"
 
 

@@ -19,7 +19,6 @@ import torch
 
 from vllm_kvmix.formats import KVFormatError, all_format_names, is_kvmix, parse_format
 
-
 SUPPORTED_VLLM = ("0.26.0",)
 _applied = False
 
@@ -287,7 +286,10 @@ def register_custom_backend() -> None:
     up in the enum by name); registering the path keeps ``CUSTOM.get_path()``
     valid.  Uses vLLM's public ``register_backend``; not a patch.
     """
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.backends.registry import (
+        AttentionBackendEnum,
+        register_backend,
+    )
 
     register_backend(AttentionBackendEnum.CUSTOM, "vllm_kvmix.vllm.backend.KvmixAttentionBackend")
 

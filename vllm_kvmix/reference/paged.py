@@ -43,13 +43,18 @@ def write_kv(
     """
     layout = fmt.layout(key.shape[-1], block_size)
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    blk, off = slots // block_size, slots % block_size
+    slots = slot_mapping[keep]
     for side, x in ((layout.k, key[keep]), (layout.v, value[keep])):
-        codes, meta = quantize(x, side.bits, side.group)
-        codes_view, meta_view = side_views(cache, side)
-        codes_view[blk, :, off] = pack(codes, side.bits)
-        meta_view[blk, :, off] = meta
+        store_tokens(cache, side, *quantize(x, side.bits, side.group), slots)
+
+
+def store_tokens(cache: torch.Tensor, side: SideLayout, codes: torch.Tensor, meta: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store one side's per-token ``codes`` (unpacked) and ``meta`` at ``slots`` (all valid)."""
+    slots = slots.long()
+    blk, off = slots // side.block_size, slots % side.block_size
+    codes_view, meta_view = side_views(cache, side)
+    codes_view[blk, :, off] = pack(codes, side.bits)
+    meta_view[blk, :, off] = meta
 
 
 def read_pages(

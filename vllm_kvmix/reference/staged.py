@@ -42,7 +42,12 @@ from vllm_kvmix.quant import (
     quantize_channels,
     unpack,
 )
-from vllm_kvmix.reference.paged import dense_attention, read_pages, side_views, write_kv
+from vllm_kvmix.reference.paged import (
+    dense_attention,
+    read_pages,
+    side_views,
+    store_tokens,
+)
 
 P = PAGE_TOKENS
 
@@ -65,12 +70,6 @@ def channel_views(cache: torch.Tensor, side: SideLayout) -> tuple[torch.Tensor, 
     codes = codes.view(nb, h, side.block_size, side.codes_bytes_per_token)
     meta = cache[:, :, side.meta_offset : side.end].view(torch.float16).view(nb, h, side.head_size, 2)
     return codes, meta
-
-
-def stage_round_trip(x: torch.Tensor) -> torch.Tensor:
-    """What a staging slot returns for ``x[..., D]``: 8-bit per-token groups of 64, dequantized."""
-    codes, meta = quantize(x, 8, 64)
-    return dequantize(codes, meta, 64)
 
 
 def pack_pages(cache: torch.Tensor, block_ids: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, fmt: KVFormat) -> None:
@@ -122,6 +121,7 @@ def step(
     rot = hadamard(d, torch.float32, key.device)
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     stage_fmt = fmt.stage_format
+    stage_layout = stage_fmt.layout(d, P)
     for i, r in enumerate(requests):
         if r.q1 == r.q0:
             continue
@@ -130,17 +130,19 @@ def step(
         first_page = r.ctx // P
         last_page = (r.seq - 1) // P
         base = first_page * P
-        # 1. the 8-bit copy of every touched page
+        if r.slot < 0 and (r.ctx > base or r.seq % P):
+            raise RuntimeError("kvmix: a partial page without a staging slot")
+        # 1. the 8-bit copy of every touched page: older tokens from the slot, new ones
+        #    quantized here once (step 3 stores these same codes)
+        new_q = [quantize(x, side.bits, side.group) for side, x in ((stage_layout.k, k_new), (stage_layout.v, v_new))]
         k8 = torch.zeros(((last_page - first_page + 1) * P, *k_new.shape[1:]), device=key.device)
         v8 = torch.zeros_like(k8)
         if r.ctx > base:
-            if r.slot < 0:
-                raise RuntimeError("kvmix: a partial page without a staging slot")
             ks, vs = read_pages(stage, torch.tensor([r.slot]), stage_fmt, d, P)
             k8[: r.ctx - base] = ks[: r.ctx - base]
             v8[: r.ctx - base] = vs[: r.ctx - base]
-        k8[r.ctx - base : r.seq - base] = stage_round_trip(k_new)
-        v8[r.ctx - base : r.seq - base] = stage_round_trip(v_new)
+        k8[r.ctx - base : r.seq - base] = dequantize(*new_q[0], stage_layout.k.group)
+        v8[r.ctx - base : r.seq - base] = dequantize(*new_q[1], stage_layout.v.group)
         # 2. pack the pages that are full now
         n_full = r.seq // P - first_page
         if n_full > 0:
@@ -151,11 +153,10 @@ def step(
             )
         # 3. the still-partial page's new tokens to the staging slot
         if r.seq % P:
-            lo = max(r.ctx, last_page * P)
-            if r.slot < 0:
-                raise RuntimeError("kvmix: a partial page without a staging slot")
-            slots = r.slot * P + torch.arange(lo, r.seq, device=key.device) % P
-            write_kv(stage, key[r.q0 + lo - r.ctx : r.q1], v_new[lo - r.ctx :], slots, stage_fmt, P)
+            lo = max(r.ctx, last_page * P) - r.ctx  # first new token in that page
+            slots = r.slot * P + (r.ctx + torch.arange(lo, r.seq - r.ctx, device=key.device)) % P
+            for side, (codes, meta) in zip((stage_layout.k, stage_layout.v), new_q):
+                store_tokens(stage, side, codes[lo:], meta[lo:], slots)
         # 4. attention: earlier pages packed, the query's own page from the 8-bit copy
         first_q = r.ctx
         first_k = 0 if sliding_window is None else max(0, first_q - sliding_window + 1)

@@ -13,7 +13,7 @@ from the cache, the new ones included.  Page formats (staged): ``forward``
 writes and attends in one call (:func:`vllm_kvmix.reference.staged.step`),
 with the request's staging slot from :data:`vllm_kvmix.staging.SLOTS`; each
 layer's staging tensor is allocated on its first real step (its bytes are
-taken out of the KV-cache budget at sizing, ``compat.patch_kv_cache_sizing``).
+taken out of the KV-cache budget at sizing, ``compat.patch_kv_cache_config_logging``).
 """
 
 from __future__ import annotations
@@ -226,9 +226,8 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         return output
 
     def _stage(self, kv_cache: torch.Tensor, slots: int) -> torch.Tensor:
-        if self.stage is None:
-            stage_fmt = self.fmt.stage_format
-            page = stage_fmt.layout(self.head_size, 64).head_page_bytes
+        if self.stage is None:  # the bytes compat.staging_bytes reserved for this layer
+            page = self.fmt.stage_bytes_per_seq_head(self.head_size)
             self.stage = torch.zeros(
                 (slots, self.num_kv_heads, page), dtype=torch.uint8, device=kv_cache.device
             )

@@ -67,6 +67,10 @@ PAGE_TOKENS = 64
 STAGE_BITS = 8
 
 _NAME_RE = re.compile(r"^kvmix-k(\d+)v(\d+)(-tok)?(?:-g(\d+))?$")
+_AUTO_RE = re.compile(r"^kvmix-auto(?:-b(\d+))?$")
+# kvmix-auto: average code bits per element over K and V (k4v2's bytes)
+AUTO_DEFAULT_BITS = 3
+AUTO_BITS = (2, 3, 4, 5, 6, 8)
 
 
 class KVFormatError(ValueError):
@@ -255,6 +259,42 @@ def _side(bits: int, group: int, head_size: int, block_size: int, start: int, ax
     )
 
 
+@dataclass(frozen=True)
+class AutoFormat:
+    """``kvmix-auto[-b{B}]``: page-scheme bits chosen per layer at startup under a budget.
+
+    ``avg_bits``: average code bits per element over keys and values (metadata
+    is the same for every page format, so the bytes equal those of a uniform
+    page format with ``k_bits + v_bits == 2 * avg_bits``).  Each layer's
+    concrete :class:`KVFormat` comes from :mod:`vllm_kvmix.allocation`; until
+    then a layer carries this placeholder.
+    """
+
+    avg_bits: int = AUTO_DEFAULT_BITS
+
+    def __post_init__(self) -> None:
+        if self.avg_bits not in AUTO_BITS:
+            raise KVFormatError(
+                f"kvmix-auto budgets are b{{{'|'.join(map(str, AUTO_BITS))}}} average bits per element, "
+                f"got b{self.avg_bits}. {_choices_hint()}"
+            )
+
+    @property
+    def name(self) -> str:
+        return f"{PREFIX}auto" + ("" if self.avg_bits == AUTO_DEFAULT_BITS else f"-b{self.avg_bits}")
+
+    # Every concrete format an auto layer can get is a staged page format.
+    staged = True
+    rotates_values = True
+    kernel_block_size = PAGE_TOKENS
+
+    def check_head_size(self, head_size: int) -> None:
+        KVFormat(2, 2).check_head_size(head_size)
+
+    def __str__(self) -> str:
+        return self.name
+
+
 # ---- names ------------------------------------------------------------------
 def all_formats() -> list[KVFormat]:
     """Every kvmix format: page formats, then tok formats (default group size first)."""
@@ -270,7 +310,8 @@ def all_format_names() -> list[str]:
     explicit_default = [
         f"{f.name}-g{DEFAULT_GROUP}" for f in all_formats() if f.scheme == TOK and f.group == DEFAULT_GROUP
     ]
-    return canonical + explicit_default
+    auto = [AutoFormat(b).name for b in AUTO_BITS] + [f"{PREFIX}auto-b{AUTO_DEFAULT_BITS}"]
+    return canonical + explicit_default + auto
 
 
 def _choices_hint() -> str:
@@ -279,7 +320,8 @@ def _choices_hint() -> str:
     return (
         f"Valid kvmix formats are kvmix-k{{{bits}}}v{{{bits}}} (page scheme) and "
         f"kvmix-k{{{bits}}}v{{{bits}}}-tok with an optional -g{{{groups}}} group suffix "
-        f"(default -g{DEFAULT_GROUP}), e.g. kvmix-k4v2, kvmix-k8v4, kvmix-k4v2-tok-g32."
+        f"(default -g{DEFAULT_GROUP}), e.g. kvmix-k4v2, kvmix-k8v4, kvmix-k4v2-tok-g32; "
+        f"kvmix-auto (bits per layer from weight norms, k4v2's bytes) or kvmix-auto-b{{{'|'.join(map(str, AUTO_BITS))}}}."
     )
 
 
@@ -287,8 +329,25 @@ def is_kvmix(name: object) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def is_auto(name: object) -> bool:
+    return isinstance(name, str) and _AUTO_RE.match(name) is not None
+
+
+def parse_any(name: str) -> KVFormat | AutoFormat:
+    """A concrete format or a ``kvmix-auto`` placeholder."""
+    m = _AUTO_RE.match(name or "")
+    if m is not None:
+        return AutoFormat(int(m.group(1) or AUTO_DEFAULT_BITS))
+    return parse_format(name)
+
+
 def parse_format(name: str) -> KVFormat:
     """Parse ``kvmix-k{K}v{V}`` or ``kvmix-k{K}v{V}-tok[-g{G}]``; raise :class:`KVFormatError` otherwise."""
+    if is_auto(name):
+        raise KVFormatError(
+            f"{name} is resolved to a format per layer when the model's weights are loaded "
+            "(vllm_kvmix.vllm.autoplan); no layer format was assigned here"
+        )
     m = _NAME_RE.match(name or "")
     if m is None:
         raise KVFormatError(f"Invalid kvmix KV-cache format {name!r}. {_choices_hint()}")

@@ -13,10 +13,11 @@ import json
 import re
 from pathlib import Path
 
-from vllm_kvmix.allocation import LayerNorms, layer_norms, plan_bits
+from vllm_kvmix.allocation import LayerNorms, floors, layer_norms, plan_bits
 from vllm_kvmix.formats import BF16_BYTES, KVFormat
 
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
+_KNORM = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.k_norm\.weight$")
 
 
 def read_norms(model_dir: str | Path) -> tuple[list[LayerNorms], dict]:
@@ -27,32 +28,40 @@ def read_norms(model_dir: str | Path) -> tuple[list[LayerNorms], dict]:
     cfg = cfg.get("text_config", cfg)
     head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     weights: dict[int, dict[str, object]] = {}
+    qk_norm: set[int] = set()
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 m = _KEY.search(name)
                 if m:
                     weights.setdefault(int(m.group(1)), {})[m.group(2)] = f.get_tensor(name)
+                elif _KNORM.search(name):
+                    qk_norm.add(int(_KNORM.search(name).group(1)))
     if not weights:
         raise ValueError(f"{model_dir}: no layers.N.self_attn.k_proj/v_proj weights found")
     norms = [layer_norms(weights[i]["k"], weights[i]["v"], head) for i in sorted(weights)]
-    shape = {"head_size": head, "num_kv_heads": cfg["num_key_value_heads"], "num_layers": len(norms)}
+    shape = {"head_size": head, "num_kv_heads": cfg["num_key_value_heads"], "num_layers": len(norms),
+             "qk_norm": [i in qk_norm for i in sorted(weights)]}
     return norms, shape
 
 
 def report(norms: list[LayerNorms], shape: dict, avg_bits: float) -> tuple[str, list[tuple[int, int]]]:
-    plan = plan_bits([n.k_spectral for n in norms], [n.v_spectral for n in norms], avg_bits)
+    # the rule kvmix-auto applies at startup (vllm_kvmix.vllm.autoplan), var mode
+    min_k, min_v = floors(avg_bits)
+    qk = shape.get("qk_norm") or [False] * len(norms)
+    plan = plan_bits([n.k_spectral for n in norms], [n.v_spectral for n in norms], avg_bits,
+                     [min_k if q else None for q in qk], min_k=min_k, min_v=min_v)
     d, h = shape["head_size"], shape["num_kv_heads"]
     rows = [
-        "| layer | W_K spectral | W_V spectral | W_K Frobenius | W_V Frobenius | K/V spectral | K bits | V bits |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layer | W_K spectral | W_V spectral | W_K Frobenius | W_V Frobenius | K/V spectral | k_norm | K bits | V bits |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     total = 0
     for i, (n, (kb, vb)) in enumerate(zip(norms, plan)):
         total += h * KVFormat(kb, vb).bytes_per_token_head(d)
         rows.append(
             f"| {i} | {n.k_spectral:.2f} | {n.v_spectral:.2f} | {n.k_frobenius:.2f} | {n.v_frobenius:.2f} | "
-            f"{n.k_spectral / n.v_spectral:.2f} | {kb} | {vb} |"
+            f"{n.k_spectral / n.v_spectral:.2f} | {'yes' if qk[i] else 'no'} | {kb} | {vb} |"
         )
     bf16 = len(norms) * h * 2 * d * BF16_BYTES
     rows += [

@@ -51,11 +51,55 @@ def bits_per_element(kv_cache_dtype: str, head_size: int, context: int) -> float
         return 16.0
     if kv_cache_dtype.startswith("fp8"):
         return 8.0  # one fp32 scale per layer
-    from vllm_kvmix.formats import parse_format
+    from vllm_kvmix.allocation import uniform_split
+    from vllm_kvmix.formats import AutoFormat, KVFormat, parse_any
 
-    fmt = parse_format(kv_cache_dtype)
+    fmt = parse_any(kv_cache_dtype)
+    if isinstance(fmt, AutoFormat):  # per-layer formats, exactly the bytes of the budget's uniform split
+        fmt = KVFormat(*uniform_split(fmt.avg_bits))
     stage = fmt.stage_bytes_per_seq_head(head_size) * 8 / (2 * head_size * context)
     return fmt.bits_per_element(head_size) + stage
+
+
+def auto_variant(label: str | None) -> tuple[str, dict]:
+    """``kvmix-auto-b6@even,floor2,nohybrid`` -> (name, engine kwargs); sets kvmix-auto's experiment knobs.
+
+    ``even`` / ``var``: force the allocation mode; ``floorN`` / ``vfloorN``: fewest
+    key / value bits N (``floor2,vfloor2``: the paper's rule unchanged); ``nohybrid``: vLLM's hybrid KV-cache
+    manager off (one KV-cache group, so per-layer page sizes on sliding-window
+    models).  ``None`` resets the knobs.
+    """
+    from vllm_kvmix.vllm import autoplan
+
+    autoplan.MODE_OVERRIDE = autoplan.KEY_FLOOR_OVERRIDE = autoplan.VALUE_FLOOR_OVERRIDE = None
+    if label is None:
+        return "", {}
+    name, _, opts = label.partition("@")
+    extra = {}
+    for opt in filter(None, opts.split(",")):
+        if opt in ("even", "var"):
+            autoplan.MODE_OVERRIDE = opt
+        elif opt.startswith("floor"):
+            autoplan.KEY_FLOOR_OVERRIDE = int(opt.removeprefix("floor"))
+        elif opt.startswith("vfloor"):
+            autoplan.VALUE_FLOOR_OVERRIDE = int(opt.removeprefix("vfloor"))
+        elif opt == "nohybrid":
+            extra["disable_hybrid_kv_cache_manager"] = True
+        else:
+            raise ValueError(f"unknown variant option {opt!r} in {label!r}")
+    return name, extra
+
+
+def auto_plan_summary(name: str) -> dict:
+    """kvmix-auto's plan of the engine just run: per-layer formats and a count per format."""
+    from vllm_kvmix.formats import is_auto
+    from vllm_kvmix.vllm import autoplan
+
+    if not is_auto(name) or autoplan.LAST_PLAN is None:
+        return {}
+    per_layer = [f"k{k}v{v}" for _, k, v in autoplan.LAST_PLAN]
+    counts = {f: per_layer.count(f) for f in dict.fromkeys(sorted(per_layer, reverse=True))}
+    return {"plan": per_layer, "plan_counts": ", ".join(f"{f} x{n}" for f, n in counts.items())}
 
 
 class LogitsCapture:
@@ -172,10 +216,14 @@ def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32",
             bar.set_postfix_str(f"{model} {fmt}")
             t0 = time.time()
             # one prefill step per window (no chunking): the logits hook sees the prompt in one call
-            llm = make_llm(mdir, fmt, dtype=dtype, max_model_len=n_tokens + 16, max_num_batched_tokens=n_tokens + 16)
+            name, extra = auto_variant(fmt)
+            llm = make_llm(mdir, name, dtype=dtype, max_model_len=n_tokens + 16,
+                           max_num_batched_tokens=n_tokens + 16, **extra)
             capture = LogitsCapture()
             capture.install(llm)
             kept, metrics = score(llm, capture, windows, ref, getattr(torch, ref_dtype))
+            plan = auto_plan_summary(name)
+            auto_variant(None)
             del llm
             gc.collect()
             if fmt == "auto":
@@ -185,10 +233,11 @@ def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32",
                 rows.append({
                     "model": model, "kv_cache_dtype": fmt, **metrics,
                     "dppl_pct": 100 * (metrics["ppl"] / base_ppl - 1),
-                    "bits_per_element": bits_per_element(fmt, shape["head_size"], n_tokens),
-                    "bits_per_element_2k": bits_per_element(fmt, shape["head_size"], 2048),
+                    "bits_per_element": bits_per_element(name, shape["head_size"], n_tokens),
+                    "bits_per_element_2k": bits_per_element(name, shape["head_size"], 2048),
                     "windows": len(windows), "window_tokens": n_tokens, "model_dtype": dtype,
                     "ref_logprobs": ref_dtype, "seconds": round(time.time() - t0, 1),
+                    **plan,
                 })
                 if out_json is not None:
                     out_json.write_text(json.dumps(rows, indent=1) + "\n")
@@ -246,6 +295,10 @@ def markdown(rows: list[dict]) -> str:
                 f"| {r['kv_cache_dtype']} | {r['bits_per_element']:.2f} | {r['bits_per_element_2k']:.2f} | "
                 f"{r['ppl']:.3f} | {r['dppl_pct']:+.2f}% | {r['kl']:.4f} | {100 * r['top1']:.1f}% |"
             )
+        plans = [r for r in rs if r.get("plan_counts")]
+        if plans:
+            lines += ["", "kvmix-auto plans (per-layer formats, layer 0 first):", ""]
+            lines += [f"- {r['kv_cache_dtype']}: {r['plan_counts']} — {' '.join(r['plan'])}" for r in plans]
         lines.append("")
     return "\n".join(lines)
 
@@ -256,14 +309,16 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vllm_kvmix.formats import is_kvmix, parse_format
+    from vllm_kvmix.formats import is_auto, is_kvmix, parse_format
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models):
         for r in (r for r in rows if r["model"] == model and r["kv_cache_dtype"] != "auto"):
             name = r["kv_cache_dtype"]
-            if is_kvmix(name):
+            if is_auto(name.partition("@")[0]):
+                kind = "kvmix-auto (per layer)"
+            elif is_kvmix(name):
                 f = parse_format(name)
                 kind = "K-favoured" if f.k_bits > f.v_bits else "V-favoured" if f.k_bits < f.v_bits else "equal K/V"
                 if f.scheme == "tok":
@@ -273,6 +328,7 @@ def plot(rows: list[dict], path: Path) -> None:
             style = {
                 "K-favoured": ("tab:blue", "o"), "V-favoured": ("tab:red", "s"), "equal K/V": ("tab:gray", "D"),
                 "per-token (first version)": ("tab:orange", "x"), "vLLM": ("black", "^"),
+                "kvmix-auto (per layer)": ("tab:green", "*"),
             }[kind]
             y = max(r["dppl_pct"], 0.01)
             ax.scatter(r["bits_per_element_2k"], y, color=style[0], marker=style[1], s=50, label=kind)

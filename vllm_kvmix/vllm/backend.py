@@ -34,7 +34,7 @@ from vllm.v1.attention.backend import (
 )
 
 from vllm_kvmix import ops
-from vllm_kvmix.formats import KVFormat, all_format_names, parse_format
+from vllm_kvmix.formats import AutoFormat, KVFormat, all_format_names, parse_any, parse_format
 from vllm_kvmix.reference.staged import RequestStep
 from vllm_kvmix.staging import SLOTS
 
@@ -55,7 +55,9 @@ class KvmixMetadata:
     causal: bool = True
     plan: tuple[torch.Tensor, torch.Tensor, int] | None = None  # Triton path: query blocks
     # page scheme: one entry per request, and the number of staging slots per layer
-    requests: list[RequestStep] | None = None
+    requests: list[RequestStep] | None = None  # CPU path
+    slots: torch.Tensor | None = None  # CUDA path: [B] int32 staging slot per request, device
+    page_plan: object | None = None  # CUDA path: kernels.page.StepPlan, shared by the step's layers
     stage_slots: int = 0
     dummy: bool = False  # a build no model-runner step announced (profiling, warm-up)
 
@@ -69,12 +71,8 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         self.fmt = parse_format(kv_cache_spec.kvmix_format)
         self.stage_slots = vllm_config.scheduler_config.max_num_seqs if self.fmt.staged else 0
         self._generation = -1
-        if self.fmt.staged and device.type != "cpu":
-            raise NotImplementedError(
-                f"{self.fmt.name}: the page scheme (per-channel keys, rotated values, 8-bit "
-                f"staging) runs on CPU only so far; on {device.type} use "
-                f"kvmix-k{self.fmt.k_bits}v{self.fmt.v_bits}-tok (Triton kernels)"
-            )
+        if self.fmt.staged and device.type not in ("cpu", "cuda"):
+            raise NotImplementedError(f"{self.fmt.name}: runs on CPU and CUDA, not {device.type}")
         if self.fmt.staged and vllm_config.speculative_config is not None:
             raise NotImplementedError(f"{self.fmt.name}: speculative decoding (rejected tokens would be packed)")
         if device.type == "cuda":
@@ -100,8 +98,15 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             plan = plan_query_blocks(qsl_cpu, block_q, self.device)
         else:
             seq_lens_cpu = m.seq_lens[:n].cpu().tolist()
-        requests, dummy = None, False
-        if self.fmt.staged:
+        requests, dummy, slots, page_plan = None, False, None, None
+        if self.fmt.staged and self.heads is not None:
+            from vllm_kvmix.kernels.page import StepPlan
+
+            slots, dummy = self._device_slots(n)
+            plan = None  # the page kernels plan their own query blocks
+            page_plan = StepPlan(m.query_start_loc, m.seq_lens[:n], m.num_actual_tokens, m.max_query_len,
+                                 qsl_cpu.tolist(), m.max_seq_len, *self.heads)
+        elif self.fmt.staged:
             requests, dummy = self._request_steps(qsl_cpu.tolist(), seq_lens_cpu)
         return KvmixMetadata(
             num_actual_tokens=m.num_actual_tokens,
@@ -116,9 +121,20 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             causal=bool(m.causal),
             plan=plan,
             requests=requests,
+            slots=slots,
+            page_plan=page_plan,
             stage_slots=self.stage_slots,
             dummy=dummy,
         )
+
+    def _device_slots(self, n: int) -> tuple[torch.Tensor | None, bool]:
+        """CUDA: the staging slot of each of the ``n`` requests, as a device tensor (no device reads)."""
+        SLOTS.configure(self.stage_slots)
+        if SLOTS.generation == self._generation:
+            return None, True
+        self._generation = SLOTS.generation
+        slots = torch.tensor(SLOTS.slots_for_rows(n), dtype=torch.int32, pin_memory=True)
+        return slots.to(self.device, non_blocking=True), False
 
     def _request_steps(self, qsl: list[int], seq_lens: list[int]) -> tuple[list[RequestStep] | None, bool]:
         SLOTS.configure(self.stage_slots)
@@ -149,7 +165,8 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         sinks: torch.Tensor | None = None,
         **unsupported,
     ) -> None:
-        self.fmt: KVFormat = parse_format(kv_cache_dtype)
+        # kvmix-auto: a placeholder until vllm_kvmix.vllm.autoplan assigns the layer's format
+        self.fmt: KVFormat | AutoFormat = parse_any(kv_cache_dtype)
         self.fmt.check_head_size(head_size)
         if alibi_slopes is not None:
             raise NotImplementedError(f"{self.fmt.name}: ALiBi is not supported")
@@ -201,6 +218,16 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         if attn_metadata is None or attn_metadata.dummy:  # profiling / warm-up: leave caches alone
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
+        if self.fmt.staged and query.is_cuda:
+            from vllm_kvmix.kernels.page import page_step
+
+            m = attn_metadata
+            page_step(
+                query[:n], key[:n], value[:n], kv_cache, self._stage(kv_cache, m.stage_slots), self.fmt,
+                m.query_start_loc, m.seq_lens[: m.slots.shape[0]], m.slots, m.block_table, self.scale, m.max_query_len,
+                sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap, out=output[:n], plan=m.page_plan,
+            )
+            return output
         if self.fmt.staged:
             from vllm_kvmix.reference import staged
 
@@ -241,7 +268,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
 class KvmixAttentionBackend(AttentionBackend):
     """Base class; vLLM sees one subclass per format (``FORMAT`` set)."""
 
-    FORMAT: ClassVar[KVFormat | None] = None
+    FORMAT: ClassVar[KVFormat | AutoFormat | None] = None
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [
         torch.float16,
@@ -279,8 +306,8 @@ class KvmixAttentionBackend(AttentionBackend):
         head_size: int,
         cache_dtype_str: str = "auto",
     ) -> tuple[int, ...]:
-        if cls.FORMAT is None:
-            raise TypeError("use a per-format kvmix backend class")
+        if not isinstance(cls.FORMAT, KVFormat):
+            raise TypeError(f"{cls.__name__}: use a per-format kvmix backend class (kvmix-auto layers get one at load)")
         layout = cls.FORMAT.layout(head_size, block_size)
         return (num_blocks, num_kv_heads, layout.head_page_bytes)
 
@@ -303,15 +330,15 @@ class KvmixAttentionBackend(AttentionBackend):
         return False
 
 
-def backend_class_name(fmt: KVFormat) -> str:
+def backend_class_name(fmt: KVFormat | AutoFormat) -> str:
     return _CLASS_PREFIX + fmt.name.removeprefix("kvmix-").replace("-", "_")
 
 
-def backend_class_path(fmt: KVFormat) -> str:
+def backend_class_path(fmt: KVFormat | AutoFormat) -> str:
     return f"{__name__}.{backend_class_name(fmt)}"
 
 
-def backend_class(fmt: KVFormat) -> type[KvmixAttentionBackend]:
+def backend_class(fmt: KVFormat | AutoFormat) -> type[KvmixAttentionBackend]:
     name = backend_class_name(fmt)
     cls = globals().get(name)
     if cls is None:
@@ -327,5 +354,5 @@ def __getattr__(name: str):
     # any process (resolve_obj_by_qualname imports the module, then getattr).
     if name.startswith(_CLASS_PREFIX):
         suffix = name.removeprefix(_CLASS_PREFIX).replace("_", "-")
-        return backend_class(parse_format("kvmix-" + suffix))
+        return backend_class(parse_any("kvmix-" + suffix))
     raise AttributeError(name)

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from vllm_kvmix.formats import KVFormatError, all_format_names, is_kvmix, parse_format
+from vllm_kvmix.formats import KVFormatError, all_format_names, is_kvmix, parse_any, parse_format
 
 SUPPORTED_VLLM = ("0.26.0",)
 _applied = False
@@ -49,6 +49,8 @@ def apply_compat_patches() -> None:
     patch_engine_args_validation()
     patch_kv_cache_config_logging()
     patch_step_requests()
+    patch_auto_plan()
+    patch_stash_qkv_norms()
     register_custom_backend()
     _applied = True
 
@@ -119,7 +121,7 @@ def patch_attention_kv_cache_spec() -> None:
 
         if self.attn_type in (AttentionType.ENCODER_ONLY, AttentionType.ENCODER):
             return None
-        return kvmix_spec_for_layer(self, vllm_config.cache_config.block_size)
+        return kvmix_spec_for_layer(self, vllm_config)
 
     get_kv_cache_spec._kvmix_patched = True
     Attention.get_kv_cache_spec = get_kv_cache_spec
@@ -142,7 +144,7 @@ def patch_engine_args_validation() -> None:
     def create_engine_config(self, *args, **kwargs):
         name = self.kv_cache_dtype
         if isinstance(name, str) and name.startswith("kvmix"):
-            parse_format(name)  # raises KVFormatError with the valid choices
+            parse_any(name)  # raises KVFormatError with the valid choices
         return original(self, *args, **kwargs)
 
     create_engine_config._kvmix_patched = True
@@ -237,6 +239,64 @@ def patch_step_requests() -> None:
     GPUModelRunner._update_states = _update_states
 
 
+def patch_auto_plan() -> None:
+    """Resolve ``kvmix-auto`` layers to concrete formats in ``GPUModelRunner.get_kv_cache_spec``.
+
+    The first call after the weights load and before any KV-cache spec exists
+    (the CPU runner inherits it; every worker calls it): the plan needs the
+    loaded W_K / W_V, and the specs, backends and page sizes that follow need
+    the plan (:mod:`vllm_kvmix.vllm.autoplan`).  vLLM 0.26 has no post-load
+    hook for plugins.  Remove when it does.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.get_kv_cache_spec
+    if getattr(original, "_kvmix_patched", False):
+        return
+
+    @functools.wraps(original)
+    def get_kv_cache_spec(self):
+        from vllm_kvmix.vllm import autoplan
+
+        autoplan.resolve(self)
+        return original(self)
+
+    get_kv_cache_spec._kvmix_patched = True
+    GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
+
+
+def patch_stash_qkv_norms() -> None:
+    """Keep W_K / W_V group norms of fused QKV projections before vLLM's CPU backend empties the weight.
+
+    ``UnquantizedLinearMethod.process_weights_after_loading`` on CPU repacks the
+    weight for oneDNN / sgl-kernel and replaces ``layer.weight`` by an empty
+    tensor, so kvmix-auto could not read the norms afterwards.  Runs only when
+    the configured cache dtype is ``kvmix-auto[-bB]``.  Remove when vLLM has a
+    post-load hook that runs before weight processing.
+    """
+    from vllm.model_executor.layers.linear import QKVParallelLinear, UnquantizedLinearMethod
+
+    original = UnquantizedLinearMethod.process_weights_after_loading
+    if getattr(original, "_kvmix_patched", False):
+        return
+
+    @functools.wraps(original)
+    def process_weights_after_loading(self, layer):
+        from vllm.config import get_current_vllm_config_or_none
+
+        from vllm_kvmix.formats import is_auto
+
+        config = get_current_vllm_config_or_none()
+        if isinstance(layer, QKVParallelLinear) and config is not None and is_auto(config.cache_config.cache_dtype):
+            from vllm_kvmix.vllm.autoplan import stash_kv_norms
+
+            stash_kv_norms(layer)
+        return original(self, layer)
+
+    process_weights_after_loading._kvmix_patched = True
+    UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
+
+
 def _log_info(line: str) -> None:
     # A child of vLLM's "vllm" logger, so vLLM's handlers and levels apply.
     from vllm.logger import init_logger
@@ -256,7 +316,7 @@ def kv_cache_summary(kv_cache_config, layer_specs: dict, reserved: int = 0) -> l
         return []
     per_fmt: dict[str, list] = {}
     for spec in kvmix_layers.values():
-        per_fmt.setdefault(spec.kvmix_format, []).append(spec)
+        per_fmt.setdefault(getattr(spec, "kvmix_layer_format", "") or spec.kvmix_format, []).append(spec)
     lines = []
     total_kvmix = total_bf16 = 0
     for name, specs in per_fmt.items():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-from vllm_kvmix.formats import is_kvmix, parse_format
+from vllm_kvmix.formats import is_kvmix, parse_any
 
 # kvmix class name -> vLLM's platform class it extends
 BASES = {
@@ -32,7 +32,7 @@ def kvmix_backend_path(attn_selector_config) -> str | None:
         raise NotImplementedError(f"{kv_cache_dtype}: MLA / sparse attention models")
     from vllm_kvmix.vllm.backend import backend_class_path
 
-    return backend_class_path(parse_format(kv_cache_dtype))
+    return backend_class_path(parse_any(kv_cache_dtype))
 
 
 def _make(name: str, base_path: str) -> type:

@@ -8,7 +8,7 @@ registry through their MRO and managed like their parents.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Self
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
@@ -29,24 +29,35 @@ class _KvmixPage:
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
         fmts = {s.kvmix_format for s in specs}
-        if len(fmts) != 1:
-            raise ValueError(f"one KV cache group cannot mix kvmix formats: {sorted(fmts)}")
+        # vLLM's contract (kv_cache_utils.is_kv_cache_spec_uniform): AssertionError means
+        # "not one spec", after which per-layer page sizes go to UniformTypeKVCacheSpecs.
+        assert len(fmts) == 1, f"one KV cache spec cannot mix kvmix page formats: {sorted(fmts)}"
         return replace(super().merge(specs), kvmix_format=specs[0].kvmix_format)
 
 
 @dataclass(frozen=True, kw_only=True)
 class KvmixFullAttentionSpec(_KvmixPage, FullAttentionSpec):
     kvmix_format: str = ""
+    # the layer's own format where it differs from the page format (kvmix-auto, even mode); logs only
+    kvmix_layer_format: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)
 class KvmixSlidingWindowSpec(_KvmixPage, SlidingWindowSpec):
     kvmix_format: str = ""
+    kvmix_layer_format: str = field(default="", compare=False)
 
 
-def kvmix_spec_for_layer(layer, block_size: int):
-    """The kvmix spec of an ``Attention`` layer (decoder self-attention)."""
+def kvmix_spec_for_layer(layer, vllm_config):
+    """The kvmix spec of an ``Attention`` layer (decoder self-attention).
+
+    ``kvmix_format`` sets the page size; a kvmix-auto layer in even mode reports
+    its budget's uniform format there (same bytes) so that vLLM sees one spec.
+    """
     fmt = parse_format(layer.kv_cache_dtype)
+    page_fmt = parse_format(getattr(layer, "kvmix_page_format", None) or fmt.name)
+    if page_fmt.bytes_per_token_head(layer.head_size) != fmt.bytes_per_token_head(layer.head_size):
+        raise ValueError(f"{layer.layer_name}: {fmt.name} does not have the page size of {page_fmt.name}")
     fmt.check_head_size(layer.head_size)
     if layer.head_size_v != layer.head_size:
         raise ValueError(
@@ -54,12 +65,16 @@ def kvmix_spec_for_layer(layer, block_size: int):
             f"({layer.layer_name}: {layer.head_size} vs {layer.head_size_v})"
         )
     common = dict(
-        block_size=block_size,
+        block_size=vllm_config.cache_config.block_size,
         num_kv_heads=layer.num_kv_heads,
         head_size=layer.head_size,
         dtype=layer.kv_cache_torch_dtype,
-        kvmix_format=fmt.name,
+        kvmix_format=page_fmt.name,
+        kvmix_layer_format=fmt.name if page_fmt != fmt else "",
     )
-    if layer.sliding_window is not None:
+    if layer.sliding_window is not None and not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         return KvmixSlidingWindowSpec(sliding_window=layer.sliding_window, **common)
-    return KvmixFullAttentionSpec(head_size_v=layer.head_size, **common)
+    # With the hybrid manager disabled vLLM would turn a sliding-window spec into a
+    # plain FullAttentionSpec (bf16 page size, kvmix lost); give it the full-attention
+    # kvmix spec with the window (what unify_hybrid_kv_cache_specs does, keeping the page).
+    return KvmixFullAttentionSpec(head_size_v=layer.head_size, sliding_window=layer.sliding_window, **common)

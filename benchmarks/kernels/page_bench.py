@@ -1,0 +1,189 @@
+"""Decode attention of the kvmix page scheme vs vLLM's kernels, in one process on one GPU.
+
+    python benchmarks/kernels/page_bench.py [--out DIR]
+
+Llama-3.1-8B heads (32 q / 8 kv / d=128), one query token per sequence, batch x context in
+{1, 16, 64, 256} x {1k, 8k, 32k}.  kvmix: ``PageStep.attend`` alone (packed pages + the 8-bit own
+page, output rotated back) and the whole step (stage + pack + attend + keep).  Peers
+(need vLLM 0.26.0 on the device): FA3 bf16 / fp8 (vllm_flash_attn, block 16, shuffled blocks)
+and vLLM's int4_per_token_head Triton kernel (block 16), through the same entry points vLLM
+calls.  GB/s counts the K/V bytes each kernel must read; the device copy bandwidth is measured
+in the same run.  Caches hold random bytes with valid fp16 metadata: timing does not depend on
+the values (tests/test_page_kernels.py checks the numbers).
+"""
+
+import argparse
+import json
+import os
+import sys
+import types
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from vllm_kvmix.formats import PAGE_TOKENS, parse_format  # noqa: E402
+from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
+
+dev = "cuda"
+HQ, HKV, D = 32, 8, 128
+FORMATS = ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"]
+SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (16, 32768),
+          (64, 1024), (64, 8192), (64, 32768), (256, 1024), (256, 8192)]
+PEER_BS = 16
+
+
+def bench(f):
+    return triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bw():
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / (bench(lambda: y.copy_(x)) * 1e-3) / 1e9
+
+
+def random_pages(n, nbytes, metas, gen):
+    """uint8[n, HKV, nbytes] random codes; fp16 (scale, min) pairs at ``metas`` [(offset, count)]."""
+    pages = torch.randint(0, 256, (n, HKV, nbytes), dtype=torch.uint8, device=dev, generator=gen)
+    for off, count in metas:
+        m = torch.empty(n, HKV, count, 2, dtype=torch.float16, device=dev)
+        m[..., 0] = 0.02
+        m[..., 1] = -1.0
+        pages[:, :, off : off + 4 * count] = m.view(n, HKV, -1).view(torch.uint8)
+    return pages
+
+
+def kvmix_case(fmt, B, L, gen):
+    lay = fmt.layout(D, PAGE_TOKENS)
+    slay = fmt.stage_format.layout(D, PAGE_TOKENS)
+    n_pages = B * triton.cdiv(L, PAGE_TOKENS)
+    cache = random_pages(n_pages, lay.head_page_bytes,
+                         [(lay.k.meta_offset, D), (lay.v.meta_offset, PAGE_TOKENS * D // 64)], gen)
+    stage = random_pages(B, slay.head_page_bytes,
+                         [(slay.k.meta_offset, PAGE_TOKENS * D // 64), (slay.v.meta_offset, PAGE_TOKENS * D // 64)], gen)
+    bt = torch.randperm(n_pages, device=dev, dtype=torch.int32, generator=gen).view(B, -1)
+    return cache, stage, bt
+
+
+def kvmix_bytes(fmt, B, seq):
+    """Bytes attention reads: full pages packed, the own page's tokens at 8 bits."""
+    own = (seq - 1) // PAGE_TOKENS
+    packed = own * PAGE_TOKENS * fmt.bytes_per_token_head(D)
+    staged = (seq - own * PAGE_TOKENS) * fmt.stage_format.bytes_per_token_head(D)
+    return B * HKV * (packed + staged)
+
+
+def peers(B, L, q, out, gen):
+    res = {}
+    nb = B * L // PEER_BS
+    k = torch.randn(nb, PEER_BS, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
+    v = torch.randn_like(k)
+    bt = torch.randperm(nb, device=dev, dtype=torch.int32, generator=gen).view(B, L // PEER_BS)
+    cu_q = torch.arange(B + 1, device=dev, dtype=torch.int32)
+    seq = torch.full((B,), L, device=dev, dtype=torch.int32)
+    kv_bytes = 2 * B * L * HKV * D
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        f = lambda: flash_attn_varlen_func(q, k, v, 1, cu_q, L, seqused_k=seq, softmax_scale=D**-0.5,  # noqa: E731
+                                           causal=True, block_table=bt, out=out, fa_version=3)
+        res["fa3_bf16"] = (bench(f), kv_bytes * 2)
+        k8, v8, q8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), q.to(torch.float8_e4m3fn)
+        one = torch.ones(B, HKV, device=dev, dtype=torch.float32)
+        f8 = lambda: flash_attn_varlen_func(q8, k8, v8, 1, cu_q, L, seqused_k=seq, softmax_scale=D**-0.5,  # noqa: E731
+                                            causal=True, block_table=bt, out=out, fa_version=3,
+                                            q_descale=one, k_descale=one, v_descale=one)
+        res["fa3_fp8"] = (bench(f8), kv_bytes)
+    except Exception as e:  # noqa: BLE001
+        print("FA3 unavailable:", repr(e)[:300], flush=True)
+    del k, v
+    try:
+        from vllm.v1.attention.backends.triton_attn import MIN_LAUNCH_GRID_SIZE_2D, TritonAttentionImpl
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+        from vllm.v1.kv_cache_interface import KVQuantMode
+
+        content = 2 * (D // 2 + 4)  # [K int4 | K fp32 scale | V int4 | V fp32 scale] per (slot, head)
+        kv = torch.randint(0, 256, (nb, HKV, PEER_BS, content), dtype=torch.uint8, device=dev, generator=gen)
+        ns = types.SimpleNamespace(_k_scale_cache=None, _v_scale_cache=None)
+        TritonAttentionImpl._ensure_scale_caches(ns, kv)
+        kc, vc = kv.transpose(1, 2).split(content // 2, dim=-1)
+        thr = MIN_LAUNCH_GRID_SIZE_2D // HKV
+        segs = 16
+        so = torch.empty(thr, HQ, segs, D, dtype=torch.float32, device=dev)
+        sm = torch.empty(thr, HQ, segs, dtype=torch.float32, device=dev)
+        se = torch.empty_like(sm)
+        g = lambda: unified_attention(  # noqa: E731
+            q, kc, vc, out, cu_q, 1, seq, L, D**-0.5, True, (-1, -1), bt, 0.0, None, None, None,
+            seq_threshold_3D=thr, num_par_softmax_segments=segs, softmax_segm_output=so,
+            softmax_segm_max=sm, softmax_segm_expsum=se, kv_quant_mode=KVQuantMode.INT4_PER_TOKEN_HEAD,
+            k_scale_cache=ns._k_scale_cache, v_scale_cache=ns._v_scale_cache)
+        res["vllm_int4_per_token_head"] = (bench(g), B * L * HKV * content)
+    except Exception as e:  # noqa: BLE001
+        print("int4_per_token_head unavailable:", repr(e)[:300], flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--shapes", default=None, help="e.g. 16x32768,64x8192")
+    ap.add_argument("--sweep", action="store_true", help="also time launch-option variants of k4v2 attention")
+    args = ap.parse_args()
+    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    bw = copy_bw()
+    name = torch.cuda.get_device_name()
+    print(f"device copy bandwidth {bw:.0f} GB/s ({name})", flush=True)
+    rows = []
+    for B, L in shapes:
+        q = torch.randn(B, HQ, D, dtype=torch.bfloat16, device=dev, generator=gen)
+        out = torch.empty_like(q)
+        res = peers(B, L, q, out, gen)
+        torch.cuda.empty_cache()
+        seq_len = L - 32  # a typical decode step: the own page half full, nothing to pack
+        for fname in FORMATS:
+            fmt = parse_format(fname)
+            cache, stage, bt = kvmix_case(fmt, B, L, gen)
+            k = torch.randn(B, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
+            v = torch.randn_like(k)
+            qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)
+            seq = torch.full((B,), seq_len, dtype=torch.int32, device=dev)
+            slots = torch.arange(B, dtype=torch.int32, device=dev)
+            plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), seq_len, HQ, HKV)
+            st = PageStep(k, cache, stage, fmt, slots, bt, plan)
+            res[fname] = (bench(lambda: st.attend(q, out, D**-0.5)), kvmix_bytes(fmt, B, seq_len))
+            if args.sweep and fname == "kvmix-k4v2":
+                from vllm_kvmix.kernels import page as page_mod
+
+                saved = dict(page_mod.LAUNCH)
+                for nw, ns in [(8, 2), (4, 3), (8, 3), (2, 2)]:
+                    page_mod.LAUNCH.update(num_warps=nw, num_stages=ns)
+                    res[f"{fname} w{nw}s{ns}"] = (bench(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
+                page_mod.LAUNCH.clear()
+                page_mod.LAUNCH.update(saved)
+
+            def full_step():  # one layer's share of a step (the plan is built once per step, not timed)
+                s2 = PageStep(k, cache, stage, fmt, slots, bt, plan)
+                s2.write(k, v)
+                s2.attend(q, out, D**-0.5)
+                s2.keep()
+
+            res[fname + " step"] = (bench(full_step), kvmix_bytes(fmt, B, seq_len))
+            del cache, stage
+            torch.cuda.empty_cache()
+        base = res.get("fa3_bf16", (None,))[0]
+        for kname, (ms, byt) in res.items():
+            gbs = byt / (ms * 1e-3) / 1e9
+            rows.append(dict(B=B, L=L, kernel=kname, ms=ms, gbs=gbs, pct_copy=100 * gbs / bw,
+                             speedup_vs_fa3_bf16=(base / ms) if base else None))
+            sp = f"{base / ms:.2f}x" if base else "-"
+            print(f"{B:<4}{L:>7}  {kname:<26}{ms:8.3f} {gbs:8.0f}  {100 * gbs / bw:5.1f}  {sp}", flush=True)
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "page_bench.json"), "w") as f:
+        json.dump(dict(device=name, copy_gbs=bw, attention=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

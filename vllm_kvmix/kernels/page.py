@@ -1,0 +1,615 @@
+"""The page scheme in Triton: 8-bit staging, pack on fill, attention over packed + 8-bit pages.
+
+Same semantics as :func:`vllm_kvmix.reference.staged.step` (the oracle):
+
+    query: [T, Hq, D]   key, value: [T, H, D]   (fp16 / bf16 / fp32)
+    cache: uint8[num_blocks, H, head_page_bytes]   packed 64-token pages (formats.PageLayout)
+    stage: uint8[num_slots, H, stage_bytes]        each running request's filling page, k8v8 per token
+    qsl: [B + 1] int32   seq_lens: [B] int32   slots: [B] int32   block_table: [B, max_pages] int32
+
+A step touches pages ``ctx // 64 .. (seq - 1) // 64`` of each request.  The
+8-bit copy of the first touched page is the request's staging slot (its older
+tokens are already there); further touched pages (a prefill crossing page
+boundaries) get pages of a per-step scratch buffer.  Four launches:
+
+1. ``_stage_kernel`` (token blocks x KV heads): rotate values (Hadamard,
+   fp32), quantize new keys and values to 8 bits per token, store into the slot
+   or scratch page of their position;
+2. ``_pack_kernel`` (requests x touched pages x KV heads): every touched page
+   that is full after the step is re-quantized from its 8-bit copy -- keys per
+   channel over the page, values per token -- and stored packed in the cache;
+3. ``_page_attention_kernel`` (query blocks x KV heads x splits): a query at
+   position ``p`` reads pages before ``p // 64`` packed and its own page from
+   the 8-bit copy; the output is rotated back (``o @ H``) at the end;
+4. ``_keep_partial_kernel`` (requests x KV heads): a last page that is still
+   partial and lives in scratch is copied into the slot for the next step
+   (after attention, which may still read the slot's old page).
+
+Nothing here reads device values on the host: all per-request quantities are
+computed on the device from ``qsl`` / ``seq_lens``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
+from vllm_kvmix.kernels.attention import block_q_for, num_splits_for, plan_query_blocks
+from vllm_kvmix.kernels.codec import _unpack, decode_tile
+from vllm_kvmix.quant import hadamard
+
+FP16_MAX = tl.constexpr(65504.0)
+P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
+
+
+@triton.jit
+def _minmax_meta(mn, mx, LEVELS: tl.constexpr):
+    """fp16-rounded (scale, minimum) and the fp32 inverse scale; :func:`vllm_kvmix.quant.quantize`'s arithmetic."""
+    mn16 = mn.to(tl.float16)
+    scale16 = tl.minimum(tl.math.div_rn(mx - mn16.to(tl.float32), tl.full(mx.shape, LEVELS, tl.float32)), FP16_MAX)
+    scale16 = scale16.to(tl.float16)
+    top = mn16.to(tl.float32) + LEVELS * scale16.to(tl.float32)
+    down = (scale16.to(tl.int16, bitcast=True) - 1).to(tl.float16, bitcast=True)
+    scale16 = tl.where(top > FP16_MAX, down, scale16)
+    scale = scale16.to(tl.float32)
+    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
+    return scale16, mn16, inv
+
+
+@triton.jit
+def _quant_rows(x, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """Per-token groups: ``x[R, D]`` -> codes int32 ``[R, D]``, scale16 / min16 ``[R, D // GROUP]``."""
+    R: tl.constexpr = x.shape[0]
+    D: tl.constexpr = x.shape[1]
+    G: tl.constexpr = D // GROUP
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
+    xg = tl.reshape(x, (R, G, GROUP))
+    scale16, mn16, inv = _minmax_meta(tl.min(xg, axis=2), tl.max(xg, axis=2), LEVELS)
+    y = tl.floor((xg - mn16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
+    codes = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0).to(tl.int32)
+    return tl.reshape(codes, (R, D)), scale16, mn16
+
+
+@triton.jit
+def _pack_rows(codes, BITS: tl.constexpr):
+    """int32 codes ``[R, D]`` -> uint8 ``[R, D * BITS // 8]``, low bits first along D."""
+    R: tl.constexpr = codes.shape[0]
+    D: tl.constexpr = codes.shape[1]
+    PER: tl.constexpr = 8 // BITS
+    c = tl.reshape(codes, (R, D // PER, PER))
+    shifts = tl.arange(0, PER) * BITS
+    return tl.sum(c << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def _store_rows(base_ptr, page_off, off, row_mask, codes, scale16, mn16,
+                BITS: tl.constexpr, CODES_OFF: tl.constexpr, META_OFF: tl.constexpr):
+    """Store per-token codes + meta of rows at token offsets ``off[R]`` of pages ``base_ptr + page_off[R]``."""
+    D: tl.constexpr = codes.shape[1]
+    G: tl.constexpr = scale16.shape[1]
+    CB: tl.constexpr = D * BITS // 8
+    packed = _pack_rows(codes, BITS)
+    page_ptr = base_ptr + page_off
+    tl.store(page_ptr[:, None] + CODES_OFF + off[:, None] * CB + tl.arange(0, CB)[None, :], packed,
+             mask=row_mask[:, None])
+    meta = (page_ptr[:, None] + META_OFF + off[:, None] * (G * 4)).to(tl.pointer_type(tl.float16))
+    g = tl.arange(0, G)[None, :]
+    tl.store(meta + 2 * g, scale16, mask=row_mask[:, None])
+    tl.store(meta + 2 * g + 1, mn16, mask=row_mask[:, None])
+
+
+@triton.jit
+def _store_group(base_ptr, page_off, off, row_mask, codes, scale16, mn16, g,
+                 D: tl.constexpr, CODES_OFF: tl.constexpr, META_OFF: tl.constexpr):
+    """8-bit codes ``[R, 64]`` + meta ``[R, 1]`` of channel group ``g`` of rows ``off[R]``."""
+    G: tl.constexpr = D // 64
+    page_ptr = base_ptr + page_off
+    c = tl.arange(0, 64)
+    tl.store(page_ptr[:, None] + CODES_OFF + off[:, None] * D + g * 64 + c[None, :], codes.to(tl.uint8),
+             mask=row_mask[:, None])
+    meta = (page_ptr[:, None] + META_OFF + off[:, None] * (G * 4) + g * 4).to(tl.pointer_type(tl.float16))
+    tl.store(meta, scale16, mask=row_mask[:, None])
+    tl.store(meta + 1, mn16, mask=row_mask[:, None])
+
+
+@triton.jit
+def _rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D: tl.constexpr):
+    """``out[tok, head, :] = o @ H``, one 64-column block of H at a time (H of D=256 is 256 KiB)."""
+    d = tl.arange(0, D)
+    c = tl.arange(0, 64)
+    for g in tl.static_range(D // 64):
+        h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
+        og = tl.dot(o, h_g, input_precision="ieee")
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + g * 64 + c[None, :],
+                 og.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _stage_kernel(
+    key_ptr, value_ptr, rot_ptr, tok_req_ptr, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr,
+    stage_ptr, scratch_ptr, T,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_ss, stride_sh, stride_xs, stride_xh,
+    D: tl.constexpr, TB: tl.constexpr,
+    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
+):
+    tb = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tb * TB + tl.arange(0, TB)
+    t_ok = t < T
+    req = tl.load(tok_req_ptr + t, mask=t_ok, other=0)
+    q0 = tl.load(qsl_ptr + req)
+    q1 = tl.load(qsl_ptr + req + 1)
+    seq = tl.load(seq_ptr + req)
+    ctx = seq - (q1 - q0)
+    pos = ctx + t - q0
+    j = pos // P - ctx // P  # touched-page index of the token's page
+    off = pos % P
+    slot = tl.load(slot_ptr + req).to(tl.int64)
+    sbase = tl.load(sbase_ptr + req).to(tl.int64)
+    in_slot = t_ok & (j == 0)
+    in_scratch = t_ok & (j > 0)
+    slot_page = tl.where(in_slot, slot, 0) * stride_ss + h * stride_sh
+    scratch_page = tl.where(in_scratch, sbase + j - 1, 0) * stride_xs + h * stride_xh
+    d = tl.arange(0, D)
+    k = tl.load(key_ptr + t[:, None] * stride_kt + h * stride_kh + d[None, :], mask=t_ok[:, None], other=0.0)
+    v = tl.load(value_ptr + t[:, None] * stride_vt + h * stride_vh + d[None, :], mask=t_ok[:, None], other=0.0)
+    kc, ks, km = _quant_rows(k.to(tl.float32), 8, 64)
+    _store_rows(stage_ptr, slot_page, off, in_slot, kc, ks, km, 8, 0, SK_META)
+    _store_rows(scratch_ptr, scratch_page, off, in_scratch, kc, ks, km, 8, 0, SK_META)
+    # values: rotate and quantize one 64-channel group (= one column block of H) at a time
+    v = v.to(tl.float32)
+    G: tl.constexpr = D // 64
+    c = tl.arange(0, 64)
+    for g in tl.static_range(G):
+        h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
+        vg = tl.dot(v, h_g, input_precision="ieee")
+        vc, vs, vm = _quant_rows(vg, 8, 64)
+        _store_group(stage_ptr, slot_page, off, in_slot, vc, vs, vm, g, D, SV_CODES, SV_META)
+        _store_group(scratch_ptr, scratch_page, off, in_scratch, vc, vs, vm, g, D, SV_CODES, SV_META)
+
+
+@triton.jit
+def _copy_page(src, t, D: tl.constexpr, SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr):
+    """The 8-bit copy of a page: K and rotated V as fp32 ``[P, D]``."""
+    ok = t < P
+    k = decode_tile(src, t, ok, D, 8, 64, 0, SK_META)
+    v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
+    return k, v
+
+
+@triton.jit
+def _pack_kernel(
+    qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr,
+    stage_ptr, scratch_ptr, cache_ptr,
+    stride_ss, stride_sh, stride_xs, stride_xh, stride_cb, stride_ch, stride_bt,
+    D: tl.constexpr, SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
+    K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
+    V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
+):
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    h = tl.program_id(2)
+    q0 = tl.load(qsl_ptr + b)
+    q1 = tl.load(qsl_ptr + b + 1)
+    seq = tl.load(seq_ptr + b)
+    ctx = seq - (q1 - q0)
+    pg = ctx // P + j
+    if (q1 > q0) & ((pg + 1) * P <= seq):  # a touched page that is full after this step
+        if j == 0:
+            src = stage_ptr + tl.load(slot_ptr + b).to(tl.int64) * stride_ss + h * stride_sh
+        else:
+            src = scratch_ptr + (tl.load(sbase_ptr + b).to(tl.int64) + j - 1) * stride_xs + h * stride_xh
+        t = tl.arange(0, P)
+        k8, v8 = _copy_page(src, t, D, SK_META, SV_CODES, SV_META)
+        blk = tl.load(block_table_ptr + b * stride_bt + pg).to(tl.int64)
+        dst_off = blk * stride_cb + h * stride_ch
+        dst = cache_ptr + dst_off
+        # keys per channel over the page's 64 tokens
+        K_LEVELS: tl.constexpr = (1 << K_BITS) - 1
+        ks, km, kinv = _minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
+        y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
+        kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
+        CBK: tl.constexpr = D * K_BITS // 8
+        tl.store(dst + K_CODES + t[:, None] * CBK + tl.arange(0, CBK)[None, :], _pack_rows(kc, K_BITS))
+        d = tl.arange(0, D)
+        kmeta = (dst + K_META).to(tl.pointer_type(tl.float16))
+        tl.store(kmeta + 2 * d, ks)
+        tl.store(kmeta + 2 * d + 1, km)
+        # values (rotated) per token, 64-channel groups
+        vc, vs, vm = _quant_rows(v8, V_BITS, 64)
+        _store_rows(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, t < P, vc, vs, vm, V_BITS, V_CODES, V_META)
+
+
+@triton.jit
+def _keep_partial_kernel(
+    qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, stage_ptr, scratch_ptr,
+    stride_ss, stride_sh, stride_xs, stride_xh,
+    NBYTES: tl.constexpr, CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q0 = tl.load(qsl_ptr + b)
+    q1 = tl.load(qsl_ptr + b + 1)
+    seq = tl.load(seq_ptr + b)
+    ctx = seq - (q1 - q0)
+    j_last = (seq - 1) // P - ctx // P
+    if (q1 > q0) & (seq % P != 0) & (j_last > 0):
+        src = scratch_ptr + (tl.load(sbase_ptr + b).to(tl.int64) + j_last - 1) * stride_xs + h * stride_xh
+        dst = stage_ptr + tl.load(slot_ptr + b).to(tl.int64) * stride_ss + h * stride_sh
+        for c in range(0, NBYTES, CHUNK):
+            i = c + tl.arange(0, CHUNK)
+            tl.store(dst + i, tl.load(src + i, mask=i < NBYTES), mask=i < NBYTES)
+
+
+@triton.jit
+def _decode_channel_tile(page, t, t_ok, D: tl.constexpr, BITS: tl.constexpr, CODES_OFF: tl.constexpr,
+                         META_OFF: tl.constexpr):
+    """Packed keys of a page (per-channel scale / minimum) as fp32 ``[P, D]``."""
+    CB: tl.constexpr = D * BITS // 8
+    byte = tl.load(page + CODES_OFF + t[:, None] * CB + tl.arange(0, CB)[None, :], mask=t_ok[:, None], other=0)
+    code = _unpack(byte.to(tl.int32), BITS)
+    d = tl.arange(0, D)
+    meta = (page + META_OFF).to(tl.pointer_type(tl.float16))
+    scale = tl.load(meta + 2 * d).to(tl.float32)
+    mn = tl.load(meta + 2 * d + 1).to(tl.float32)
+    return tl.where(t_ok[:, None], code.to(tl.float32) * scale[None, :] + mn[None, :], 0.0)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _page_attention_kernel(
+    q_ptr, out_ptr, cache_ptr, stage_ptr, scratch_ptr, rot_ptr, block_table_ptr,
+    qsl_ptr, seq_lens_ptr, slot_ptr, sbase_ptr, qb_req_ptr, qb_tok_ptr,
+    ws_acc_ptr, ws_ml_ptr, num_splits,
+    scale, soft_cap, window,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ch, stride_bt,
+    stride_ss, stride_sh, stride_xs, stride_xh,
+    D: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
+    V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
+    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    req = tl.load(qb_req_ptr + qb)
+    tok0 = tl.load(qb_tok_ptr + qb)
+    q_begin = tl.load(qsl_ptr + req)
+    q_end = tl.load(qsl_ptr + req + 1)
+    seq_len = tl.load(seq_lens_ptr + req)
+    ctx = seq_len - (q_end - q_begin)
+    first_touched = ctx // P
+    slot = tl.load(slot_ptr + req).to(tl.int64)
+    sbase = tl.load(sbase_ptr + req).to(tl.int64)
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * REP_P
+    m = tl.arange(0, BLOCK_M)
+    tok = tok0 + m // REP_P
+    r = m % REP_P
+    row_ok = (tok < q_end) & (r < REP)
+    head = kvh * REP + r
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    DT: tl.constexpr = q.dtype
+    pos = ctx + tok - q_begin
+    own = pos // P
+
+    last = tl.minimum(tok0 + BLOCK_Q, q_end) - 1
+    hi = ctx + last - q_begin + 1
+    own_lo = (ctx + tok0 - q_begin) // P
+    own_hi = (hi - 1) // P
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx + tok0 - q_begin - window + 1, 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    t = tl.arange(0, P)
+    first_page = lo // P
+    end_page = own_hi + 1
+    if SPLIT:
+        per = tl.cdiv(end_page - first_page, num_splits)
+        first_page = first_page + split * per
+        end_page = tl.minimum(end_page, first_page + per)
+    # Pages every row reads packed: no branches, so the loads pipeline.  Keys: the page's
+    # per-channel scale is folded into the query and its minimum into one row sum, so the
+    # key codes go to the tensor cores as integers (exact in fp16 / bf16).
+    for p in range(first_page, tl.minimum(end_page, own_lo)):
+        blk = tl.load(block_table_ptr + req * stride_bt + p).to(tl.int64)
+        page = cache_ptr + blk * stride_cb + kvh * stride_ch
+        kpos = p * P + t
+        CBK: tl.constexpr = D * K_BITS // 8
+        kbyte = tl.load(page + K_CODES + t[:, None] * CBK + tl.arange(0, CBK)[None, :])
+        kcode = _unpack(kbyte.to(tl.int32), K_BITS)
+        kmeta = (page + K_META).to(tl.pointer_type(tl.float16))
+        kscale = tl.load(kmeta + 2 * d).to(tl.float32)
+        kmin = tl.load(kmeta + 2 * d + 1).to(tl.float32)
+        qf = q.to(tl.float32)
+        s = _dot(qf * kscale[None, :], tl.trans(kcode.to(tl.float32)), IEEE_DOT, DT)
+        s = (s + tl.sum(qf * kmin[None, :], axis=1)[:, None]) * scale
+        if USE_SOFTCAP:
+            s = soft_cap * (2.0 / (1.0 + tl.exp(-2.0 * s / soft_cap)) - 1.0)
+        ok = row_ok[:, None]
+        if USE_WINDOW:
+            ok = ok & (pos[:, None] - kpos[None, :] < window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        pr = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        vq = decode_tile(page, t, t < P, D, V_BITS, 64, V_CODES, V_META)
+        acc = acc * alpha[:, None] + _dot(pr, vq, IEEE_DOT, DT)
+        m_i = m_new
+    # Pages that are some row's own page (at most two per block): the 8-bit copy for those
+    # rows, the packed page for rows further on.
+    for p in range(tl.maximum(first_page, own_lo), end_page):
+        kpos = p * P + t
+        t_ok = kpos < hi
+        own_here = own[:, None] == p
+        s = tl.zeros([BLOCK_M, P], tl.float32)
+        if p < own_hi:  # some row reads this page packed
+            blk = tl.load(block_table_ptr + req * stride_bt + p).to(tl.int64)
+            page = cache_ptr + blk * stride_cb + kvh * stride_ch
+            kq = _decode_channel_tile(page, t, t_ok, D, K_BITS, K_CODES, K_META)
+            s = _dot(q, tl.trans(kq), IEEE_DOT, DT)
+        if p >= own_lo:  # some row's own page: its 8-bit copy
+            jj = p - first_touched
+            if jj == 0:
+                src = stage_ptr + slot * stride_ss + kvh * stride_sh
+            else:
+                src = scratch_ptr + (sbase + jj - 1) * stride_xs + kvh * stride_xh
+            k8 = decode_tile(src, t, t_ok, D, 8, 64, 0, SK_META)
+            s = tl.where(own_here, _dot(q, tl.trans(k8), IEEE_DOT, DT), s)
+        s = s * scale
+        if USE_SOFTCAP:
+            s = soft_cap * (2.0 / (1.0 + tl.exp(-2.0 * s / soft_cap)) - 1.0)
+        ok = row_ok[:, None] & t_ok[None, :] & (kpos[None, :] <= pos[:, None])
+        if USE_WINDOW:
+            ok = ok & (pos[:, None] - kpos[None, :] < window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        pr = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        pv = tl.zeros([BLOCK_M, D], tl.float32)
+        if p < own_hi:
+            blk = tl.load(block_table_ptr + req * stride_bt + p).to(tl.int64)
+            page = cache_ptr + blk * stride_cb + kvh * stride_ch
+            vq = decode_tile(page, t, t_ok, D, V_BITS, 64, V_CODES, V_META)
+            pv = _dot(tl.where(own_here, 0.0, pr), vq, IEEE_DOT, DT)
+        if p >= own_lo:
+            jj = p - first_touched
+            if jj == 0:
+                src = stage_ptr + slot * stride_ss + kvh * stride_sh
+            else:
+                src = scratch_ptr + (sbase + jj - 1) * stride_xs + kvh * stride_xh
+            v8 = decode_tile(src, t, t_ok, D, 8, 64, SV_CODES, SV_META)
+            pv += _dot(tl.where(own_here, pr, 0.0), v8, IEEE_DOT, DT)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    if SPLIT:
+        base = (qb * tl.num_programs(1) + kvh) * num_splits + split
+        tl.store(ws_acc_ptr + (base * BLOCK_M + m[:, None]) * D + d[None, :], acc)
+        tl.store(ws_ml_ptr + (base * BLOCK_M + m) * 2, m_i)
+        tl.store(ws_ml_ptr + (base * BLOCK_M + m) * 2 + 1, l_i)
+    else:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        _rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D)  # values were stored rotated
+
+
+@triton.jit
+def _combine_rotate_kernel(
+    out_ptr, ws_acc_ptr, ws_ml_ptr, rot_ptr, qsl_ptr, qb_req_ptr, qb_tok_ptr, num_splits,
+    stride_ot, stride_oh,
+    D: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Merge the split-K partials of one (query block, KV head) and rotate the output back."""
+    qb = tl.program_id(0)
+    kvh = tl.program_id(1)
+    req = tl.load(qb_req_ptr + qb)
+    tok0 = tl.load(qb_tok_ptr + qb)
+    q_end = tl.load(qsl_ptr + req + 1)
+    BLOCK_M: tl.constexpr = BLOCK_Q * REP_P
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    tok = tok0 + m // REP_P
+    r = m % REP_P
+    row_ok = (tok < q_end) & (r < REP)
+    head = kvh * REP + r
+    m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_all = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    base0 = (qb * tl.num_programs(1) + kvh) * num_splits
+    for s in range(num_splits):
+        row = (base0 + s) * BLOCK_M + m
+        m_s = tl.load(ws_ml_ptr + row * 2)
+        l_s = tl.load(ws_ml_ptr + row * 2 + 1)
+        a_s = tl.load(ws_acc_ptr + row[:, None] * D + d[None, :])
+        m_new = tl.maximum(m_all, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        c_old = tl.exp(m_all - m_safe)
+        c_s = tl.exp(m_s - m_safe)
+        l_all = l_all * c_old + l_s * c_s
+        acc = acc * c_old[:, None] + a_s * c_s[:, None]
+        m_all = m_new
+    o = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
+    _rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D)
+
+
+# Launch options (benchmarks may sweep them).
+LAUNCH = {"num_warps": 4, "num_stages": 2}
+STAGE_TOKENS = 16  # tokens per _stage_kernel program (tl.dot needs >= 16 rows)
+
+
+@functools.cache
+def _rotation(d: int, device: str) -> torch.Tensor:
+    return hadamard(d, torch.float32, torch.device(device))
+
+
+class StepPlan:
+    """What every layer of one step shares: per-request device quantities, query blocks, scratch.
+
+    Built once per batch (the metadata builder does it): ``sbase`` = each
+    request's first scratch page (touched pages after the first, back to back),
+    ``tok_req`` = each new token's request; the query-block plan of the
+    attention kernel; scratch pages sized by host arithmetic only (an upper
+    bound), allocated on first use and reused by every layer of the step.
+    No host reads of device values.
+    """
+
+    def __init__(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, max_query_len: int,
+                 query_start_loc_cpu: list[int], max_seq_len: int, num_heads: int, num_kv_heads: int,
+                 num_splits: int | None = None):
+        b = seq_lens.shape[0]
+        device = seq_lens.device
+        self.qsl = query_start_loc[: b + 1].to(torch.int32)
+        self.seq = seq_lens[:b].to(torch.int32)
+        qlen = self.qsl[1:] - self.qsl[:-1]
+        ctx = self.seq - qlen
+        touched = torch.where(qlen > 0, (self.seq - 1).div(PAGE_TOKENS, rounding_mode="floor") - ctx // PAGE_TOKENS + 1, 0)
+        extra = (touched - 1).clamp(min=0)
+        self.sbase = (torch.cumsum(extra, 0) - extra).to(torch.int32)
+        tok = torch.arange(num_tokens, device=device, dtype=torch.int32)
+        self.tok_req = torch.searchsorted(self.qsl[1:], tok, right=True).to(torch.int32)
+        self.n_req, self.num_tokens, self.max_query_len = b, num_tokens, max_query_len
+        self.scratch_pages = num_tokens // PAGE_TOKENS + b + 1
+        self._scratch: dict[tuple[int, int], torch.Tensor] = {}
+        rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
+        qb_req, qb_tok, bq = plan_query_blocks(query_start_loc_cpu, block_q_for(num_heads, num_kv_heads, max_query_len),
+                                               device)
+        if num_splits is None:
+            num_splits = num_splits_for(qb_req.numel() * num_kv_heads, triton.cdiv(max_seq_len, PAGE_TOKENS), device)
+        self.attn = (qb_req, qb_tok, bq, rep_p, num_splits)
+
+    def scratch(self, h: int, nbytes: int, device) -> torch.Tensor:
+        buf = self._scratch.get((h, nbytes))
+        if buf is None:
+            buf = torch.empty((self.scratch_pages, h, nbytes), dtype=torch.uint8, device=device)
+            self._scratch[(h, nbytes)] = buf
+        return buf
+
+
+class PageStep:
+    """One layer's step of the page scheme, in launches that can be timed apart: ``write``, ``attend``, ``keep``."""
+
+    def __init__(self, key, cache, stage, fmt: KVFormat, slots, block_table, plan: StepPlan):
+        t, h, d = key.shape
+        self.t, self.h, self.d = t, h, d
+        self.cache, self.stage, self.fmt, self.block_table = cache, stage, fmt, block_table
+        self.lay = fmt.layout(d, PAGE_TOKENS)
+        slay = fmt.stage_format.layout(d, PAGE_TOKENS)
+        self.stage_consts = dict(SK_META=slay.k.meta_offset, SV_CODES=slay.v.codes_offset,
+                                 SV_META=slay.v.meta_offset)
+        self.plan = plan
+        self.n_req = plan.n_req
+        self.scratch = plan.scratch(h, stage.shape[2], key.device)
+        self.rot = _rotation(d, str(key.device))
+        self.slots = slots[: self.n_req]
+        self.common = (plan.qsl, plan.seq, self.slots, plan.sbase)
+
+    def _bits(self):
+        f, lay = self.fmt, self.lay
+        return dict(K_BITS=f.k_bits, K_CODES=lay.k.codes_offset, K_META=lay.k.meta_offset,
+                    V_BITS=f.v_bits, V_CODES=lay.v.codes_offset, V_META=lay.v.meta_offset)
+
+    def write(self, key, value) -> None:
+        """Stage the new tokens at 8 bits, then pack every page that is full after the step."""
+        stage, scratch, cache = self.stage, self.scratch, self.cache
+        _stage_kernel[(triton.cdiv(self.t, STAGE_TOKENS), self.h)](
+            key, value, self.rot, self.plan.tok_req, *self.common, stage, scratch, self.t,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
+            D=self.d, TB=STAGE_TOKENS, **self.stage_consts,
+        )
+        max_touched = self.plan.max_query_len // PAGE_TOKENS + 2
+        _pack_kernel[(self.n_req, max_touched, self.h)](
+            *self.common, self.block_table, stage, scratch, cache,
+            stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
+            cache.stride(0), cache.stride(1), self.block_table.stride(0),
+            D=self.d, **self.stage_consts, **self._bits(),
+        )
+
+    def attend(self, query, out, scale: float, sliding_window=None, soft_cap=None) -> None:
+        qb_req, qb_tok, bq, rep_p, num_splits = self.plan.attn
+        hq, d, h = query.shape[1], self.d, self.h
+        nqb = qb_req.numel()
+        block_m = bq * rep_p
+        if num_splits > 1:
+            ws_acc = torch.empty(nqb * h * num_splits * block_m * d, dtype=torch.float32, device=query.device)
+            ws_ml = torch.empty(nqb * h * num_splits * block_m * 2, dtype=torch.float32, device=query.device)
+        else:
+            ws_acc = ws_ml = out  # unused
+        stage, scratch, cache = self.stage, self.scratch, self.cache
+        _page_attention_kernel[(nqb, h, num_splits)](
+            query, out, cache, stage, scratch, self.rot, self.block_table,
+            *self.common, qb_req, qb_tok,
+            ws_acc, ws_ml, num_splits,
+            float(scale), float(soft_cap or 0.0), int(sliding_window or 0),
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            cache.stride(0), cache.stride(1), self.block_table.stride(0),
+            stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
+            D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, **self._bits(), **self.stage_consts,
+            USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(soft_cap),
+            IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **LAUNCH,
+        )
+        if num_splits > 1:
+            _combine_rotate_kernel[(nqb, h)](
+                out, ws_acc, ws_ml, self.rot, self.plan.qsl, qb_req, qb_tok, num_splits,
+                out.stride(0), out.stride(1), D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq,
+            )
+
+    def keep(self) -> None:
+        """A still-partial last page that lives in scratch goes to the request's slot (after attention)."""
+        stage, scratch = self.stage, self.scratch
+        _keep_partial_kernel[(self.n_req, self.h)](
+            *self.common, stage, scratch,
+            stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
+            NBYTES=stage.shape[2], CHUNK=1024,
+        )
+
+
+def page_step(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    cache: torch.Tensor, stage: torch.Tensor, fmt: KVFormat,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, slots: torch.Tensor, block_table: torch.Tensor,
+    scale: float, max_query_len: int, sliding_window: int | None = None, soft_cap: float | None = None,
+    out: torch.Tensor | None = None, num_splits: int | None = None, max_seq_len: int | None = None,
+    query_start_loc_cpu: list[int] | None = None, plan: StepPlan | None = None,
+) -> torch.Tensor:
+    """Store the step's K/V (stage, pack full pages) and attend; same contract as the reference ``step``.
+
+    ``plan``: the step's :class:`StepPlan` (shared by all layers); built here when not given
+    (``query_start_loc_cpu`` and ``max_seq_len`` then spare a device read each).
+    """
+    out = torch.empty_like(query) if out is None else out
+    if query.shape[0] == 0:
+        return out
+    if plan is None:
+        b = seq_lens.shape[0]
+        qsl_cpu = query_start_loc_cpu if query_start_loc_cpu is not None else query_start_loc[: b + 1].tolist()
+        msl = max_seq_len if max_seq_len is not None else int(seq_lens.max())
+        plan = StepPlan(query_start_loc, seq_lens, query.shape[0], max_query_len, qsl_cpu, msl,
+                        query.shape[1], key.shape[1], num_splits)
+    st = PageStep(key, cache, stage, fmt, slots.to(torch.int32), block_table, plan)
+    st.write(key, value)
+    st.attend(query, out, scale, sliding_window, soft_cap)
+    st.keep()
+    return out

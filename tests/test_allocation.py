@@ -93,3 +93,28 @@ def test_inspect_cli_on_a_real_model(smollm2_dir, tmp_path, capsys):
     assert len(re.findall(r"^\| \d+ \|", out, flags=re.M)) == 30  # one row per layer
     assert "5040 bytes/token vs bf16 23040 (4.57x)" in out
     assert png.stat().st_size > 10_000
+
+
+def test_tiers_meet_the_budget_and_order_upgrades():
+    g = torch.Generator().manual_seed(3)
+    from vllm_kvmix.allocation import TIERS, plan_even, plan_tiers, tier_rank
+
+    k = (torch.rand(9, generator=g) * 20 + 1).tolist()
+    v = (torch.rand(9, generator=g) * 20 + 1).tolist()
+    for avg in (2, 3, 4, 5, 6, 8):
+        plan = plan_tiers(k, v, avg)
+        used = sum(a + b for a, b in plan)
+        # exactly the budget where the +2 / +4 steps can reach it (9 layers at 5 bits: 88 of 90)
+        assert 2 * avg * 9 - 4 < used <= 2 * avg * 9, (avg, plan)
+        assert sum(a + b for a, b in plan_tiers(k + [1.0], v + [1.0], avg)) == 2 * avg * 10
+        # no side is upgraded past a tier while another layer still waits for an earlier one
+        for side, frm, to in TIERS:
+            idx = 0 if side == "k" else 1
+            if any(p[idx] > to for p in plan):
+                assert all(p[idx] >= to for p in plan), (avg, plan)
+    # within a tier: larger norm first
+    plan = plan_tiers(k, v, 5)
+    got8 = [i for i, p in enumerate(plan) if p[0] == 8]
+    assert sorted(got8) == sorted(sorted(range(9), key=lambda i: -k[i])[: len(got8)])
+    assert plan_even(3) == (4, 2) and plan_even(5) == (8, 2) and plan_even(6) == (8, 4)
+    assert tier_rank((4, 2)) > tier_rank((2, 4))

@@ -128,8 +128,66 @@ def test_specs_page_size_and_grouping():
     sw = KvmixSlidingWindowSpec(kvmix_format="kvmix-k8v4", sliding_window=512, **common)
     assert sw.page_size_bytes == 128 * 3 * (68 + 36)
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(sw) is SlidingWindowSpec
-    with pytest.raises(ValueError, match="mix kvmix formats"):
+    # vLLM reads an AssertionError from merge as "not one spec" (kv_cache_utils.is_kv_cache_spec_uniform)
+    with pytest.raises(AssertionError, match="mix kvmix page formats"):
         KvmixFullAttentionSpec.merge([full, KvmixFullAttentionSpec(kvmix_format="kvmix-k8v8", **common)])
+
+
+def test_per_layer_page_sizes_make_one_group():
+    """kvmix-auto var mode: full-attention layers with different page formats -> one KV-cache group
+    of per-layer specs (UniformTypeKVCacheSpecs); even mode: equal specs whatever the layer format."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups, is_kv_cache_spec_uniform
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
+    from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec
+
+    common = dict(block_size=64, num_kv_heads=3, head_size=64, dtype=torch.uint8)
+    specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format=f, **common)
+             for i, f in enumerate(["kvmix-k8v4", "kvmix-k4v4", "kvmix-k4v2"])}
+    assert not is_kv_cache_spec_uniform(specs)
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=False))
+    (group,) = get_kv_cache_groups(cfg, specs)
+    assert isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs)
+    assert group.kv_cache_spec.page_size_bytes == sum(s.page_size_bytes for s in specs.values())
+    a = KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", kvmix_layer_format="kvmix-k2v4", **common)
+    b = KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common)
+    assert a == b and hash(a) == hash(b)  # the layer format is for logs only
+
+
+def test_v2_runner_patch_targets():
+    """CUDA's default model runner in 0.26 (vllm/v1/worker/gpu): where rows and releases come from."""
+    from vllm.v1.worker.gpu import model_runner as v2
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+
+    runner = v2.GPUModelRunner
+    assert runner.prepare_inputs._kvmix_patched and runner.finish_requests._kvmix_patched
+    assert runner.get_kv_cache_spec._kvmix_patched
+    assert list(inspect.signature(runner.finish_requests).parameters) == ["self", "scheduler_output"]
+    assert {"req_ids", "num_reqs"} <= set(InputBatch.__dataclass_fields__)
+    src = inspect.getsource(runner.execute_model)
+    # releases happen before the early return of steps that schedule no tokens
+    assert src.index("self.finish_requests(scheduler_output)") < src.index("total_num_scheduled_tokens == 0")
+
+
+def test_auto_plan_patch_targets():
+    from vllm.model_executor.layers.linear import QKVParallelLinear, UnquantizedLinearMethod
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert GPUModelRunner.get_kv_cache_spec._kvmix_patched
+    assert list(inspect.signature(GPUModelRunner.get_kv_cache_spec).parameters) == ["self"]
+    assert UnquantizedLinearMethod.process_weights_after_loading._kvmix_patched
+    assert list(inspect.signature(UnquantizedLinearMethod.process_weights_after_loading).parameters) == [
+        "self", "layer",
+    ]
+    src = inspect.getsource(QKVParallelLinear.__init__)
+    for attr in ("self.num_heads", "self.num_kv_heads", "self.num_kv_head_replicas", "self.head_size"):
+        assert attr in src
+    # the CPU backend empties the weight after loading: why the norms are stashed before it
+    from vllm.model_executor.layers import utils as layer_utils
+
+    assert "torch.empty(0)" in inspect.getsource(layer_utils.dispatch_cpu_unquantized_gemm)
 
 
 def test_staging_is_reserved_out_of_the_budget():

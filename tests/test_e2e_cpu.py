@@ -146,14 +146,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_vllm_serve_answers_completions_and_chat(smollm2_dir, tmp_path):
+def test_kvmix_auto_plans_at_startup_under_llm(smollm2_dir, capfd):
+    """kvmix-auto-b5 through LLM(...): a per-layer plan from the loaded weights, logged as a table;
+    KV blocks exactly those of k8v2 (same bytes); sensible greedy text."""
+    r = evaluate.run(smollm2_dir, "kvmix-auto-b5", PROMPTS[:2], MAX_TOKENS)
+    logs = capfd.readouterr()
+    logs = logs.out + logs.err
+    assert "kvmix: kvmix-auto-b5: 5 bits/element on average over K and V, 30 layers, per-layer page sizes" in logs
+    rows = [line for line in logs.splitlines() if "self_attn.attn |" in line]
+    assert len(rows) == 30
+    formats = {line.rsplit("|", 1)[1].strip() for line in rows}
+    assert len(formats) > 1 and all(f in ("kvmix-k8v4", "kvmix-k4v8", "kvmix-k4v4", "kvmix-k8v8") for f in formats)
+    k8v2 = parse_format("kvmix-k8v2")
+    staging = evaluate.MAX_NUM_SEQS * 30 * 3 * k8v2.stage_bytes_per_seq_head(64)
+    assert r.num_blocks == (evaluate.KV_BUDGET_BYTES - staging) // (r.block_size * 30 * 3 * k8v2.bytes_per_token_head(64))
+    assert "Paris" in r.completions[0]
+
+
+@pytest.mark.parametrize("dtype", ["kvmix-k4v2", "kvmix-auto"])
+def test_vllm_serve_answers_completions_and_chat(smollm2_dir, tmp_path, dtype):
     import requests
 
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm_kvmix", "serve", smollm2_dir, "--host", "127.0.0.1",
-         "--port", str(port), "--kv-cache-dtype", "kvmix-k4v2", "--enforce-eager",
+         "--port", str(port), "--kv-cache-dtype", dtype, "--enforce-eager",
          "--max-model-len", "1024", "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "8",
          "--served-model-name", "smollm2"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -184,6 +202,9 @@ def test_vllm_serve_answers_completions_and_chat(smollm2_dir, tmp_path):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"].strip()
         logs = (tmp_path / "serve.log").read_text()
+        if dtype == "kvmix-auto":  # the startup hook ran in the server's engine; b3 = the k4v2 floors
+            assert "kvmix: kvmix-auto: 3 bits/element on average over K and V, 30 layers" in logs
+            assert logs.count("self_attn.attn |") == 30
         assert "kvmix: kvmix-k4v2 on 30 layers: 3.50 bits/element, 5040 bytes/token" in logs
         assert "kvmix: staging: 8 slots (max_num_seqs) x 64 tokens at 8 bits per layer = 6.0 MiB" in logs
     finally:

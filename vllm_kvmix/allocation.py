@@ -1,11 +1,11 @@
 """Per-layer K/V bit allocation from weight norms (the paper's second half).
 
-Error model: quantizing a side (keys or values of one layer) to ``b`` bits
-costs ``norm**2 * 2**(-2 b)``, where ``norm`` is the spectral norm of that
-layer's W_K or W_V (it bounds how large the keys / values can get).  Under a
-budget of average bits per element, start every side at the fewest bits and
-repeatedly take the upgrade (2 -> 4, 4 -> 8) with the largest error reduction
-per added bit until the next one no longer fits.
+The paper's error model (:func:`plan_bits`): quantizing a side (keys or values
+of one layer) to ``b`` bits costs ``norm**2 * 2**(-2 b)``, where ``norm`` is the
+spectral norm of that layer's W_K or W_V (it bounds how large the keys / values
+can get); greedy by error reduction per added bit under an average-bits budget.
+kvmix-auto's default (:func:`plan_tiers`) keeps the norms but upgrades kinds of
+sides in a measured order (:data:`TIERS`); see there for why.
 
 Norms per layer are reduced over KV-head groups in a way every tensor-parallel
 rank can reproduce from its shard: spectral norm = max over groups (a
@@ -113,31 +113,46 @@ def plan_bits(
     return list(zip(bits[:n], bits[n:]))
 
 
-def floors(avg_bits: float) -> tuple[int, int]:
-    """Fewest (key, value) bits kvmix-auto gives a layer; the norms only decide upgrades above them.
+# The order in which kvmix-auto upgrades sides, measured through vLLM on SmolLM2-135M and
+# Gemma-3-270M (benchmarks/results/quality.md, quality-auto.md; KL per token, uniform formats):
+# keys 2 -> 4 is worth 0.26 / 0.14 (k2v4 -> k4v4), values 2 -> 4 0.027 / 0.024 (k4v2 -> k4v4),
+# keys 4 -> 8 0.0055 / 0.0032 (k4v4 -> k8v4), values 4 -> 8 0.0012 / 0.0006 (k4v4 -> k4v8):
+# each kind is worth 4-10x the next one per bit, on both models, while the layers' norms
+# differ by less than that (SmolLM2's W_K spectral norms: 7.9-14 except layer 0's 55).
+TIERS = (("k", 2, 4), ("v", 2, 4), ("k", 4, 8), ("v", 4, 8))
 
-    Keys: 4 whenever the budget affords k4v2 everywhere (:func:`key_floor`).
-    Values: 4 whenever it affords k4v4 everywhere.  Measured on SmolLM2-135M
-    (8 windows, benchmarks/results/quality-auto.md): with values allowed down to
-    2 bits at a 4-bit budget the spectral plan traded layer 0's values (its
-    smallest W_V norm) and one more layer's for 8-bit keys in layer 0, and lost
-    to uniform k4v4 (+0.70% vs +0.34% perplexity); uniform k4v2 -> k4v4 is worth
-    2.8 points, k4v4 -> k8v4 0.2, far more than the norms' ratios predict.
+
+def plan_tiers(k_norms: list[float], v_norms: list[float], avg_bits: float) -> list[tuple[int, int]]:
+    """(K bits, V bits) per layer: upgrades in :data:`TIERS` order, larger norm first within a tier.
+
+    kvmix-auto's default.  The paper's error model (:func:`plan_bits`) lets a
+    large norm buy an upgrade of a later tier before every layer has had the
+    earlier one; measured, that loses (SmolLM2, 4 bits: layer 0's keys to 8 bits
+    for two layers' values at 2: +0.70% perplexity vs uniform k4v4's +0.34%; 3 bits:
+    2-bit keys in 7 layers, +7.0% vs k4v2's +3.2%).  Here the norms decide which
+    layers get an upgrade when the budget covers only some of them.
     """
-    return key_floor(avg_bits), (4 if avg_bits >= 4 else BITS[0])
+    n = len(k_norms)
+    if len(v_norms) != n or n == 0:
+        raise ValueError("need one K and one V norm per layer")
+    if not BITS[0] <= avg_bits <= BITS[-1]:
+        raise ValueError(f"average bits must be in [{BITS[0]}, {BITS[-1]}], got {avg_bits}")
+    budget = round(avg_bits * 2 * n)
+    bits = {"k": [BITS[0]] * n, "v": [BITS[0]] * n}
+    norms = {"k": [float(x) for x in k_norms], "v": [float(x) for x in v_norms]}
+    used = 2 * BITS[0] * n
+    for side, frm, to in TIERS:
+        for i in sorted(range(n), key=lambda i: -norms[side][i]):
+            if bits[side][i] == frm and used + to - frm <= budget:
+                bits[side][i] = to
+                used += to - frm
+    return list(zip(bits["k"], bits["v"]))
 
 
-def key_floor(avg_bits: float) -> int:
-    """Fewest key bits kvmix-auto gives a layer: 4 whenever the budget affords k4v2 everywhere.
-
-    The error model ``norm^2 * 2^-2b`` treats a 2-bit key like a 2-bit value of
-    the same norm; measured through vLLM they are not: uniform k2v4 is +28.5% /
-    +17.2% perplexity on SmolLM2 / Gemma-3 against k4v2's +3.2% / +3.4% at the same
-    bytes (benchmarks/results/quality.md), while the spectral ratios of those
-    layers (~1-3) predict a factor of 1-9 between the two.  A key error moves
-    every softmax weight of the row; a value error moves one summand.
-    """
-    return 4 if avg_bits >= 3 else BITS[0]
+def tier_rank(pair: tuple[int, int]) -> tuple[int, ...]:
+    """How far up :data:`TIERS` a (K, V) pair is (larger is preferred at equal bytes)."""
+    k, v = pair
+    return (min(k, 4), min(v, 4), k, v)
 
 
 def even_pairs(avg_bits: int) -> list[tuple[int, int]]:
@@ -145,34 +160,19 @@ def even_pairs(avg_bits: int) -> list[tuple[int, int]]:
     return [(k, v) for k in BITS for v in BITS if k + v == 2 * avg_bits]
 
 
-def plan_even(
-    k_norms: list[float],
-    v_norms: list[float],
-    avg_bits: int,
-    fixed_k: list[int | None] | None = None,
-    min_k: int = BITS[0],
-    min_v: int = BITS[0],
-) -> list[tuple[int, int]]:
-    """Per layer the pair of :func:`even_pairs` with the least modelled error (constant bytes per layer).
+def plan_even(avg_bits: int) -> tuple[int, int]:
+    """The equal-byte pair kvmix-auto gives every layer when vLLM needs one page size.
 
-    Keys get at least ``min_k`` bits where such a pair exists; ``fixed_k[i]``
-    pins layer ``i``'s keys where a pair allows it, else the K-favoured pair.
-
-    For models whose KV-cache manager needs one page size for all layers
-    (vLLM's hybrid manager: sliding-window + full attention).  Exact, no greedy:
-    layers do not compete for bits.
+    Among the (K, V) pairs of exactly ``avg_bits`` (:func:`even_pairs`: k4v2 /
+    k2v4, k8v2 / k2v8, k8v4 / k4v8), the one furthest up :data:`TIERS` -- so the
+    K-first uniform split.  Measured on SmolLM2 (8 windows), choosing per layer
+    by norms among the equal-byte pairs did not beat it: 6 bits, k8v4 / k4v8 by
+    the norms +0.26% perplexity vs uniform k8v4 +0.15%.
     """
     pairs = even_pairs(avg_bits)
     if not pairs:
         raise ValueError(f"no (K, V) pair from {BITS} averages {avg_bits} bits")
-    fixed_k = fixed_k or [None] * len(k_norms)
-    plan = []
-    for kn, vn, fk in zip(k_norms, v_norms, fixed_k):
-        options = [p for p in pairs if p[0] >= min_k and p[1] >= min_v] or [p for p in pairs if p[0] >= min_k] or pairs
-        if fk is not None:
-            options = [p for p in options if p[0] == fk] or [max(options)]
-        plan.append(min(options, key=lambda p: (kn**2 * 2.0 ** (-2 * p[0]) + vn**2 * 2.0 ** (-2 * p[1]), -p[0])))
-    return plan
+    return max(pairs, key=tier_rank)
 
 
 def uniform_split(avg_bits: int) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from vllm_kvmix.allocation import LayerNorms, floors, layer_norms, plan_bits
+from vllm_kvmix.allocation import LayerNorms, layer_norms, plan_tiers, qk_norm_key_scale
 from vllm_kvmix.formats import BF16_BYTES, KVFormat
 
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
@@ -28,7 +28,7 @@ def read_norms(model_dir: str | Path) -> tuple[list[LayerNorms], dict]:
     cfg = cfg.get("text_config", cfg)
     head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     weights: dict[int, dict[str, object]] = {}
-    qk_norm: set[int] = set()
+    qk_norm: dict[int, object] = {}  # layer -> k_norm weight
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
@@ -36,21 +36,24 @@ def read_norms(model_dir: str | Path) -> tuple[list[LayerNorms], dict]:
                 if m:
                     weights.setdefault(int(m.group(1)), {})[m.group(2)] = f.get_tensor(name)
                 elif _KNORM.search(name):
-                    qk_norm.add(int(_KNORM.search(name).group(1)))
+                    qk_norm[int(_KNORM.search(name).group(1))] = f.get_tensor(name).float()
     if not weights:
         raise ValueError(f"{model_dir}: no layers.N.self_attn.k_proj/v_proj weights found")
     norms = [layer_norms(weights[i]["k"], weights[i]["v"], head) for i in sorted(weights)]
     shape = {"head_size": head, "num_kv_heads": cfg["num_key_value_heads"], "num_layers": len(norms),
-             "qk_norm": [i in qk_norm for i in sorted(weights)]}
+             "qk_norm": [i in qk_norm for i in sorted(weights)],
+             # Gemma's RMSNorm scales by 1 + weight
+             "k_gain": [qk_norm_key_scale(qk_norm[i] + (1.0 if cfg.get("model_type", "").startswith("gemma") else 0.0))
+                        if i in qk_norm else None for i in sorted(weights)]}
     return norms, shape
 
 
 def report(norms: list[LayerNorms], shape: dict, avg_bits: float) -> tuple[str, list[tuple[int, int]]]:
     # the rule kvmix-auto applies at startup (vllm_kvmix.vllm.autoplan), var mode
-    min_k, min_v = floors(avg_bits)
     qk = shape.get("qk_norm") or [False] * len(norms)
-    plan = plan_bits([n.k_spectral for n in norms], [n.v_spectral for n in norms], avg_bits,
-                     [min_k if q else None for q in qk], min_k=min_k, min_v=min_v)
+    gains = shape.get("k_gain") or [None] * len(norms)
+    k_rank = [g if q else n.k_spectral for n, q, g in zip(norms, qk, gains)]
+    plan = plan_tiers(k_rank, [n.v_spectral for n in norms], avg_bits)
     d, h = shape["head_size"], shape["num_kv_heads"]
     rows = [
         "| layer | W_K spectral | W_V spectral | W_K Frobenius | W_V Frobenius | K/V spectral | k_norm | K bits | V bits |",

@@ -38,14 +38,18 @@ class StagingSlots:
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))
 
-    def on_step(self, rows: list[str], released: set[str] | frozenset[str]) -> None:
+    def on_step(self, rows: list[str], released: set[str] | frozenset[str] = frozenset()) -> None:
         """A model-runner step: release ``released`` ids, record the batch rows."""
-        for req_id in released:
+        self.release(released)
+        self.rows = list(rows)
+        self.generation += 1
+
+    def release(self, req_ids) -> None:
+        """Free the slots of finished / preempted requests (also from steps that run no tokens)."""
+        for req_id in req_ids:
             slot = self.slot_of.pop(req_id, None)
             if slot is not None:
                 self._free.append(slot)
-        self.rows = list(rows)
-        self.generation += 1
 
     def slots_for_rows(self, num_rows: int) -> list[int]:
         """Slots of the first ``num_rows`` batch rows, allocating for new requests."""

@@ -25,6 +25,11 @@ def main():
     n, lin, lout = WORKLOADS[wl]
     kw = dict(model=model, load_format="dummy", skip_tokenizer_init=True, max_model_len=lin + lout + 16,
               kv_cache_dtype=kvd, attention_backend=None if backend == "AUTO" else backend)
+    if kvd.startswith("kvmix-") and "-tok" not in kvd:
+        # page scheme: one 8-bit staging page per running sequence and layer is reserved out of the
+        # KV budget for max_num_seqs sequences (1024 by default on H100: 4.3 GiB for Llama-3.1-8B);
+        # the workload never runs more than n at once
+        kw["max_num_seqs"] = n
     if wl == "cap":
         kw["kv_cache_memory_bytes"] = 4 << 30
     else:
@@ -42,6 +47,7 @@ def main():
     ntok = sum(len(o.outputs[0].token_ids) for o in outs)
     cfg = llm.llm_engine.vllm_config.cache_config
     row = dict(kv_cache_dtype=kvd, backend=backend, workload=wl, blocks=cfg.num_gpu_blocks,
+               max_num_seqs=llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
                block_size=cfg.block_size, out_tok_s=round(ntok / (t3 - t2), 1), init_s=round(t1 - t0, 1),
                gen_s=round(t3 - t2, 2))
     if wl == "tpot":  # one request: generation time over its decode tokens (prefill included once)

@@ -62,16 +62,16 @@ def bits_per_element(kv_cache_dtype: str, head_size: int, context: int) -> float
 
 
 def auto_variant(label: str | None) -> tuple[str, dict]:
-    """``kvmix-auto-b6@even,floor2,nohybrid`` -> (name, engine kwargs); sets kvmix-auto's experiment knobs.
+    """``kvmix-auto-b6@even,paper,nohybrid`` -> (name, engine kwargs); sets kvmix-auto's experiment knobs.
 
-    ``even`` / ``var``: force the allocation mode; ``floorN`` / ``vfloorN``: fewest
-    key / value bits N (``floor2,vfloor2``: the paper's rule unchanged); ``nohybrid``: vLLM's hybrid KV-cache
+    ``even`` / ``var``: force the allocation mode; ``paper`` / ``tiers``: the
+    allocation rule (``paper``: the paper's greedy unchanged); ``nohybrid``: vLLM's hybrid KV-cache
     manager off (one KV-cache group, so per-layer page sizes on sliding-window
     models).  ``None`` resets the knobs.
     """
     from vllm_kvmix.vllm import autoplan
 
-    autoplan.MODE_OVERRIDE = autoplan.KEY_FLOOR_OVERRIDE = autoplan.VALUE_FLOOR_OVERRIDE = None
+    autoplan.MODE_OVERRIDE = autoplan.RULE_OVERRIDE = None
     if label is None:
         return "", {}
     name, _, opts = label.partition("@")
@@ -79,10 +79,8 @@ def auto_variant(label: str | None) -> tuple[str, dict]:
     for opt in filter(None, opts.split(",")):
         if opt in ("even", "var"):
             autoplan.MODE_OVERRIDE = opt
-        elif opt.startswith("floor"):
-            autoplan.KEY_FLOOR_OVERRIDE = int(opt.removeprefix("floor"))
-        elif opt.startswith("vfloor"):
-            autoplan.VALUE_FLOOR_OVERRIDE = int(opt.removeprefix("vfloor"))
+        elif opt in ("paper", "tiers"):
+            autoplan.RULE_OVERRIDE = opt
         elif opt == "nohybrid":
             extra["disable_hybrid_kv_cache_manager"] = True
         else:

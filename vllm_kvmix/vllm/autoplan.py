@@ -15,14 +15,14 @@ each attention layer with a ``kvmix-auto[-bB]`` placeholder it
    ``even`` mode (one page size, per layer the best of the equal-byte pairs, e.g.
    k4v2 / k2v4; for hybrid sliding-window + full-attention models, whose
    KV-cache manager needs one page size);
-3. keys get at least 4 bits when the budget affords it
-   and values at least 4 when it affords k4v4 (:func:`vllm_kvmix.allocation.floors`,
-   from measured quality); layers
-   that RMS-normalize keys after the projection (a ``k_norm`` module: Gemma-3,
-   Qwen3) keep exactly that floor and only their values are allocated by norm:
-   the normalization divides W_K's scale out, so its norm says nothing about
-   the keys (``benchmarks/quality/norm_rule.py``: on Gemma-3-270M the spectral
-   rule's K/V ratio correlates -0.53 with the measured one);
+3. upgrades kinds of sides in a measured order -- keys to 4 bits, values to 4,
+   keys to 8, values to 8 (:data:`vllm_kvmix.allocation.TIERS`) -- and within a
+   kind the layers with the larger norm first.  Layers that RMS-normalize keys
+   after the projection (a ``k_norm`` module: Gemma-3, Qwen3) rank their keys by
+   the k_norm gain's length instead of W_K's norm: the normalization divides
+   W_K's scale out (``benchmarks/quality/norm_rule.py``: on Gemma-3-270M the
+   spectral rule's K/V ratio correlates -0.53 with the measured one, and the
+   gain's length tracks the measured key length);
 4. sets the layer's ``kv_cache_dtype``, backend class and impl format to the
    concrete ``kvmix-kXvY`` and logs the plan as a table.
 """
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvmix.allocation import floors, group_norms, plan_bits, plan_even, uniform_split
+from vllm_kvmix.allocation import group_norms, plan_bits, plan_even, plan_tiers, qk_norm_key_scale, uniform_split
 from vllm_kvmix.formats import AutoFormat, KVFormat, is_auto, parse_any
 
 # A fixed plan [(K bits, V bits)] per layer for experiments (benchmarks/quality);
@@ -43,9 +43,8 @@ OVERRIDE: list[tuple[int, int]] | None = None
 MODE_OVERRIDE: str | None = None
 # The plan of the last resolve() in this process: [(layer name, K bits, V bits)] (harness, tests).
 LAST_PLAN: list[tuple[str, int, int]] | None = None
-# Fewest key / value bits (experiments; 2 and 2 = the paper's rule unchanged); None: allocation.floors.
-KEY_FLOOR_OVERRIDE: int | None = None
-VALUE_FLOOR_OVERRIDE: int | None = None
+# "tiers" (default, allocation.plan_tiers) or "paper" (allocation.plan_bits, the paper's greedy).
+RULE_OVERRIDE: str | None = None
 
 
 @dataclass
@@ -56,6 +55,7 @@ class LayerRow:
     k_frobenius: float
     v_frobenius: float
     qk_norm: bool
+    k_gain: float | None = None  # length of the k_norm gain (q/k-norm layers)
     k_bits: int = 0
     v_bits: int = 0
 
@@ -146,7 +146,7 @@ def _reduce(t: torch.Tensor, op: str) -> torch.Tensor:
 
 def layer_rows(model, layers: dict, reduce=_reduce) -> list[LayerRow]:
     """Norms of every auto layer, reduced across tensor-parallel ranks (``reduce(t, "max"|"sum")``)."""
-    spec_k, spec_v, fro_k, fro_v, qk = [], [], [], [], []
+    spec_k, spec_v, fro_k, fro_v, qk, gains = [], [], [], [], [], []
     for name, layer in layers.items():
         (ks, kf, vs, vf), replicas, k_norm = layer_kv_norms(model, name, layer)
         spec_k.append(ks.max())
@@ -155,14 +155,21 @@ def layer_rows(model, layers: dict, reduce=_reduce) -> list[LayerRow]:
         fro_k.append(kf.square().sum() / replicas)
         fro_v.append(vf.square().sum() / replicas)
         qk.append(k_norm is not None)
+        gains.append(None if k_norm is None else qk_norm_key_scale(k_norm_gain(k_norm)))
     sk = reduce(torch.stack(spec_k).float().cpu(), "max")
     sv = reduce(torch.stack(spec_v).float().cpu(), "max")
     fk = reduce(torch.stack(fro_k).float().cpu(), "sum").sqrt()
     fv = reduce(torch.stack(fro_v).float().cpu(), "sum").sqrt()
     return [
-        LayerRow(n, float(a), float(b), float(c), float(d), q)
-        for n, a, b, c, d, q in zip(layers, sk, sv, fk, fv, qk)
+        LayerRow(n, float(a), float(b), float(c), float(d), q, g)
+        for n, a, b, c, d, q, g in zip(layers, sk, sv, fk, fv, qk, gains)
     ]
+
+
+def k_norm_gain(module) -> torch.Tensor:
+    """The per-channel gain a k_norm module applies (Gemma's RMSNorm scales by ``1 + weight``)."""
+    w = module.weight.detach().float()
+    return w + 1.0 if "Gemma" in type(module).__name__ else w
 
 
 def choose_mode(layers: dict, vllm_config) -> str:
@@ -179,50 +186,53 @@ def choose_mode(layers: dict, vllm_config) -> str:
     return "even"
 
 
-def floor_bits(auto: AutoFormat) -> tuple[int, int]:
-    k, v = floors(auto.avg_bits)
-    return (KEY_FLOOR_OVERRIDE if KEY_FLOOR_OVERRIDE is not None else k,
-            VALUE_FLOOR_OVERRIDE if VALUE_FLOOR_OVERRIDE is not None else v)
+def rule() -> str:
+    return RULE_OVERRIDE or "tiers"
 
 
 def plan_rows(rows: list[LayerRow], auto: AutoFormat, mode: str) -> None:
-    floor, vfloor = floor_bits(auto)
-    fixed_k = [floor if r.qk_norm else None for r in rows]
     k = [r.k_spectral for r in rows]
     v = [r.v_spectral for r in rows]
     if OVERRIDE is not None:
         if len(OVERRIDE) != len(rows):
             raise ValueError(f"kvmix-auto: override plan has {len(OVERRIDE)} layers, the model {len(rows)}")
         plan = list(OVERRIDE)
-    elif mode == "var":
-        plan = plan_bits(k, v, auto.avg_bits, fixed_k, min_k=floor, min_v=vfloor)
+    elif mode == "even":
+        plan = [plan_even(auto.avg_bits)] * len(rows)
+    elif rule() == "paper":  # q/k-norm layers' keys at 4 bits: W_K's norm says nothing about them
+        plan = plan_bits(k, v, auto.avg_bits, [4 if r.qk_norm else None for r in rows])
     else:
-        plan = plan_even(k, v, auto.avg_bits, fixed_k, min_k=floor, min_v=vfloor)
+        k_rank = [r.k_gain if r.qk_norm else r.k_spectral for r in rows]
+        plan = plan_tiers(k_rank, v, auto.avg_bits)
     for r, (kb, vb) in zip(rows, plan):
         r.k_bits, r.v_bits = kb, vb
 
 
 def plan_table(rows: list[LayerRow], auto: AutoFormat, mode: str, head_size: int) -> list[str]:
     qk = any(r.qk_norm for r in rows)
-    rule = (
-        "fixed plan (override)"
-        if OVERRIDE is not None
-        else "spectral norms (greedy on norm^2 * 2^-2b), keys >= {} and values >= {} bits".format(*floor_bits(auto))
-    )
+    if OVERRIDE is not None:
+        how = "fixed plan (override)"
+    elif mode == "even":
+        how = "the K-first equal-byte pair on every layer"
+    elif rule() == "paper":
+        how = "the paper's greedy on norm^2 * 2^-2b (spectral norms)"
+    else:
+        how = "upgrades K->4, V->4, K->8, V->8 in turn, larger spectral norm first"
     lines = [
         f"kvmix: {auto.name}: {auto.avg_bits} bits/element on average over K and V, {len(rows)} layers, "
-        f"{'per-layer page sizes' if mode == 'var' else 'one page size (equal-byte pairs per layer)'}; rule: {rule}",
+        f"{'per-layer page sizes' if mode == 'var' else 'one page size (hybrid KV-cache manager)'}; rule: {how}",
     ]
-    if qk and OVERRIDE is None:
+    if qk and OVERRIDE is None and mode == "var":
         lines.append(
-            f"kvmix: layers with k_norm (keys RMS-normalized after W_K) keep k{floor_bits(auto)[0]}: "
-            "W_K's norm does not bound their keys; only their values are allocated by norm"
+            "kvmix: layers with k_norm (keys RMS-normalized after W_K): keys ranked by the k_norm gain's "
+            "length, not W_K's norm (the normalization divides W_K's scale out)"
         )
-    lines.append("kvmix: layer | W_K spectral | W_V spectral | W_K Frobenius | W_V Frobenius | k_norm | format")
+    lines.append("kvmix: layer | W_K spectral | W_V spectral | W_K Frobenius | W_V Frobenius | k_norm gain | format")
     for r in rows:
+        gain = "-" if r.k_gain is None else f"{r.k_gain:.3g}"
         lines.append(
             f"kvmix: {r.name} | {r.k_spectral:.3g} | {r.v_spectral:.3g} | {r.k_frobenius:.3g} | "
-            f"{r.v_frobenius:.3g} | {'yes' if r.qk_norm else 'no'} | {KVFormat(r.k_bits, r.v_bits).name}"
+            f"{r.v_frobenius:.3g} | {gain} | {KVFormat(r.k_bits, r.v_bits).name}"
         )
     uk, uv = uniform_split(auto.avg_bits)
     total = sum(KVFormat(r.k_bits, r.v_bits).bytes_per_token_head(head_size) for r in rows)

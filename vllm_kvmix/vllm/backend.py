@@ -70,7 +70,8 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         self.heads = None
         self.fmt = parse_format(kv_cache_spec.kvmix_format)
         self.stage_slots = vllm_config.scheduler_config.max_num_seqs if self.fmt.staged else 0
-        self._generation = -1
+        # builds before the first announced step (profiling, warm-up, graph capture) are dummies
+        self._generation = SLOTS.generation
         if self.fmt.staged and device.type not in ("cpu", "cuda"):
             raise NotImplementedError(f"{self.fmt.name}: runs on CPU and CUDA, not {device.type}")
         if self.fmt.staged and vllm_config.speculative_config is not None:

@@ -212,35 +212,71 @@ def staging_bytes(layer_specs: dict, max_num_seqs: int) -> int:
 def patch_step_requests() -> None:
     """Tell :data:`vllm_kvmix.staging.SLOTS` about every model-runner step.
 
-    Wraps ``GPUModelRunner._update_states`` (the CPU runner inherits it): after
-    it, ``input_batch.req_ids`` lists the requests in the row order of this
-    step's attention metadata, and the scheduler output names the requests
-    finished or preempted (whose staging slots are free again).  Attention
-    metadata carries no request ids in 0.26.  Remove when it does.
+    vLLM 0.26 has two GPU model runners; attention metadata carries no request
+    ids in either.  Remove both wraps when it does.
+
+    * ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states`` (V1; the
+      CPU runner inherits it): afterwards ``input_batch.req_ids`` lists the
+      requests in the row order of this step's attention metadata.
+    * ``vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_inputs`` (V2, the
+      default on CUDA): returns the step's ``InputBatch`` whose ``req_ids`` are
+      in row order; dummy runs build theirs with ``InputBatch.make_dummy`` and
+      never come here.  Its ``finish_requests`` runs in every step, also in
+      steps that schedule no tokens (vLLM's warm-up finishes its fake requests
+      in one): the slots are released there.
+
+    The finished and preempted ids (whose staging slots are free again) come
+    from the scheduler output.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_kvmix.staging import SLOTS
 
+    def released_ids(scheduler_output) -> set:
+        return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+
     original = GPUModelRunner._update_states
-    if getattr(original, "_kvmix_patched", False):
+    if not getattr(original, "_kvmix_patched", False):
+
+        @functools.wraps(original)
+        def _update_states(self, scheduler_output):
+            released = released_ids(scheduler_output)
+            result = original(self, scheduler_output)
+            batch = self.input_batch
+            SLOTS.on_step(batch.req_ids[: batch.num_reqs], released)
+            return result
+
+        _update_states._kvmix_patched = True
+        GPUModelRunner._update_states = _update_states
+
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+    except ImportError:  # a build without the V2 runner (vLLM CPU wheels import it fine)
         return
+    original_v2 = RunnerV2.prepare_inputs
+    if getattr(original_v2, "_kvmix_patched", False):
+        return
+    original_finish = RunnerV2.finish_requests
 
-    @functools.wraps(original)
-    def _update_states(self, scheduler_output):
-        released = set(scheduler_output.finished_req_ids)
-        released |= set(scheduler_output.preempted_req_ids or ())
-        result = original(self, scheduler_output)
-        batch = self.input_batch
-        SLOTS.on_step(batch.req_ids[: batch.num_reqs], released)
-        return result
+    @functools.wraps(original_finish)
+    def finish_requests(self, scheduler_output):
+        SLOTS.release(released_ids(scheduler_output))
+        return original_finish(self, scheduler_output)
 
-    _update_states._kvmix_patched = True
-    GPUModelRunner._update_states = _update_states
+    @functools.wraps(original_v2)
+    def prepare_inputs(self, scheduler_output, *args, **kwargs):
+        batch = original_v2(self, scheduler_output, *args, **kwargs)
+        SLOTS.on_step(list(batch.req_ids[: batch.num_reqs]))
+        return batch
+
+    finish_requests._kvmix_patched = True
+    prepare_inputs._kvmix_patched = True
+    RunnerV2.finish_requests = finish_requests
+    RunnerV2.prepare_inputs = prepare_inputs
 
 
 def patch_auto_plan() -> None:
-    """Resolve ``kvmix-auto`` layers to concrete formats in ``GPUModelRunner.get_kv_cache_spec``.
+    """Resolve ``kvmix-auto`` layers to concrete formats in the model runners' ``get_kv_cache_spec``.
 
     The first call after the weights load and before any KV-cache spec exists
     (the CPU runner inherits it; every worker calls it): the plan needs the
@@ -250,19 +286,30 @@ def patch_auto_plan() -> None:
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner.get_kv_cache_spec
-    if getattr(original, "_kvmix_patched", False):
-        return
+    runners = [GPUModelRunner]
+    try:  # the V2 runner (the default on CUDA in 0.26) has its own get_kv_cache_spec
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
 
-    @functools.wraps(original)
-    def get_kv_cache_spec(self):
-        from vllm_kvmix.vllm import autoplan
+        runners.append(RunnerV2)
+    except ImportError:
+        pass
+    for runner in runners:
+        original = runner.get_kv_cache_spec
+        if getattr(original, "_kvmix_patched", False):
+            continue
 
-        autoplan.resolve(self)
-        return original(self)
+        def make(original):
+            @functools.wraps(original)
+            def get_kv_cache_spec(self):
+                from vllm_kvmix.vllm import autoplan
 
-    get_kv_cache_spec._kvmix_patched = True
-    GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
+                autoplan.resolve(self)
+                return original(self)
+
+            get_kv_cache_spec._kvmix_patched = True
+            return get_kv_cache_spec
+
+        runner.get_kv_cache_spec = make(original)
 
 
 def patch_stash_qkv_norms() -> None:

@@ -79,7 +79,7 @@ def auto_variant(label: str | None) -> tuple[str, dict]:
     for opt in filter(None, opts.split(",")):
         if opt in ("even", "var"):
             autoplan.MODE_OVERRIDE = opt
-        elif opt in ("paper", "tiers"):
+        elif opt in ("paper", "tiers", "reverse"):
             autoplan.RULE_OVERRIDE = opt
         elif opt == "nohybrid":
             extra["disable_hybrid_kv_cache_manager"] = True

@@ -43,7 +43,8 @@ OVERRIDE: list[tuple[int, int]] | None = None
 MODE_OVERRIDE: str | None = None
 # The plan of the last resolve() in this process: [(layer name, K bits, V bits)] (harness, tests).
 LAST_PLAN: list[tuple[str, int, int]] | None = None
-# "tiers" (default, allocation.plan_tiers) or "paper" (allocation.plan_bits, the paper's greedy).
+# "tiers" (default, allocation.plan_tiers), "paper" (allocation.plan_bits, the paper's greedy) or
+# "reverse" (the tiers, smallest norm first: a control for whether the norms' order matters).
 RULE_OVERRIDE: str | None = None
 
 
@@ -203,6 +204,8 @@ def plan_rows(rows: list[LayerRow], auto: AutoFormat, mode: str) -> None:
         plan = plan_bits(k, v, auto.avg_bits, [4 if r.qk_norm else None for r in rows])
     else:
         k_rank = [r.k_gain if r.qk_norm else r.k_spectral for r in rows]
+        if rule() == "reverse":  # control experiment: the tiers with the smallest norms first
+            k_rank, v = [-x for x in k_rank], [-x for x in v]
         plan = plan_tiers(k_rank, v, auto.avg_bits)
     for r, (kb, vb) in zip(rows, plan):
         r.k_bits, r.v_bits = kb, vb

@@ -25,22 +25,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from vllm_kvmix.formats import PAGE_TOKENS, parse_format  # noqa: E402
 from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from decode_bench import PEER_BS, bench, copy_bw  # noqa: E402
+from decode_bench import peers as fa_peers  # noqa: E402
+
 dev = "cuda"
 HQ, HKV, D = 32, 8, 128
 FORMATS = ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"]
 SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (16, 32768),
           (64, 1024), (64, 8192), (64, 32768), (256, 1024), (256, 8192)]
-PEER_BS = 16
-
-
-def bench(f):
-    return triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
-
-
-def copy_bw():
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    return 2 * x.numel() / (bench(lambda: y.copy_(x)) * 1e-3) / 1e9
 
 
 def random_pages(n, nbytes, metas, gen):
@@ -75,29 +68,12 @@ def kvmix_bytes(fmt, B, seq):
 
 
 def peers(B, L, q, out, gen):
-    res = {}
+    """FA3 bf16 / fp8 and vLLM's Triton bf16 (decode_bench.peers), plus vLLM's int4_per_token_head."""
+    res = fa_peers(B, L, q, out, gen)
     nb = B * L // PEER_BS
-    k = torch.randn(nb, PEER_BS, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
-    v = torch.randn_like(k)
     bt = torch.randperm(nb, device=dev, dtype=torch.int32, generator=gen).view(B, L // PEER_BS)
     cu_q = torch.arange(B + 1, device=dev, dtype=torch.int32)
     seq = torch.full((B,), L, device=dev, dtype=torch.int32)
-    kv_bytes = 2 * B * L * HKV * D
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-
-        f = lambda: flash_attn_varlen_func(q, k, v, 1, cu_q, L, seqused_k=seq, softmax_scale=D**-0.5,  # noqa: E731
-                                           causal=True, block_table=bt, out=out, fa_version=3)
-        res["fa3_bf16"] = (bench(f), kv_bytes * 2)
-        k8, v8, q8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), q.to(torch.float8_e4m3fn)
-        one = torch.ones(B, HKV, device=dev, dtype=torch.float32)
-        f8 = lambda: flash_attn_varlen_func(q8, k8, v8, 1, cu_q, L, seqused_k=seq, softmax_scale=D**-0.5,  # noqa: E731
-                                            causal=True, block_table=bt, out=out, fa_version=3,
-                                            q_descale=one, k_descale=one, v_descale=one)
-        res["fa3_fp8"] = (bench(f8), kv_bytes)
-    except Exception as e:  # noqa: BLE001
-        print("FA3 unavailable:", repr(e)[:300], flush=True)
-    del k, v
     try:
         from vllm.v1.attention.backends.triton_attn import MIN_LAUNCH_GRID_SIZE_2D, TritonAttentionImpl
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
@@ -163,7 +139,7 @@ def main():
                 page_mod.LAUNCH.clear()
                 page_mod.LAUNCH.update(saved)
 
-            def full_step():  # one layer's share of a step (the plan is built once per step, not timed)
+            def full_step(cache=cache, stage=stage):  # one layer's share of a step (plan built once per step)
                 s2 = PageStep(k, cache, stage, fmt, slots, bt, plan)
                 s2.write(k, v)
                 s2.attend(q, out, D**-0.5)

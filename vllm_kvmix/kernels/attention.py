@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from vllm_kvmix.formats import KVFormat
-from vllm_kvmix.kernels.codec import decode_tile
+from vllm_kvmix.kernels.codec import decode_tile, rotate_store, softmax_step
 
 
 @triton.jit
@@ -96,11 +96,7 @@ def _paged_attention_kernel(
         if USE_WINDOW:
             ok = ok & (pos[:, None] - kpos[None, :] < window)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        pr, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
         if IEEE_DOT:
             pv = tl.dot(pr, v, input_precision="ieee")
         else:
@@ -120,11 +116,12 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _combine_kernel(
-    out_ptr, ws_acc_ptr, ws_ml_ptr, qsl_ptr, qb_req_ptr, qb_tok_ptr, num_splits,
+    out_ptr, ws_acc_ptr, ws_ml_ptr, qsl_ptr, qb_req_ptr, qb_tok_ptr, num_splits, rot_ptr,
     stride_ot, stride_oh,
     D: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
-    """Merge the split-K partials of one (query block, KV head)."""
+    """Merge the split-K partials of one (query block, KV head); ``ROTATE``: output @ H (page scheme)."""
     qb = tl.program_id(0)
     kvh = tl.program_id(1)
     req = tl.load(qb_req_ptr + qb)
@@ -154,8 +151,11 @@ def _combine_kernel(
         acc = acc * c_old[:, None] + a_s * c_s[:, None]
         m_all = m_new
     o = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if ROTATE:
+        rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D)
+    else:
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @functools.cache
@@ -260,7 +260,7 @@ def paged_attention(
     )
     if num_splits > 1:
         _combine_kernel[(nqb, h)](
-            out, ws_acc, ws_ml, qsl, qb_req, qb_tok, num_splits, out.stride(0), out.stride(1),
-            D=d, REP=rep, REP_P=rep_p, BLOCK_Q=bq,
+            out, ws_acc, ws_ml, qsl, qb_req, qb_tok, num_splits, out, out.stride(0), out.stride(1),
+            D=d, REP=rep, REP_P=rep_p, BLOCK_Q=bq, ROTATE=False,
         )
     return out

@@ -2,7 +2,9 @@
 
 ``encode_token`` turns one token's ``[D]`` vector into packed codes + fp16
 (scale, minimum) per group and stores them; ``decode_tile`` loads a
-``[TILE, D]`` tile of one page back as fp32.  Bit-for-bit the same arithmetic
+``[TILE, D]`` tile of one page back as fp32.  Also the pieces both attention
+kernels share: ``softmax_step`` (online softmax) and ``rotate_store`` (output
+times the Hadamard matrix, for rotated values).  Bit-for-bit the same arithmetic
 as :func:`vllm_kvmix.quant.quantize` (fp16-rounded metadata, round half up,
 IEEE division), so kernel and reference agree exactly.
 """
@@ -97,3 +99,29 @@ def decode_tile(
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (TILE, G, GROUP)), (TILE, D))
     mn = tl.reshape(tl.broadcast_to(mn[:, :, None], (TILE, G, GROUP)), (TILE, D))
     return code.to(tl.float32) * scale + mn
+
+
+@triton.jit
+def softmax_step(s, m_i, l_i):
+    """One online-softmax step over a tile of scores ``s[M, N]`` (-inf where masked).
+
+    Returns the tile's probabilities (relative to the new running max), the
+    factor that rescales the old accumulator, the new max and the new sum.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    pr = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return pr, alpha, m_new, l_i * alpha + tl.sum(pr, axis=1)
+
+
+@triton.jit
+def rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D: tl.constexpr):
+    """``out[tok, head, :] = o @ H``, one 64-column block of H at a time (H of D=256 is 256 KiB)."""
+    d = tl.arange(0, D)
+    c = tl.arange(0, 64)
+    for g in tl.static_range(D // 64):
+        h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
+        og = tl.dot(o, h_g, input_precision="ieee")
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + g * 64 + c[None, :],
+                 og.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -21,6 +21,7 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
 3. ``_page_attention_kernel`` (query blocks x KV heads x splits): a query at
    position ``p`` reads pages before ``p // 64`` packed and its own page from
    the 8-bit copy; the output is rotated back (``o @ H``) at the end;
+   (split-K partials merged by ``attention._combine_kernel`` with ``ROTATE``);
 4. ``_keep_partial_kernel`` (requests x KV heads): a last page that is still
    partial and lives in scratch is copied into the slot for the next step
    (after attention, which may still read the slot's old page).
@@ -38,8 +39,8 @@ import triton
 import triton.language as tl
 
 from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
-from vllm_kvmix.kernels.attention import block_q_for, num_splits_for, plan_query_blocks
-from vllm_kvmix.kernels.codec import _unpack, decode_tile
+from vllm_kvmix.kernels.attention import _combine_kernel, block_q_for, num_splits_for, plan_query_blocks
+from vllm_kvmix.kernels.codec import _unpack, decode_tile, rotate_store, softmax_step
 from vllm_kvmix.quant import hadamard
 
 FP16_MAX = tl.constexpr(65504.0)
@@ -115,18 +116,6 @@ def _store_group(base_ptr, page_off, off, row_mask, codes, scale16, mn16, g,
     meta = (page_ptr[:, None] + META_OFF + off[:, None] * (G * 4) + g * 4).to(tl.pointer_type(tl.float16))
     tl.store(meta, scale16, mask=row_mask[:, None])
     tl.store(meta + 1, mn16, mask=row_mask[:, None])
-
-
-@triton.jit
-def _rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D: tl.constexpr):
-    """``out[tok, head, :] = o @ H``, one 64-column block of H at a time (H of D=256 is 256 KiB)."""
-    d = tl.arange(0, D)
-    c = tl.arange(0, 64)
-    for g in tl.static_range(D // 64):
-        h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
-        og = tl.dot(o, h_g, input_precision="ieee")
-        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + g * 64 + c[None, :],
-                 og.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -349,11 +338,7 @@ def _page_attention_kernel(
         if USE_WINDOW:
             ok = ok & (pos[:, None] - kpos[None, :] < window)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        pr, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
         vq = decode_tile(page, t, t < P, D, V_BITS, 64, V_CODES, V_META)
         acc = acc * alpha[:, None] + _dot(pr, vq, IEEE_DOT, DT)
         m_i = m_new
@@ -363,18 +348,18 @@ def _page_attention_kernel(
         kpos = p * P + t
         t_ok = kpos < hi
         own_here = own[:, None] == p
+        blk = tl.load(block_table_ptr + req * stride_bt + p).to(tl.int64)
+        page = cache_ptr + blk * stride_cb + kvh * stride_ch  # packed: for rows further on
+        jj = p - first_touched
+        if jj == 0:  # the 8-bit copy: the slot for the step's first page, scratch after it
+            src = stage_ptr + slot * stride_ss + kvh * stride_sh
+        else:
+            src = scratch_ptr + (sbase + jj - 1) * stride_xs + kvh * stride_xh
         s = tl.zeros([BLOCK_M, P], tl.float32)
         if p < own_hi:  # some row reads this page packed
-            blk = tl.load(block_table_ptr + req * stride_bt + p).to(tl.int64)
-            page = cache_ptr + blk * stride_cb + kvh * stride_ch
             kq = _decode_channel_tile(page, t, t_ok, D, K_BITS, K_CODES, K_META)
             s = _dot(q, tl.trans(kq), IEEE_DOT, DT)
-        if p >= own_lo:  # some row's own page: its 8-bit copy
-            jj = p - first_touched
-            if jj == 0:
-                src = stage_ptr + slot * stride_ss + kvh * stride_sh
-            else:
-                src = scratch_ptr + (sbase + jj - 1) * stride_xs + kvh * stride_xh
+        if p >= own_lo:  # some row's own page
             k8 = decode_tile(src, t, t_ok, D, 8, 64, 0, SK_META)
             s = tl.where(own_here, _dot(q, tl.trans(k8), IEEE_DOT, DT), s)
         s = s * scale
@@ -384,23 +369,12 @@ def _page_attention_kernel(
         if USE_WINDOW:
             ok = ok & (pos[:, None] - kpos[None, :] < window)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        pr, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
         pv = tl.zeros([BLOCK_M, D], tl.float32)
         if p < own_hi:
-            blk = tl.load(block_table_ptr + req * stride_bt + p).to(tl.int64)
-            page = cache_ptr + blk * stride_cb + kvh * stride_ch
             vq = decode_tile(page, t, t_ok, D, V_BITS, 64, V_CODES, V_META)
             pv = _dot(tl.where(own_here, 0.0, pr), vq, IEEE_DOT, DT)
         if p >= own_lo:
-            jj = p - first_touched
-            if jj == 0:
-                src = stage_ptr + slot * stride_ss + kvh * stride_sh
-            else:
-                src = scratch_ptr + (sbase + jj - 1) * stride_xs + kvh * stride_xh
             v8 = decode_tile(src, t, t_ok, D, 8, 64, SV_CODES, SV_META)
             pv += _dot(tl.where(own_here, pr, 0.0), v8, IEEE_DOT, DT)
         acc = acc * alpha[:, None] + pv
@@ -412,46 +386,7 @@ def _page_attention_kernel(
         tl.store(ws_ml_ptr + (base * BLOCK_M + m) * 2 + 1, l_i)
     else:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        _rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D)  # values were stored rotated
-
-
-@triton.jit
-def _combine_rotate_kernel(
-    out_ptr, ws_acc_ptr, ws_ml_ptr, rot_ptr, qsl_ptr, qb_req_ptr, qb_tok_ptr, num_splits,
-    stride_ot, stride_oh,
-    D: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-):
-    """Merge the split-K partials of one (query block, KV head) and rotate the output back."""
-    qb = tl.program_id(0)
-    kvh = tl.program_id(1)
-    req = tl.load(qb_req_ptr + qb)
-    tok0 = tl.load(qb_tok_ptr + qb)
-    q_end = tl.load(qsl_ptr + req + 1)
-    BLOCK_M: tl.constexpr = BLOCK_Q * REP_P
-    m = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
-    tok = tok0 + m // REP_P
-    r = m % REP_P
-    row_ok = (tok < q_end) & (r < REP)
-    head = kvh * REP + r
-    m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_all = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    base0 = (qb * tl.num_programs(1) + kvh) * num_splits
-    for s in range(num_splits):
-        row = (base0 + s) * BLOCK_M + m
-        m_s = tl.load(ws_ml_ptr + row * 2)
-        l_s = tl.load(ws_ml_ptr + row * 2 + 1)
-        a_s = tl.load(ws_acc_ptr + row[:, None] * D + d[None, :])
-        m_new = tl.maximum(m_all, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        c_old = tl.exp(m_all - m_safe)
-        c_s = tl.exp(m_s - m_safe)
-        l_all = l_all * c_old + l_s * c_s
-        acc = acc * c_old[:, None] + a_s * c_s[:, None]
-        m_all = m_new
-    o = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
-    _rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D)
+        rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D)  # values were stored rotated
 
 
 # Launch options (benchmarks may sweep them).
@@ -571,9 +506,9 @@ class PageStep:
             IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **LAUNCH,
         )
         if num_splits > 1:
-            _combine_rotate_kernel[(nqb, h)](
-                out, ws_acc, ws_ml, self.rot, self.plan.qsl, qb_req, qb_tok, num_splits,
-                out.stride(0), out.stride(1), D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq,
+            _combine_kernel[(nqb, h)](
+                out, ws_acc, ws_ml, self.plan.qsl, qb_req, qb_tok, num_splits, self.rot,
+                out.stride(0), out.stride(1), D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, ROTATE=True,
             )
 
     def keep(self) -> None:

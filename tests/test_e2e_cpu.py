@@ -6,6 +6,7 @@ alice29.txt: bf16 20.51, k8v8 20.66 (+0.7%), k4v2 31.47 (+53%).
 """
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -146,21 +147,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_kvmix_auto_plans_at_startup_under_llm(smollm2_dir, capfd):
+def test_kvmix_auto_plans_at_startup_under_llm(smollm2_dir):
     """kvmix-auto-b5 through LLM(...): a per-layer plan from the loaded weights, logged as a table;
-    KV blocks exactly those of k8v2 (same bytes); sensible greedy text."""
-    r = evaluate.run(smollm2_dir, "kvmix-auto-b5", PROMPTS[:2], MAX_TOKENS)
-    logs = capfd.readouterr()
-    logs = logs.out + logs.err
+    KV blocks exactly those of k8v2 (same bytes); sensible greedy text.  In a child process with
+    the engine in-process (so the plan can be read back) and vLLM's INFO logs on."""
+    code = (
+        "import json\n"
+        "from vllm_kvmix import evaluate\n"
+        "from vllm_kvmix.vllm import autoplan\n"
+        f"r = evaluate.run({smollm2_dir!r}, 'kvmix-auto-b5', ['The capital of France is'], 12)\n"
+        "print('RESULT', json.dumps(dict(plan=autoplan.LAST_PLAN, blocks=r.num_blocks, "
+        "block_size=r.block_size, text=r.completions[0])))\n"
+    )
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "INFO"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    logs = p.stdout + p.stderr
+    assert p.returncode == 0, logs[-4000:]
     assert "kvmix: kvmix-auto-b5: 5 bits/element on average over K and V, 30 layers, per-layer page sizes" in logs
-    rows = [line for line in logs.splitlines() if "self_attn.attn |" in line]
-    assert len(rows) == 30
-    formats = {line.rsplit("|", 1)[1].strip() for line in rows}
-    assert len(formats) > 1 and all(f in ("kvmix-k8v4", "kvmix-k4v8", "kvmix-k4v4", "kvmix-k8v8") for f in formats)
+    assert logs.count("self_attn.attn |") == 30
+    res = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
+    formats = {f"k{k}v{v}" for _, k, v in res["plan"]}
+    assert formats == {"k8v4", "k4v4"} and len(res["plan"]) == 30  # keys to 8 bits in half the layers
     k8v2 = parse_format("kvmix-k8v2")
     staging = evaluate.MAX_NUM_SEQS * 30 * 3 * k8v2.stage_bytes_per_seq_head(64)
-    assert r.num_blocks == (evaluate.KV_BUDGET_BYTES - staging) // (r.block_size * 30 * 3 * k8v2.bytes_per_token_head(64))
-    assert "Paris" in r.completions[0]
+    page = res["block_size"] * 30 * 3 * k8v2.bytes_per_token_head(64)
+    assert res["blocks"] == (evaluate.KV_BUDGET_BYTES - staging) // page
+    assert "Paris" in res["text"]
 
 
 @pytest.mark.parametrize("dtype", ["kvmix-k4v2", "kvmix-auto"])

@@ -4,6 +4,7 @@ from vllm_kvmix.formats import (
     KVFormat,
     KVFormatError,
     all_format_names,
+    is_auto,
     is_kvmix,
     parse_format,
 )
@@ -72,7 +73,7 @@ def test_staging_bytes():
     assert parse_format("kvmix-k4v2-tok").kernel_block_size is None
 
 
-@pytest.mark.parametrize("name", all_format_names())
+@pytest.mark.parametrize("name", [n for n in all_format_names() if not is_auto(n)])
 @pytest.mark.parametrize("head_size,block_size", [(64, 16), (128, 128), (256, 32)])
 def test_layout_regions_tile_the_page(name, head_size, block_size):
     fmt = parse_format(name)
@@ -103,7 +104,12 @@ def test_block_size_alignment():
 
 def test_names_and_prefix():
     names = all_format_names()
-    assert len(set(names)) == len(names) == 9 + 9 * 3 + 9
+    # page, tok x 3 group sizes, explicit -tok-g64 spellings, kvmix-auto and -b2..b8 (b3 twice)
+    assert len(set(names)) == len(names) == 9 + 9 * 3 + 9 + 7
+    assert [n for n in names if is_auto(n)] == [
+        "kvmix-auto-b2", "kvmix-auto", "kvmix-auto-b4", "kvmix-auto-b5", "kvmix-auto-b6", "kvmix-auto-b8",
+        "kvmix-auto-b3",
+    ]
     assert "kvmix-k4v2" in names and "kvmix-k4v2-tok-g32" in names
     assert is_kvmix("kvmix-k4v2") and not is_kvmix("fp8") and not is_kvmix(None)
     with pytest.raises(KVFormatError):

@@ -73,13 +73,12 @@ def plan_bits(
     avg_bits: float,
     fixed_k: list[int | None] | None = None,
     min_k: int = BITS[0],
-    min_v: int = BITS[0],
 ) -> list[tuple[int, int]]:
     """(K bits, V bits) per layer, average over all sides <= ``avg_bits``, greedy on the error model.
 
     ``fixed_k[i]``: layer ``i``'s key bits are set (not chosen from norms); they
-    count against the budget like any other side.  ``min_k`` / ``min_v``: keys /
-    values start at this many bits (:func:`floors`) and only go up.
+    count against the budget like any other side.  ``min_k``: keys start at this
+    many bits and only go up.
     """
     n = len(k_norms)
     if len(v_norms) != n or n == 0:
@@ -88,7 +87,7 @@ def plan_bits(
         raise ValueError(f"average bits must be in [{BITS[0]}, {BITS[-1]}], got {avg_bits}")
     fixed_k = fixed_k or [None] * n
     norms = [float(x) for x in k_norms] + [float(x) for x in v_norms]
-    bits = [f or min_k for f in fixed_k] + [min_v] * n
+    bits = [f or min_k for f in fixed_k] + [BITS[0]] * n
     frozen = {i for i, f in enumerate(fixed_k) if f is not None}
     budget = round(avg_bits * 2 * n)
     used = sum(bits)

@@ -16,6 +16,46 @@ FP16_MAX = tl.constexpr(65504.0)
 
 
 @triton.jit
+def minmax_meta(mn, mx, LEVELS: tl.constexpr):
+    """fp16-rounded (scale, minimum) and the fp32 inverse scale; :func:`vllm_kvmix.quant.quantize`'s arithmetic."""
+    mn16 = mn.to(tl.float16)
+    scale16 = tl.minimum(tl.math.div_rn(mx - mn16.to(tl.float32), tl.full(mx.shape, LEVELS, tl.float32)), FP16_MAX)
+    scale16 = scale16.to(tl.float16)
+    top = mn16.to(tl.float32) + LEVELS * scale16.to(tl.float32)
+    down = (scale16.to(tl.int16, bitcast=True) - 1).to(tl.float16, bitcast=True)
+    scale16 = tl.where(top > FP16_MAX, down, scale16)
+    scale = scale16.to(tl.float32)
+    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
+    return scale16, mn16, inv
+
+
+@triton.jit
+def quant_rows(x, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """Per-token groups: ``x[R, D]`` -> codes int32 ``[R, D]``, scale16 / min16 ``[R, D // GROUP]``."""
+    R: tl.constexpr = x.shape[0]
+    D: tl.constexpr = x.shape[1]
+    G: tl.constexpr = D // GROUP
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
+    xg = tl.reshape(x, (R, G, GROUP))
+    scale16, mn16, inv = minmax_meta(tl.min(xg, axis=2), tl.max(xg, axis=2), LEVELS)
+    y = tl.floor((xg - mn16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
+    codes = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0).to(tl.int32)
+    return tl.reshape(codes, (R, D)), scale16, mn16
+
+
+@triton.jit
+def pack_rows(codes, BITS: tl.constexpr):
+    """int32 codes ``[R, D]`` -> uint8 ``[R, D * BITS // 8]``, low bits first along D."""
+    R: tl.constexpr = codes.shape[0]
+    D: tl.constexpr = codes.shape[1]
+    PER: tl.constexpr = 8 // BITS
+    c = tl.reshape(codes, (R, D // PER, PER))
+    shifts = tl.arange(0, PER) * BITS
+    return tl.sum(c << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
 def encode_token(
     x_ptr,  # *fp [D]: one token, one KV head
     head_page_ptr,  # *u8: start of the (page, kv head) byte range
@@ -28,31 +68,14 @@ def encode_token(
 ):
     G: tl.constexpr = D // GROUP
     PER: tl.constexpr = 8 // BITS
-    LEVELS: tl.constexpr = (1 << BITS) - 1
-    x = tl.load(x_ptr + tl.arange(0, D)).to(tl.float32)
-    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
-    xg = tl.reshape(x, (G, GROUP))
-    mn16 = tl.min(xg, axis=1).to(tl.float16)
-    mn = mn16.to(tl.float32)
-    mx = tl.max(xg, axis=1)
-    scale16 = tl.minimum(tl.math.div_rn(mx - mn, tl.full(mx.shape, LEVELS, tl.float32)), FP16_MAX)
-    scale16 = scale16.to(tl.float16)
-    # keep the top level inside the fp16 range: one ulp down (the scale is >= 0)
-    top = mn + LEVELS * scale16.to(tl.float32)
-    down = (scale16.to(tl.int16, bitcast=True) - 1).to(tl.float16, bitcast=True)
-    scale16 = tl.where(top > FP16_MAX, down, scale16)
-    scale = scale16.to(tl.float32)
-    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
-    y = tl.floor((xg - mn[:, None]) * inv[:, None] + 0.5)
-    codes = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0).to(tl.int32)
-    codes = tl.reshape(codes, (D // PER, PER))
-    shifts = tl.arange(0, PER) * BITS
-    packed = tl.sum(codes << shifts[None, :], axis=1).to(tl.uint8)
+    x = tl.reshape(tl.load(x_ptr + tl.arange(0, D)).to(tl.float32), (1, D))
+    codes, scale16, mn16 = quant_rows(x, BITS, GROUP)
+    packed = tl.reshape(pack_rows(codes, BITS), (D // PER,))
     tl.store(head_page_ptr + CODES_OFF + off * (D * BITS // 8) + tl.arange(0, D // PER), packed)
     meta_ptr = (head_page_ptr + META_OFF + off * (G * 4)).to(tl.pointer_type(tl.float16))
     g = tl.arange(0, G)
-    tl.store(meta_ptr + 2 * g, scale16)
-    tl.store(meta_ptr + 2 * g + 1, mn16)
+    tl.store(meta_ptr + 2 * g, tl.reshape(scale16, (G,)))
+    tl.store(meta_ptr + 2 * g + 1, tl.reshape(mn16, (G,)))
 
 
 @triton.jit

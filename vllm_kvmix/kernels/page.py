@@ -40,51 +40,18 @@ import triton.language as tl
 
 from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
 from vllm_kvmix.kernels.attention import _combine_kernel, block_q_for, num_splits_for, plan_query_blocks
-from vllm_kvmix.kernels.codec import _unpack, decode_tile, rotate_store, softmax_step
+from vllm_kvmix.kernels.codec import (
+    _unpack,
+    decode_tile,
+    minmax_meta,
+    pack_rows,
+    quant_rows,
+    rotate_store,
+    softmax_step,
+)
 from vllm_kvmix.quant import hadamard
 
-FP16_MAX = tl.constexpr(65504.0)
 P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
-
-
-@triton.jit
-def _minmax_meta(mn, mx, LEVELS: tl.constexpr):
-    """fp16-rounded (scale, minimum) and the fp32 inverse scale; :func:`vllm_kvmix.quant.quantize`'s arithmetic."""
-    mn16 = mn.to(tl.float16)
-    scale16 = tl.minimum(tl.math.div_rn(mx - mn16.to(tl.float32), tl.full(mx.shape, LEVELS, tl.float32)), FP16_MAX)
-    scale16 = scale16.to(tl.float16)
-    top = mn16.to(tl.float32) + LEVELS * scale16.to(tl.float32)
-    down = (scale16.to(tl.int16, bitcast=True) - 1).to(tl.float16, bitcast=True)
-    scale16 = tl.where(top > FP16_MAX, down, scale16)
-    scale = scale16.to(tl.float32)
-    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
-    return scale16, mn16, inv
-
-
-@triton.jit
-def _quant_rows(x, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """Per-token groups: ``x[R, D]`` -> codes int32 ``[R, D]``, scale16 / min16 ``[R, D // GROUP]``."""
-    R: tl.constexpr = x.shape[0]
-    D: tl.constexpr = x.shape[1]
-    G: tl.constexpr = D // GROUP
-    LEVELS: tl.constexpr = (1 << BITS) - 1
-    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
-    xg = tl.reshape(x, (R, G, GROUP))
-    scale16, mn16, inv = _minmax_meta(tl.min(xg, axis=2), tl.max(xg, axis=2), LEVELS)
-    y = tl.floor((xg - mn16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
-    codes = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0).to(tl.int32)
-    return tl.reshape(codes, (R, D)), scale16, mn16
-
-
-@triton.jit
-def _pack_rows(codes, BITS: tl.constexpr):
-    """int32 codes ``[R, D]`` -> uint8 ``[R, D * BITS // 8]``, low bits first along D."""
-    R: tl.constexpr = codes.shape[0]
-    D: tl.constexpr = codes.shape[1]
-    PER: tl.constexpr = 8 // BITS
-    c = tl.reshape(codes, (R, D // PER, PER))
-    shifts = tl.arange(0, PER) * BITS
-    return tl.sum(c << shifts[None, None, :], axis=2).to(tl.uint8)
 
 
 @triton.jit
@@ -94,7 +61,7 @@ def _store_rows(base_ptr, page_off, off, row_mask, codes, scale16, mn16,
     D: tl.constexpr = codes.shape[1]
     G: tl.constexpr = scale16.shape[1]
     CB: tl.constexpr = D * BITS // 8
-    packed = _pack_rows(codes, BITS)
+    packed = pack_rows(codes, BITS)
     page_ptr = base_ptr + page_off
     tl.store(page_ptr[:, None] + CODES_OFF + off[:, None] * CB + tl.arange(0, CB)[None, :], packed,
              mask=row_mask[:, None])
@@ -147,7 +114,7 @@ def _stage_kernel(
     d = tl.arange(0, D)
     k = tl.load(key_ptr + t[:, None] * stride_kt + h * stride_kh + d[None, :], mask=t_ok[:, None], other=0.0)
     v = tl.load(value_ptr + t[:, None] * stride_vt + h * stride_vh + d[None, :], mask=t_ok[:, None], other=0.0)
-    kc, ks, km = _quant_rows(k.to(tl.float32), 8, 64)
+    kc, ks, km = quant_rows(k.to(tl.float32), 8, 64)
     _store_rows(stage_ptr, slot_page, off, in_slot, kc, ks, km, 8, 0, SK_META)
     _store_rows(scratch_ptr, scratch_page, off, in_scratch, kc, ks, km, 8, 0, SK_META)
     # values: rotate and quantize one 64-channel group (= one column block of H) at a time
@@ -157,7 +124,7 @@ def _stage_kernel(
     for g in tl.static_range(G):
         h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
         vg = tl.dot(v, h_g, input_precision="ieee")
-        vc, vs, vm = _quant_rows(vg, 8, 64)
+        vc, vs, vm = quant_rows(vg, 8, 64)
         _store_group(stage_ptr, slot_page, off, in_slot, vc, vs, vm, g, D, SV_CODES, SV_META)
         _store_group(scratch_ptr, scratch_page, off, in_scratch, vc, vs, vm, g, D, SV_CODES, SV_META)
 
@@ -200,17 +167,17 @@ def _pack_kernel(
         dst = cache_ptr + dst_off
         # keys per channel over the page's 64 tokens
         K_LEVELS: tl.constexpr = (1 << K_BITS) - 1
-        ks, km, kinv = _minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
+        ks, km, kinv = minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
         y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
         kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
         CBK: tl.constexpr = D * K_BITS // 8
-        tl.store(dst + K_CODES + t[:, None] * CBK + tl.arange(0, CBK)[None, :], _pack_rows(kc, K_BITS))
+        tl.store(dst + K_CODES + t[:, None] * CBK + tl.arange(0, CBK)[None, :], pack_rows(kc, K_BITS))
         d = tl.arange(0, D)
         kmeta = (dst + K_META).to(tl.pointer_type(tl.float16))
         tl.store(kmeta + 2 * d, ks)
         tl.store(kmeta + 2 * d + 1, km)
         # values (rotated) per token, 64-channel groups
-        vc, vs, vm = _quant_rows(v8, V_BITS, 64)
+        vc, vs, vm = quant_rows(v8, V_BITS, 64)
         _store_rows(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, t < P, vc, vs, vm, V_BITS, V_CODES, V_META)
 
 

@@ -90,25 +90,26 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         if isinstance(m.causal, torch.Tensor):
             raise NotImplementedError("kvmix: per-token (dynamic) causality is not supported")
         n = m.num_reqs
-        qsl_cpu = m.query_start_loc_cpu[: n + 1]
-        plan = seq_lens_cpu = None
-        if self.heads is not None:  # plan once per batch, shared by all layers
+        qsl_cpu = m.query_start_loc_cpu[: n + 1].tolist()
+        plan = seq_lens_cpu = requests = slots = page_plan = None
+        dummy = False
+        if self.heads is None:  # CPU: the reference wants host lists
+            seq_lens_cpu = m.seq_lens[:n].cpu().tolist()
+        elif not self.fmt.staged:  # CUDA, tok scheme: plan query blocks once per batch for all layers
             from vllm_kvmix.kernels.attention import block_q_for, plan_query_blocks
 
-            block_q = block_q_for(*self.heads, m.max_query_len)
-            plan = plan_query_blocks(qsl_cpu, block_q, self.device)
-        else:
-            seq_lens_cpu = m.seq_lens[:n].cpu().tolist()
-        requests, dummy, slots, page_plan = None, False, None, None
-        if self.fmt.staged and self.heads is not None:
-            from vllm_kvmix.kernels.page import StepPlan
+            plan = plan_query_blocks(qsl_cpu, block_q_for(*self.heads, m.max_query_len), self.device)
+        if self.fmt.staged:
+            step_slots = self._step_slots(n)
+            dummy = step_slots is None
+        if self.fmt.staged and not dummy and self.heads is not None:
+            from vllm_kvmix.kernels.page import StepPlan  # plans its own query blocks
 
-            slots, dummy = self._device_slots(n)
-            plan = None  # the page kernels plan their own query blocks
+            slots = torch.tensor(step_slots, dtype=torch.int32, pin_memory=True).to(self.device, non_blocking=True)
             page_plan = StepPlan(m.query_start_loc, m.seq_lens[:n], m.num_actual_tokens, m.max_query_len,
-                                 qsl_cpu.tolist(), m.max_seq_len, *self.heads)
-        elif self.fmt.staged:
-            requests, dummy = self._request_steps(qsl_cpu.tolist(), seq_lens_cpu)
+                                 qsl_cpu, m.max_seq_len, *self.heads)
+        elif self.fmt.staged and not dummy:
+            requests = self._request_steps(qsl_cpu, seq_lens_cpu, step_slots)
         return KvmixMetadata(
             num_actual_tokens=m.num_actual_tokens,
             max_query_len=m.max_query_len,
@@ -117,7 +118,7 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping,
-            query_start_loc_cpu=qsl_cpu.tolist(),
+            query_start_loc_cpu=qsl_cpu,
             seq_lens_cpu=seq_lens_cpu,
             causal=bool(m.causal),
             plan=plan,
@@ -128,26 +129,21 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             dummy=dummy,
         )
 
-    def _device_slots(self, n: int) -> tuple[torch.Tensor | None, bool]:
-        """CUDA: the staging slot of each of the ``n`` requests, as a device tensor (no device reads)."""
+    def _step_slots(self, n: int) -> list[int] | None:
+        """The staging slot of each of the ``n`` requests; None for a dummy build (no step announced since the last)."""
         SLOTS.configure(self.stage_slots)
         if SLOTS.generation == self._generation:
-            return None, True
+            return None
         self._generation = SLOTS.generation
-        slots = torch.tensor(SLOTS.slots_for_rows(n), dtype=torch.int32, pin_memory=True)
-        return slots.to(self.device, non_blocking=True), False
+        return SLOTS.slots_for_rows(n)
 
-    def _request_steps(self, qsl: list[int], seq_lens: list[int]) -> tuple[list[RequestStep] | None, bool]:
-        SLOTS.configure(self.stage_slots)
-        if SLOTS.generation == self._generation:
-            return None, True  # no step announced since our last build: a dummy run
-        self._generation = SLOTS.generation
-        slots = SLOTS.slots_for_rows(len(seq_lens))
+    @staticmethod
+    def _request_steps(qsl: list[int], seq_lens: list[int], slots: list[int]) -> list[RequestStep]:
         steps = []
         for b, (seq, slot) in enumerate(zip(seq_lens, slots)):
             q0, q1 = qsl[b], qsl[b + 1]
             steps.append(RequestStep(q0=q0, q1=q1, ctx=seq - (q1 - q0), seq=seq, slot=slot))
-        return steps, False
+        return steps
 
 
 class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):

@@ -202,7 +202,7 @@ def test_staging_is_reserved_out_of_the_budget():
     common = dict(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.uint8)
     specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common) for i in range(30)}
     tok_specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2-tok", **common) for i in range(30)}
-    assert staging_bytes(specs, 16) == 16 * 30 * 3 * 64 * 136
+    assert staging_bytes(specs, 16) == (16 + 1) * 30 * 3 * 64 * 136  # + the padded rows' slot
     assert staging_bytes(tok_specs, 16) == 0
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256))
     with pytest.raises(ValueError, match="lower max_num_seqs"):

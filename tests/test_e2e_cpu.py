@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 from vllm_kvmix import evaluate  # noqa: E402
 from vllm_kvmix.formats import BF16_BYTES, parse_format  # noqa: E402
+from vllm_kvmix.staging import stage_rows  # noqa: E402
 
 PROMPTS = evaluate.DEFAULT_PROMPTS
 MAX_TOKENS = 24
@@ -51,8 +52,8 @@ def test_block_count_ratio_matches_spec(results):
         fmt = parse_format(dtype)
         token_bytes = 30 * 3 * fmt.bytes_per_token_head(64)
         page = r.block_size * token_bytes
-        # page formats: the staging pages of max_num_seqs sequences come out of the same budget
-        staging = evaluate.MAX_NUM_SEQS * 30 * 3 * fmt.stage_bytes_per_seq_head(64)
+        # page formats: the staging pages of max_num_seqs sequences (+ 1: padded rows') come out of the budget
+        staging = stage_rows(evaluate.MAX_NUM_SEQS) * 30 * 3 * fmt.stage_bytes_per_seq_head(64)
         assert r.num_blocks == (evaluate.KV_BUDGET_BYTES - staging) // page
         ratio = r.num_blocks / bf16
         expected = BF16_TOKEN_BYTES / token_bytes * (1 - staging / evaluate.KV_BUDGET_BYTES)
@@ -169,7 +170,7 @@ def test_kvmix_auto_plans_at_startup_under_llm(smollm2_dir):
     formats = {f"k{k}v{v}" for _, k, v in res["plan"]}
     assert formats == {"k8v4", "k4v4"} and len(res["plan"]) == 30  # keys to 8 bits in half the layers
     k8v2 = parse_format("kvmix-k8v2")
-    staging = evaluate.MAX_NUM_SEQS * 30 * 3 * k8v2.stage_bytes_per_seq_head(64)
+    staging = stage_rows(evaluate.MAX_NUM_SEQS) * 30 * 3 * k8v2.stage_bytes_per_seq_head(64)
     page = res["block_size"] * 30 * 3 * k8v2.bytes_per_token_head(64)
     assert res["blocks"] == (evaluate.KV_BUDGET_BYTES - staging) // page
     assert "Paris" in res["text"]
@@ -218,7 +219,7 @@ def test_vllm_serve_answers_completions_and_chat(smollm2_dir, tmp_path, dtype):
             assert "kvmix: kvmix-auto: 3 bits/element on average over K and V, 30 layers" in logs
             assert logs.count("self_attn.attn |") == 30
         assert "kvmix: kvmix-k4v2 on 30 layers: 3.50 bits/element, 5040 bytes/token" in logs
-        assert "kvmix: staging: 8 slots (max_num_seqs) x 64 tokens at 8 bits per layer = 6.0 MiB" in logs
+        assert "kvmix: staging: 8 + 1 slots (max_num_seqs + padding) per layer x 64 tokens at 8 bits = 6.7 MiB" in logs
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -136,3 +136,91 @@ def test_sliding_window_and_head_sizes(d, window):
     q, k, v = _case(3, 160, h=1, rep=3, d=d)
     got = _run(KernelSeqs(fmt, 1, d), q, k, v, [100, 1, 59], sliding_window=window)
     assert _rel(got, _oracle(q, k, v, fmt, 0.125, window)) < 2e-3
+
+
+def _decode_inputs(seqs: KernelSeqs, reqs, q, k, v, n_pad, dtype):
+    """One decode step of ``reqs`` (one token each) as a batch padded to ``n_pad`` rows the way vLLM pads a
+    CUDA-graph batch: padded rows have no tokens (query_start_loc repeats the total), seq_len 0 and garbage
+    query / key / value rows; their block-table rows point at a live page (a stray write would show)."""
+    n = len(reqs)
+    qsl = list(range(n + 1)) + [n] * (n_pad - n)
+    seq_lens, rows = [], []
+    for r in reqs:
+        ctx = seqs.done[r]
+        while len(seqs.tables[r]) * P < ctx + 1:
+            seqs.tables[r].append(seqs.free.pop())
+        seq_lens.append(ctx + 1)
+        rows.append(ctx)
+        seqs.done[r] += 1
+    width = 4
+    live = seqs.tables[reqs[0]][0]
+    table = [seqs.tables[r] + [0] * (width - len(seqs.tables[r])) for r in reqs] + [[live] * width] * (n_pad - n)
+    g = torch.Generator().manual_seed(len(seq_lens) + sum(seq_lens))
+
+    def rows_of(x, h):
+        real = torch.stack([x[r][c] for r, c in zip(reqs, rows)])
+        return torch.cat([real, 1e3 * torch.randn(n_pad - n, h, x[0].shape[2], generator=g)]).to(DEV, dtype)
+
+    as_dev = dict(dtype=torch.int32, device=DEV)
+    return (rows_of(q, q[0].shape[1]), rows_of(k, k[0].shape[1]), rows_of(v, v[0].shape[1]),
+            torch.tensor(qsl, **as_dev), torch.tensor(seq_lens + [0] * (n_pad - n), **as_dev),
+            torch.tensor(table, **as_dev), rows)
+
+
+@pytest.mark.parametrize("graph", [False] + ([True] if CUDA else []))
+def test_decode_plan_with_padded_rows(graph):
+    """Decode steps through ``StepPlan.decode`` (what a CUDA-graph batch runs): rows padded past the real
+    requests change nothing; with ``graph``, the step is captured once on dummy rows (as vLLM captures)
+    and replayed on real ones, crossing page boundaries (packing) between replays."""
+    from vllm_kvmix.kernels.page import DecodeBuffers, StepPlan
+
+    fmt = parse_format("kvmix-k4v2")
+    cases = [_case(30 + i, 150) for i in range(2)]
+    q, k, v = ([c[j] for c in cases] for j in range(3))
+    n_pad, hq, h, dummy = 4, 4, 2, 2
+    ref, ker = Seqs(fmt, h, 64, n_slots=3), KernelSeqs(fmt, h, 64, n_slots=3)
+    for s in (ref, ker):
+        s.add(), s.add()
+    ref.run([(0, 60), (1, 3)], q, k, v, 0.125)  # prefill (the general plan)
+    ker.run([(0, 60), (1, 3)], q, k, v, 0.125)
+    bufs = DecodeBuffers(n_pad, dummy, DEV)
+    dtype = torch.float32
+    static = None
+    if graph:  # capture on dummy rows: one token each, seq_len 1, the dummy slot, block 0
+        qd, kd, vd, _, _, table, _ = _decode_inputs(KernelSeqs(fmt, h, 64), [0], [x[:1] for x in q], [x[:1] for x in k],
+                                                   [x[:1] for x in v], n_pad, dtype)
+        static = dict(q=qd, k=kd, v=vd, qsl=torch.arange(n_pad + 1, dtype=torch.int32, device=DEV),
+                      seq=torch.ones(n_pad, dtype=torch.int32, device=DEV), table=torch.zeros_like(table),
+                      out=torch.empty_like(qd))
+
+        def launch():
+            plan = StepPlan.decode(bufs, static["qsl"], static["seq"], n_pad, 4096, hq, h)
+            page_step(static["q"], static["k"], static["v"], ker.cache, ker.stage, fmt, static["qsl"], static["seq"],
+                      bufs.set_slots([dummy] * n_pad), static["table"], 0.125, 1, out=static["out"], plan=plan)
+
+        launch()  # warm-up: compiles, allocates the decode scratch page
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            launch()
+    for step in range(90):  # request 1 crosses pages 64 and 128 (packs), request 0 crosses 64 early on
+        reqs = [0, 1] if step % 3 else [1]
+        want = ref.run([(r, 1) for r in reqs], q, k, v, 0.125)
+        qd, kd, vd, qsl, seq, table, _ = _decode_inputs(ker, reqs, q, k, v, n_pad, dtype)
+        slots = reqs + [dummy] * (n_pad - len(reqs))
+        if graph:
+            for name, x in dict(q=qd, k=kd, v=vd, qsl=qsl, seq=seq, table=table).items():
+                static[name].copy_(x)
+            bufs.set_slots(slots)
+            static["out"].fill_(float("nan"))
+            g.replay()
+            out = static["out"]
+        else:
+            out = torch.full_like(qd, float("nan"))
+            plan = StepPlan.decode(bufs, qsl, seq, n_pad, 4096, hq, h)
+            page_step(qd, kd, vd, ker.cache, ker.stage, fmt, qsl, seq, bufs.set_slots(slots), table, 0.125, 1,
+                      out=out, plan=plan)
+        out = out.float().cpu()
+        for i, r in enumerate(reqs):
+            assert _rel(out[i : i + 1], want[r][0]) < 2e-3, (step, r)
+    _same_pages(ref, ker, fmt, 64, 1)

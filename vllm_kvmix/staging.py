@@ -75,5 +75,11 @@ class StagingSlots:
         return out
 
 
+def stage_rows(max_num_seqs: int) -> int:
+    """Staging slots per layer: one per running request, plus one (the last) for the padded rows of
+    CUDA-graph batches, which is never a request's."""
+    return max_num_seqs + 1
+
+
 # One table per process: a slot is a request's, whatever layer or KV-cache group asks.
 SLOTS = StagingSlots()

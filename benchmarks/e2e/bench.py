@@ -6,8 +6,14 @@ by it in the same session):
     long = 0.85 GPU memory,  64 x (8192 in + 512 out)     (attention-bound decode)
     tpot = 0.85 GPU memory,  1 x (8192 in + 256 out)      (batch-1 decode latency)
 
-usage: python3 benchmarks/e2e/bench.py MODEL_DIR BACKEND KV_DTYPE WORKLOAD [--out FILE]
+usage: python3 benchmarks/e2e/bench.py MODEL_DIR BACKEND KV_DTYPE WORKLOAD [--out FILE] [--max-num-seqs N]
 Prints one RESULT line (JSON) and appends it to FILE if given.
+
+Page-scheme kvmix formats keep one 8-bit staging page per running sequence and layer (17 KiB per
+KV head at d=128), reserved for max_num_seqs sequences out of the KV budget.  vLLM's H100 default
+(1024) would take 4.4 GiB for Llama-3.1-8B, more than cap's whole budget, so kvmix runs get
+max_num_seqs = the workload's concurrency, and 128 on cap (staging 0.55 GiB of its 4 GiB: 3.96x
+bf16's tokens, ~100 sequences of 1280 tokens fit, 128 may run).  --max-num-seqs overrides.
 """
 import json
 import random
@@ -25,11 +31,10 @@ def main():
     n, lin, lout = WORKLOADS[wl]
     kw = dict(model=model, load_format="dummy", skip_tokenizer_init=True, max_model_len=lin + lout + 16,
               kv_cache_dtype=kvd, attention_backend=None if backend == "AUTO" else backend)
-    if kvd.startswith("kvmix-") and "-tok" not in kvd:
-        # page scheme: one 8-bit staging page per running sequence and layer is reserved out of the
-        # KV budget for max_num_seqs sequences (1024 by default on H100: 4.3 GiB for Llama-3.1-8B);
-        # the workload never runs more than n at once
-        kw["max_num_seqs"] = n
+    if "--max-num-seqs" in sys.argv:
+        kw["max_num_seqs"] = int(sys.argv[sys.argv.index("--max-num-seqs") + 1])
+    elif kvd.startswith("kvmix-") and "-tok" not in kvd:  # page scheme: staging per max_num_seqs (above)
+        kw["max_num_seqs"] = 128 if wl == "cap" else n
     if wl == "cap":
         kw["kv_cache_memory_bytes"] = 4 << 30
     else:
@@ -46,7 +51,8 @@ def main():
     t3 = time.time()
     ntok = sum(len(o.outputs[0].token_ids) for o in outs)
     cfg = llm.llm_engine.vllm_config.cache_config
-    row = dict(kv_cache_dtype=kvd, backend=backend, workload=wl, blocks=cfg.num_gpu_blocks,
+    cg = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
+    row = dict(kv_cache_dtype=kvd, backend=backend, workload=wl, blocks=cfg.num_gpu_blocks, cudagraph_mode=str(cg),
                max_num_seqs=llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
                block_size=cfg.block_size, out_tok_s=round(ntok / (t3 - t2), 1), init_s=round(t1 - t0, 1),
                gen_s=round(t3 - t2, 2))

@@ -129,6 +129,7 @@ def main():
             plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), seq_len, HQ, HKV)
             st = PageStep(k, cache, stage, fmt, slots, bt, plan)
             res[fname] = (bench(lambda: st.attend(q, out, D**-0.5)), kvmix_bytes(fmt, B, seq_len))
+            print(f"  {fname}: {plan.attn[4]} splits", flush=True)
             if args.sweep and fname == "kvmix-k4v2":
                 from vllm_kvmix.kernels import page as page_mod
 
@@ -138,6 +139,12 @@ def main():
                     res[f"{fname} w{nw}s{ns}"] = (bench(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
                 page_mod.LAUNCH.clear()
                 page_mod.LAUNCH.update(saved)
+                pages = triton.cdiv(seq_len, PAGE_TOKENS)
+                for ns in [1, 2, 4, 8, 16, 32, 64]:  # split-K factors (the rule picked plan.attn[4])
+                    if ns * 4 <= pages and ns != plan.attn[4]:
+                        st_ns = PageStep(k, cache, stage, fmt, slots, bt,
+                                         StepPlan(qsl, seq, B, 1, list(range(B + 1)), seq_len, HQ, HKV, ns))
+                        res[f"{fname} split{ns}"] = (bench(lambda: st_ns.attend(q, out, D**-0.5)), res[fname][1])
 
             def full_step(cache=cache, stage=stage):  # one layer's share of a step (plan built once per step)
                 s2 = PageStep(k, cache, stage, fmt, slots, bt, plan)
@@ -156,9 +163,53 @@ def main():
             sp = f"{base / ms:.2f}x" if base else "-"
             print(f"{B:<4}{L:>7}  {kname:<26}{ms:8.3f} {gbs:8.0f}  {100 * gbs / bw:5.1f}  {sp}", flush=True)
         torch.cuda.empty_cache()
+    try:
+        wrows = write_bench(gen)
+    except Exception as e:  # noqa: BLE001 (keep the attention rows)
+        print("write bench failed:", repr(e)[:500], flush=True)
+        wrows = []
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "page_bench.json"), "w") as f:
-        json.dump(dict(device=name, copy_gbs=bw, attention=rows), f, indent=1)
+        json.dump(dict(device=name, copy_gbs=bw, attention=rows, write=wrows), f, indent=1)
+
+
+def write_bench(gen):
+    """The page scheme's write (stage + pack) vs reshape_and_cache_flash (bf16, block 16).
+
+    decode: 256 sequences x 1 token, each at offset 63 of its page so every page fills and packs
+    (the worst step); prefill: one 4096-token prompt (64 pages staged and packed).
+    """
+    rows = []
+    for label, B, T in (("decode 256x1 (all pages fill)", 256, 256), ("prefill 1x4096", 1, 4096)):
+        k = torch.randn(T, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
+        v = torch.randn_like(k)
+        per = T // B
+        qsl = torch.arange(0, T + 1, per, dtype=torch.int32, device=dev)
+        seq_len = 64 if per == 1 else T
+        seq = torch.full((B,), seq_len, dtype=torch.int32, device=dev)
+        slots = torch.arange(B, dtype=torch.int32, device=dev)
+        for fname in FORMATS:
+            fmt = parse_format(fname)
+            cache, stage, bt = kvmix_case(fmt, B, seq_len, gen)
+            plan = StepPlan(qsl, seq, T, per, qsl.tolist(), seq_len, HQ, HKV)
+            st = PageStep(k, cache, stage, fmt, slots, bt, plan)
+            rows.append(dict(case=label, kernel=fname, ms=bench(lambda: st.write(k, v))))
+        try:
+            from vllm import _custom_ops as ops
+
+            n_blocks = triton.cdiv(T, PEER_BS) * 2
+            kc = torch.zeros(n_blocks, PEER_BS, HKV, D, dtype=torch.bfloat16, device=dev)
+            vc = torch.zeros_like(kc)
+            slot_mapping = torch.randperm(n_blocks * PEER_BS, device=dev, generator=gen)[:T]
+            one = torch.ones((), device=dev)
+            rows.append(dict(case=label, kernel="reshape_and_cache_flash bf16", ms=bench(
+                lambda: ops.reshape_and_cache_flash(k, v, kc, vc, slot_mapping, "auto", one, one))))
+        except Exception as e:  # noqa: BLE001
+            print("reshape_and_cache_flash unavailable:", repr(e)[:200])
+    print("\nwrite (ms):")
+    for r in rows:
+        print(f"  {r['case']:<32} {r['kernel']:<30} {r['ms']:.4f}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

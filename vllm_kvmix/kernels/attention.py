@@ -19,6 +19,7 @@ pages into NUM_SPLITS ranges; partial (max, sum, acc) go to a workspace and
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -114,7 +115,7 @@ def _paged_attention_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(
     out_ptr, ws_acc_ptr, ws_ml_ptr, qsl_ptr, qb_req_ptr, qb_tok_ptr, num_splits, rot_ptr,
     stride_ot, stride_oh,
@@ -163,11 +164,16 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Split-K targets this many programs per SM (page_bench.py --sweep times explicit split counts);
+# KVMIX_SPLIT_PROGRAMS_PER_SM overrides it for benchmark sweeps.
+SPLIT_PROGRAMS_PER_SM = int(os.environ.get("KVMIX_SPLIT_PROGRAMS_PER_SM", "2"))
+
+
 def num_splits_for(num_programs: int, max_pages: int, device) -> int:
-    """Split-K factor: enough programs for ~2 waves, at least 4 pages per split."""
+    """Split-K factor: enough programs for SPLIT_PROGRAMS_PER_SM per SM, at least 4 pages per split."""
     if device.type != "cuda":
         return 1
-    target = 2 * _sm_count(device)
+    target = SPLIT_PROGRAMS_PER_SM * _sm_count(device)
     if num_programs >= target:
         return 1
     return max(1, min(triton.cdiv(target, num_programs), max_pages // 4, 64))

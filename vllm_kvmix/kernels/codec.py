@@ -92,6 +92,13 @@ def _unpack(byte, BITS: tl.constexpr):
 
 
 @triton.jit
+def code_f32(code):
+    """int32 codes in [0, 2**23) -> fp32, exactly: the bits of 2**23 + code, minus 2**23 (an OR and an
+    add instead of an int-to-float conversion, which runs at a quarter of the FMA rate)."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def decode_tile(
     head_page_ptr,  # *u8: start of the (page, kv head) byte range
     t,  # [TILE] token offsets inside the page
@@ -121,7 +128,7 @@ def decode_tile(
     mn = tl.load(meta_ptr + m_off + 1, mask=t_mask[:, None], other=0.0).to(tl.float32)
     scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (TILE, G, GROUP)), (TILE, D))
     mn = tl.reshape(tl.broadcast_to(mn[:, :, None], (TILE, G, GROUP)), (TILE, D))
-    return code.to(tl.float32) * scale + mn
+    return code_f32(code) * scale + mn
 
 
 @triton.jit

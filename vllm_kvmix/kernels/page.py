@@ -42,6 +42,7 @@ from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
 from vllm_kvmix.kernels.attention import _combine_kernel, block_q_for, num_splits_for, plan_query_blocks
 from vllm_kvmix.kernels.codec import (
     _unpack,
+    code_f32,
     decode_tile,
     minmax_meta,
     pack_rows,
@@ -85,7 +86,7 @@ def _store_group(base_ptr, page_off, off, row_mask, codes, scale16, mn16, g,
     tl.store(meta + 1, mn16, mask=row_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _stage_kernel(
     key_ptr, value_ptr, rot_ptr, tok_req_ptr, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr,
     stage_ptr, scratch_ptr, T,
@@ -102,6 +103,7 @@ def _stage_kernel(
     q1 = tl.load(qsl_ptr + req + 1)
     seq = tl.load(seq_ptr + req)
     ctx = seq - (q1 - q0)
+    t_ok = t_ok & (t >= q0) & (t < q1)  # padded tokens (CUDA-graph batches) belong to no request
     pos = ctx + t - q0
     j = pos // P - ctx // P  # touched-page index of the token's page
     off = pos % P
@@ -213,7 +215,7 @@ def _decode_channel_tile(page, t, t_ok, D: tl.constexpr, BITS: tl.constexpr, COD
     meta = (page + META_OFF).to(tl.pointer_type(tl.float16))
     scale = tl.load(meta + 2 * d).to(tl.float32)
     mn = tl.load(meta + 2 * d + 1).to(tl.float32)
-    return tl.where(t_ok[:, None], code.to(tl.float32) * scale[None, :] + mn[None, :], 0.0)
+    return tl.where(t_ok[:, None], code_f32(code) * scale[None, :] + mn[None, :], 0.0)
 
 
 @triton.jit
@@ -224,7 +226,7 @@ def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
         return tl.dot(a.to(DT), b.to(DT))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "window"])
 def _page_attention_kernel(
     q_ptr, out_ptr, cache_ptr, stage_ptr, scratch_ptr, rot_ptr, block_table_ptr,
     qsl_ptr, seq_lens_ptr, slot_ptr, sbase_ptr, qb_req_ptr, qb_tok_ptr,
@@ -278,7 +280,7 @@ def _page_attention_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     t = tl.arange(0, P)
     first_page = lo // P
-    end_page = own_hi + 1
+    end_page = tl.where(q_end > q_begin, own_hi + 1, first_page)  # a padded request reads nothing
     if SPLIT:
         per = tl.cdiv(end_page - first_page, num_splits)
         first_page = first_page + split * per
@@ -297,7 +299,7 @@ def _page_attention_kernel(
         kscale = tl.load(kmeta + 2 * d).to(tl.float32)
         kmin = tl.load(kmeta + 2 * d + 1).to(tl.float32)
         qf = q.to(tl.float32)
-        s = _dot(qf * kscale[None, :], tl.trans(kcode.to(tl.float32)), IEEE_DOT, DT)
+        s = _dot(qf * kscale[None, :], tl.trans(code_f32(kcode)), IEEE_DOT, DT)
         s = (s + tl.sum(qf * kmin[None, :], axis=1)[:, None]) * scale
         if USE_SOFTCAP:
             s = soft_cap * (2.0 / (1.0 + tl.exp(-2.0 * s / soft_cap)) - 1.0)
@@ -356,14 +358,63 @@ def _page_attention_kernel(
         rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D)  # values were stored rotated
 
 
-# Launch options (benchmarks may sweep them).
-LAUNCH = {"num_warps": 2, "num_stages": 2}  # page_bench.py --sweep on H100: 2 warps 1.0-1.35x faster than 4 for batch >= 16
+# Launch options (benchmarks may sweep them).  Decode tiles (16 rows) want few warps (page_bench.py
+# --sweep on H100: 2 warps 1.0-1.35x faster than 4 for batch >= 16); prefill tiles (64 rows x D fp32
+# accumulators) spill on 2 warps, which also makes ptxas slow.
+LAUNCH = {"num_warps": 2, "num_stages": 2}
+LAUNCH_PREFILL = {"num_warps": 4, "num_stages": 2}
 STAGE_TOKENS = 16  # tokens per _stage_kernel program (tl.dot needs >= 16 rows)
 
 
+def launch_for(block_m: int) -> dict:
+    return LAUNCH if block_m <= 16 else LAUNCH_PREFILL
+
+
 @functools.cache
-def _rotation(d: int, device: str) -> torch.Tensor:
-    return hadamard(d, torch.float32, torch.device(device))
+def _rotation(d: int, device: torch.device) -> torch.Tensor:
+    return hadamard(d, torch.float32, device)
+
+
+@functools.cache
+def _constants(fmt: KVFormat, d: int) -> tuple[dict, dict]:
+    """Byte offsets of the staging page and of the packed page (constexprs of the kernels)."""
+    lay, slay = fmt.layout(d, PAGE_TOKENS), fmt.stage_format.layout(d, PAGE_TOKENS)
+    stage = dict(SK_META=slay.k.meta_offset, SV_CODES=slay.v.codes_offset, SV_META=slay.v.meta_offset)
+    bits = dict(K_BITS=fmt.k_bits, K_CODES=lay.k.codes_offset, K_META=lay.k.meta_offset,
+                V_BITS=fmt.v_bits, V_CODES=lay.v.codes_offset, V_META=lay.v.meta_offset)
+    return stage, bits
+
+
+def max_touched_pages(max_query_len: int) -> int:
+    """Pages ``n`` new tokens can touch: from offset 63 of a page, ``(n + 62) // 64 + 1``."""
+    return (max_query_len + PAGE_TOKENS - 2) // PAGE_TOKENS + 1
+
+
+class DecodeBuffers:
+    """Device tensors that decode plans point into, the same tensors every step.
+
+    A CUDA graph replays the addresses it captured, so what changes from step
+    to step (each row's staging slot) is written into ``slots`` before the
+    replay, and what does not (row ``i`` is request ``i`` and its token ``i``;
+    no scratch pages) is built once.  ``max_reqs`` bounds the rows of a plan;
+    ``dummy_slot`` is the staging slot of padded rows (graph capture, batches
+    padded to a captured size), never a request's.
+    """
+
+    def __init__(self, max_reqs: int, dummy_slot: int, device):
+        self.max_reqs, self.dummy_slot = max_reqs, dummy_slot
+        self.rows = torch.arange(max_reqs, dtype=torch.int32, device=device)
+        self.zeros = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self.slots = torch.full((max_reqs,), dummy_slot, dtype=torch.int32, device=device)
+        self.scratch: dict[tuple[int, int], torch.Tensor] = {}  # decode touches no scratch page; a pointer
+
+    def set_slots(self, slots: list[int]) -> torch.Tensor:
+        """Rows' slots into ``self.slots`` (stream-ordered copy from pinned memory); returns the used rows."""
+        n = len(slots)
+        if n > self.max_reqs:
+            raise ValueError(f"kvmix: {n} decode rows, buffers for {self.max_reqs}")
+        self.slots[:n].copy_(torch.tensor(slots, dtype=torch.int32, pin_memory=self.slots.is_cuda), non_blocking=True)
+        return self.slots[:n]
 
 
 class StepPlan:
@@ -374,7 +425,8 @@ class StepPlan:
     ``tok_req`` = each new token's request; the query-block plan of the
     attention kernel; scratch pages sized by host arithmetic only (an upper
     bound), allocated on first use and reused by every layer of the step.
-    No host reads of device values.
+    No host reads of device values.  :meth:`decode` builds the plan of a batch
+    of one-token requests from :class:`DecodeBuffers` (CUDA-graph safe).
     """
 
     def __init__(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, max_query_len: int,
@@ -382,28 +434,51 @@ class StepPlan:
                  num_splits: int | None = None):
         b = seq_lens.shape[0]
         device = seq_lens.device
-        self.qsl = query_start_loc[: b + 1].to(torch.int32)
-        self.seq = seq_lens[:b].to(torch.int32)
-        qlen = self.qsl[1:] - self.qsl[:-1]
-        ctx = self.seq - qlen
-        touched = torch.where(qlen > 0, (self.seq - 1).div(PAGE_TOKENS, rounding_mode="floor") - ctx // PAGE_TOKENS + 1, 0)
+        qsl = query_start_loc[: b + 1].to(torch.int32)
+        seq = seq_lens[:b].to(torch.int32)
+        qlen = qsl[1:] - qsl[:-1]
+        ctx = seq - qlen
+        touched = torch.where(qlen > 0, (seq - 1).div(PAGE_TOKENS, rounding_mode="floor") - ctx // PAGE_TOKENS + 1, 0)
         extra = (touched - 1).clamp(min=0)
-        self.sbase = (torch.cumsum(extra, 0) - extra).to(torch.int32)
+        sbase = (torch.cumsum(extra, 0) - extra).to(torch.int32)
         tok = torch.arange(num_tokens, device=device, dtype=torch.int32)
-        self.tok_req = torch.searchsorted(self.qsl[1:], tok, right=True).to(torch.int32)
-        self.n_req, self.num_tokens, self.max_query_len = b, num_tokens, max_query_len
-        self.scratch_pages = num_tokens // PAGE_TOKENS + b + 1
-        self._scratch: dict[tuple[int, int], torch.Tensor] = {}
+        # tokens past the last request's end (padding) map to it and are masked by the kernels
+        tok_req = torch.searchsorted(qsl[1:], tok, right=True).clamp_(max=b - 1).to(torch.int32)
         rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
         qb_req, qb_tok, bq = plan_query_blocks(query_start_loc_cpu, block_q_for(num_heads, num_kv_heads, max_query_len),
                                                device)
         if num_splits is None:
             num_splits = num_splits_for(qb_req.numel() * num_kv_heads, triton.cdiv(max_seq_len, PAGE_TOKENS), device)
-        self.attn = (qb_req, qb_tok, bq, rep_p, num_splits)
+        self._set(qsl, seq, sbase, tok_req, num_tokens, max_query_len, num_tokens // PAGE_TOKENS + b + 1, {},
+                  (qb_req, qb_tok, bq, rep_p, num_splits))
+
+    def _set(self, qsl, seq, sbase, tok_req, num_tokens, max_query_len, scratch_pages, scratch, attn):
+        self.qsl, self.seq, self.sbase, self.tok_req = qsl, seq, sbase, tok_req
+        self.n_req, self.num_tokens, self.max_query_len = seq.shape[0], num_tokens, max_query_len
+        self.scratch_pages, self._scratch, self.attn = scratch_pages, scratch, attn
+
+    @classmethod
+    def decode(cls, bufs: DecodeBuffers, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, n: int,
+               max_seq_len: int, num_heads: int, num_kv_heads: int) -> "StepPlan":
+        """``n`` rows of one new token each (rows past the real ones: zero tokens, padding).
+
+        Every tensor is a view of ``bufs`` or of the caller's (persistent) ``query_start_loc`` /
+        ``seq_lens``; the grid depends on ``n`` and ``max_seq_len`` only (pass a bound, e.g. the
+        model's maximum length, so a graph captured once stays valid).
+        """
+        plan = cls.__new__(cls)
+        rows = bufs.rows[:n]
+        rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
+        num_splits = num_splits_for(n * num_kv_heads, triton.cdiv(max_seq_len, PAGE_TOKENS), seq_lens.device)
+        plan._set(query_start_loc[: n + 1].to(torch.int32), seq_lens[:n].to(torch.int32), bufs.zeros[:n], rows,
+                  n, 1, 1, bufs.scratch, (rows, rows, block_q_for(num_heads, num_kv_heads, 1), rep_p, num_splits))
+        return plan
 
     def scratch(self, h: int, nbytes: int, device) -> torch.Tensor:
         buf = self._scratch.get((h, nbytes))
         if buf is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and self.scratch_pages == 1:
+                raise RuntimeError("kvmix: decode scratch allocated during CUDA-graph capture (warm up first)")
             buf = torch.empty((self.scratch_pages, h, nbytes), dtype=torch.uint8, device=device)
             self._scratch[(h, nbytes)] = buf
         return buf
@@ -416,21 +491,13 @@ class PageStep:
         t, h, d = key.shape
         self.t, self.h, self.d = t, h, d
         self.cache, self.stage, self.fmt, self.block_table = cache, stage, fmt, block_table
-        self.lay = fmt.layout(d, PAGE_TOKENS)
-        slay = fmt.stage_format.layout(d, PAGE_TOKENS)
-        self.stage_consts = dict(SK_META=slay.k.meta_offset, SV_CODES=slay.v.codes_offset,
-                                 SV_META=slay.v.meta_offset)
+        self.stage_consts, self.bits = _constants(fmt, d)
         self.plan = plan
         self.n_req = plan.n_req
         self.scratch = plan.scratch(h, stage.shape[2], key.device)
-        self.rot = _rotation(d, str(key.device))
+        self.rot = _rotation(d, key.device)
         self.slots = slots[: self.n_req]
         self.common = (plan.qsl, plan.seq, self.slots, plan.sbase)
-
-    def _bits(self):
-        f, lay = self.fmt, self.lay
-        return dict(K_BITS=f.k_bits, K_CODES=lay.k.codes_offset, K_META=lay.k.meta_offset,
-                    V_BITS=f.v_bits, V_CODES=lay.v.codes_offset, V_META=lay.v.meta_offset)
 
     def write(self, key, value) -> None:
         """Stage the new tokens at 8 bits, then pack every page that is full after the step."""
@@ -441,12 +508,11 @@ class PageStep:
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
             D=self.d, TB=STAGE_TOKENS, **self.stage_consts,
         )
-        max_touched = self.plan.max_query_len // PAGE_TOKENS + 2
-        _pack_kernel[(self.n_req, max_touched, self.h)](
+        _pack_kernel[(self.n_req, max_touched_pages(self.plan.max_query_len), self.h)](
             *self.common, self.block_table, stage, scratch, cache,
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
             cache.stride(0), cache.stride(1), self.block_table.stride(0),
-            D=self.d, **self.stage_consts, **self._bits(),
+            D=self.d, **self.stage_consts, **self.bits,
         )
 
     def attend(self, query, out, scale: float, sliding_window=None, soft_cap=None) -> None:
@@ -468,9 +534,9 @@ class PageStep:
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             cache.stride(0), cache.stride(1), self.block_table.stride(0),
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
-            D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, **self._bits(), **self.stage_consts,
+            D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, **self.bits, **self.stage_consts,
             USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(soft_cap),
-            IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **LAUNCH,
+            IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **launch_for(block_m),
         )
         if num_splits > 1:
             _combine_kernel[(nqb, h)](
@@ -480,6 +546,8 @@ class PageStep:
 
     def keep(self) -> None:
         """A still-partial last page that lives in scratch goes to the request's slot (after attention)."""
+        if self.plan.max_query_len == 1:  # one new token never leaves the slot's page
+            return
         stage, scratch = self.stage, self.scratch
         _keep_partial_kernel[(self.n_req, self.h)](
             *self.common, stage, scratch,

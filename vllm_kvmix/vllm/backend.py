@@ -36,7 +36,7 @@ from vllm.v1.attention.backend import (
 from vllm_kvmix import ops
 from vllm_kvmix.formats import AutoFormat, KVFormat, all_format_names, parse_any, parse_format
 from vllm_kvmix.reference.staged import RequestStep
-from vllm_kvmix.staging import SLOTS
+from vllm_kvmix.staging import SLOTS, stage_rows
 
 _CLASS_PREFIX = "KvmixAttentionBackend_"
 
@@ -63,15 +63,39 @@ class KvmixMetadata:
 
 
 class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
+    """Plans a step for all layers of one KV-cache group.
+
+    CUDA graphs: page formats on CUDA declare ``UNIFORM_SINGLE_TOKEN_DECODE``.
+    A batch of one-token requests (padded to a captured size or not) gets a
+    :meth:`StepPlan.decode <vllm_kvmix.kernels.page.StepPlan.decode>` over
+    this builder's persistent :class:`~vllm_kvmix.kernels.page.DecodeBuffers`
+    and vLLM's persistent ``query_start_loc`` / ``seq_lens`` / block table, with
+    a grid fixed by the row count and the model's maximum length, so a graph
+    captured on dummy rows replays on real ones; ``build`` writes the rows'
+    staging slots into the buffers before the replay.  Padded rows have no
+    tokens and the dummy staging slot.  Other batches run eagerly (vLLM's
+    piecewise graphs around attention).  Tok formats plan on the host: NEVER.
+    """
+
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        specs = getattr(kv_cache_spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs (kvmix-auto)
+        names = [getattr(s, "kvmix_format", None) for s in (specs.values() if specs else [kv_cache_spec])]
+        if all(name is not None and parse_format(name).staged for name in names):
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.heads = None
         self.fmt = parse_format(kv_cache_spec.kvmix_format)
         self.stage_slots = vllm_config.scheduler_config.max_num_seqs if self.fmt.staged else 0
+        self.max_model_len = vllm_config.model_config.max_model_len
         # builds before the first announced step (profiling, warm-up, graph capture) are dummies
         self._generation = SLOTS.generation
+        self._decode_bufs = None
         if self.fmt.staged and device.type not in ("cpu", "cuda"):
             raise NotImplementedError(f"{self.fmt.name}: runs on CPU and CUDA, not {device.type}")
         if self.fmt.staged and vllm_config.speculative_config is not None:
@@ -79,6 +103,11 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         if device.type == "cuda":
             num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
             self.heads = (num_heads, kv_cache_spec.num_kv_heads)
+            if self.fmt.staged:
+                from vllm_kvmix.kernels.page import DecodeBuffers
+
+                # the staging tensor has one more slot than max_num_seqs: the padded rows' (stage_rows)
+                self._decode_bufs = DecodeBuffers(self.stage_slots, self.stage_slots, device)
 
     def build(
         self,
@@ -86,7 +115,13 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         common_attn_metadata: CommonAttentionMetadata,
         fast_build: bool = False,
     ) -> KvmixMetadata:
-        m = common_attn_metadata
+        return self._build(common_attn_metadata, capture=False)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> KvmixMetadata:
+        """Graph capture: the real kernels on dummy rows (dummy staging slot, vLLM's null block 0)."""
+        return self._build(common_attn_metadata, capture=True)
+
+    def _build(self, m: CommonAttentionMetadata, capture: bool) -> KvmixMetadata:
         if isinstance(m.causal, torch.Tensor):
             raise NotImplementedError("kvmix: per-token (dynamic) causality is not supported")
         n = m.num_reqs
@@ -99,15 +134,24 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             from vllm_kvmix.kernels.attention import block_q_for, plan_query_blocks
 
             plan = plan_query_blocks(qsl_cpu, block_q_for(*self.heads, m.max_query_len), self.device)
+        decode = m.max_query_len == 1 and m.num_actual_tokens == n
         if self.fmt.staged:
-            step_slots = self._step_slots(n)
+            if capture:  # a decode graph: every row is padding; other captures leave attention out
+                step_slots = [self.stage_slots] * n if decode and self._decode_bufs is not None else None
+            else:
+                step_slots = self._step_slots(n, qsl_cpu)
             dummy = step_slots is None
         if self.fmt.staged and not dummy and self.heads is not None:
             from vllm_kvmix.kernels.page import StepPlan  # plans its own query blocks
 
-            slots = torch.tensor(step_slots, dtype=torch.int32, pin_memory=True).to(self.device, non_blocking=True)
-            page_plan = StepPlan(m.query_start_loc, m.seq_lens[:n], m.num_actual_tokens, m.max_query_len,
-                                 qsl_cpu, m.max_seq_len, *self.heads)
+            if decode:
+                slots = self._decode_bufs.set_slots(step_slots)
+                page_plan = StepPlan.decode(self._decode_bufs, m.query_start_loc, m.seq_lens, n,
+                                            self.max_model_len, *self.heads)
+            else:
+                slots = torch.tensor(step_slots, dtype=torch.int32, pin_memory=True).to(self.device, non_blocking=True)
+                page_plan = StepPlan(m.query_start_loc, m.seq_lens[:n], m.num_actual_tokens, m.max_query_len,
+                                     qsl_cpu, m.max_seq_len, *self.heads)
         elif self.fmt.staged and not dummy:
             requests = self._request_steps(qsl_cpu, seq_lens_cpu, step_slots)
         return KvmixMetadata(
@@ -129,13 +173,23 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             dummy=dummy,
         )
 
-    def _step_slots(self, n: int) -> list[int] | None:
-        """The staging slot of each of the ``n`` requests; None for a dummy build (no step announced since the last)."""
+    def _step_slots(self, n: int, qsl: list[int]) -> list[int] | None:
+        """The staging slot of each of the ``n`` rows; None for a dummy build (no step announced since the last).
+
+        Rows past the announced requests are padding (a batch padded to a captured graph size):
+        they must have no tokens, and get the dummy slot.
+        """
         SLOTS.configure(self.stage_slots)
         if SLOTS.generation == self._generation:
             return None
         self._generation = SLOTS.generation
-        return SLOTS.slots_for_rows(n)
+        real = min(n, len(SLOTS.rows))
+        if qsl[n] != qsl[real]:
+            raise RuntimeError(
+                f"kvmix: the batch has {n} rows with tokens but the model runner announced {real} "
+                "requests; vLLM's step bookkeeping changed under the plugin"
+            )
+        return SLOTS.slots_for_rows(real) + [self.stage_slots] * (n - real)
 
     @staticmethod
     def _request_steps(qsl: list[int], seq_lens: list[int], slots: list[int]) -> list[RequestStep]:
@@ -250,10 +304,13 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         return output
 
     def _stage(self, kv_cache: torch.Tensor, slots: int) -> torch.Tensor:
+        """This layer's staging slots, ``slots`` + 1 (the last: padded rows'); allocated on first use."""
         if self.stage is None:  # the bytes compat.staging_bytes reserved for this layer
+            if kv_cache.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("kvmix: staging allocated during CUDA-graph capture (no warm-up run?)")
             page = self.fmt.stage_bytes_per_seq_head(self.head_size)
             self.stage = torch.zeros(
-                (slots, self.num_kv_heads, page), dtype=torch.uint8, device=kv_cache.device
+                (stage_rows(slots), self.num_kv_heads, page), dtype=torch.uint8, device=kv_cache.device
             )
         return self.stage
 

@@ -18,6 +18,7 @@ import functools
 import torch
 
 from vllm_kvmix.formats import KVFormatError, all_format_names, is_kvmix, parse_any, parse_format
+from vllm_kvmix.staging import stage_rows
 
 SUPPORTED_VLLM = ("0.26.0",)
 _applied = False
@@ -185,8 +186,8 @@ def patch_kv_cache_config_logging() -> None:
         try:
             if reserved[0]:
                 _log_info(
-                    f"kvmix: staging: {max_num_seqs} slots (max_num_seqs) x 64 tokens at 8 bits "
-                    f"per layer = {reserved[0] / 2**20:.1f} MiB, taken out of the KV-cache memory"
+                    f"kvmix: staging: {max_num_seqs} + 1 slots (max_num_seqs + padding) per layer x 64 tokens at "
+                    f"8 bits = {reserved[0] / 2**20:.1f} MiB, taken out of the KV-cache memory"
                 )
             for line in kv_cache_summary(configs[0], kv_cache_specs[0], reserved[0]):
                 _log_info(line)
@@ -205,7 +206,7 @@ def staging_bytes(layer_specs: dict, max_num_seqs: int) -> int:
         name = getattr(spec, "kvmix_format", None)
         if is_kvmix(name):
             fmt = parse_format(name)
-            total += max_num_seqs * spec.num_kv_heads * fmt.stage_bytes_per_seq_head(spec.head_size)
+            total += stage_rows(max_num_seqs) * spec.num_kv_heads * fmt.stage_bytes_per_seq_head(spec.head_size)
     return total
 
 

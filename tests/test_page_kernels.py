@@ -187,16 +187,21 @@ def test_decode_plan_with_padded_rows(graph):
     dtype = torch.float32
     static = None
     if graph:  # capture on dummy rows: one token each, seq_len 1, the dummy slot, block 0
-        qd, kd, vd, _, _, table, _ = _decode_inputs(KernelSeqs(fmt, h, 64), [0], [x[:1] for x in q], [x[:1] for x in k],
+        blank = KernelSeqs(fmt, h, 64)
+        blank.add()
+        qd, kd, vd, _, _, table, _ = _decode_inputs(blank, [0], [x[:1] for x in q], [x[:1] for x in k],
                                                    [x[:1] for x in v], n_pad, dtype)
         static = dict(q=qd, k=kd, v=vd, qsl=torch.arange(n_pad + 1, dtype=torch.int32, device=DEV),
                       seq=torch.ones(n_pad, dtype=torch.int32, device=DEV), table=torch.zeros_like(table),
                       out=torch.empty_like(qd))
 
+        # as vLLM does: metadata (plan, slots) built outside the capture, kernels captured
+        plan = StepPlan.decode(bufs, static["qsl"], static["seq"], n_pad, 4096, hq, h)
+        slots = bufs.set_slots([dummy] * n_pad)
+
         def launch():
-            plan = StepPlan.decode(bufs, static["qsl"], static["seq"], n_pad, 4096, hq, h)
             page_step(static["q"], static["k"], static["v"], ker.cache, ker.stage, fmt, static["qsl"], static["seq"],
-                      bufs.set_slots([dummy] * n_pad), static["table"], 0.125, 1, out=static["out"], plan=plan)
+                      slots, static["table"], 0.125, 1, out=static["out"], plan=plan)
 
         launch()  # warm-up: compiles, allocates the decode scratch page
         torch.cuda.synchronize()

@@ -134,7 +134,7 @@ def main():
                 from vllm_kvmix.kernels import page as page_mod
 
                 saved = dict(page_mod.LAUNCH)
-                for nw, ns in [(8, 2), (4, 3), (8, 3), (2, 2)]:
+                for nw, ns in [(2, 1), (4, 1), (4, 2), (2, 3), (2, 2)]:
                     page_mod.LAUNCH.update(num_warps=nw, num_stages=ns)
                     res[f"{fname} w{nw}s{ns}"] = (bench(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
                 page_mod.LAUNCH.clear()
@@ -163,6 +163,7 @@ def main():
             sp = f"{base / ms:.2f}x" if base else "-"
             print(f"{B:<4}{L:>7}  {kname:<26}{ms:8.3f} {gbs:8.0f}  {100 * gbs / bw:5.1f}  {sp}", flush=True)
         torch.cuda.empty_cache()
+    resources()
     try:
         wrows = write_bench(gen)
     except Exception as e:  # noqa: BLE001 (keep the attention rows)
@@ -171,6 +172,18 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "page_bench.json"), "w") as f:
         json.dump(dict(device=name, copy_gbs=bw, attention=rows, write=wrows), f, indent=1)
+
+
+def resources():
+    """Registers, spills and shared memory of every compiled page-attention variant (what bounds occupancy)."""
+    from vllm_kvmix.kernels import page as page_mod
+
+    for fn in (page_mod._page_attention_kernel, page_mod._stage_kernel, page_mod._pack_kernel):
+        for cache in fn.device_caches.values():
+            for k in cache[0].values():
+                md = k.metadata
+                print(f"  {fn.fn.__name__}: warps {md.num_warps} stages {md.num_stages} regs {k.n_regs} "
+                      f"spills {k.n_spills} shared {md.shared} B", flush=True)
 
 
 def write_bench(gen):

@@ -13,6 +13,10 @@ import triton
 import triton.language as tl
 
 FP16_MAX = tl.constexpr(65504.0)
+# Hadamard rotations (value staging, output) as fp32 dots: "tf32x3" (three tensor-core TF32 products,
+# ~fp32 accuracy).  "ieee" spilled hundreds of registers on H100 (_stage_kernel: 850 spills, 64 us for
+# one decode token; the combine kernel 100 us) -- benchmarks/results/page-decode-h100.json.
+ROT_PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
@@ -152,6 +156,6 @@ def rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D
     c = tl.arange(0, 64)
     for g in tl.static_range(D // 64):
         h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
-        og = tl.dot(o, h_g, input_precision="ieee")
+        og = tl.dot(o, h_g, input_precision=ROT_PRECISION)
         tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + g * 64 + c[None, :],
                  og.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -41,6 +41,7 @@ import triton.language as tl
 from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
 from vllm_kvmix.kernels.attention import _combine_kernel, block_q_for, num_splits_for, plan_query_blocks
 from vllm_kvmix.kernels.codec import (
+    ROT_PRECISION,
     _unpack,
     code_f32,
     decode_tile,
@@ -125,7 +126,7 @@ def _stage_kernel(
     c = tl.arange(0, 64)
     for g in tl.static_range(G):
         h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
-        vg = tl.dot(v, h_g, input_precision="ieee")
+        vg = tl.dot(v, h_g, input_precision=ROT_PRECISION)
         vc, vs, vm = quant_rows(vg, 8, 64)
         _store_group(stage_ptr, slot_page, off, in_slot, vc, vs, vm, g, D, SV_CODES, SV_META)
         _store_group(scratch_ptr, scratch_page, off, in_scratch, vc, vs, vm, g, D, SV_CODES, SV_META)

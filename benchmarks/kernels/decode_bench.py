@@ -34,6 +34,19 @@ def bench(f):
     return triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
 
 
+def reshape_and_cache_ms(k, v, slot_mapping, n_blocks):
+    """vLLM's bf16 cache write (block PEER_BS) of ``k`` / ``v`` at ``slot_mapping``; None without vLLM."""
+    try:
+        from vllm import _custom_ops as ops
+    except Exception as e:  # noqa: BLE001
+        print("reshape_and_cache_flash unavailable:", repr(e)[:200])
+        return None
+    kc = torch.zeros(n_blocks, PEER_BS, k.shape[1], k.shape[2], dtype=torch.bfloat16, device=k.device)
+    vc = torch.zeros_like(kc)
+    one = torch.ones((), device=k.device)
+    return bench(lambda: ops.reshape_and_cache_flash(k, v, kc, vc, slot_mapping, "auto", one, one))
+
+
 def copy_bw():
     x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
@@ -175,16 +188,9 @@ def main():
             fmt = parse_format(fname)
             cache = torch.zeros(T * 4 // KV_BS, HKV, fmt.layout(D, KV_BS).head_page_bytes, dtype=torch.uint8, device=dev)
             wrows.append(dict(T=T, kernel=fname, ms=bench(lambda: write_kv(cache, k, v, slots, fmt, KV_BS))))
-        try:
-            from vllm import _custom_ops as ops
-
-            kc = torch.zeros(T * 4 // PEER_BS, PEER_BS, HKV, D, dtype=torch.bfloat16, device=dev)
-            vc = torch.zeros_like(kc)
-            one = torch.ones((), device=dev)
-            wrows.append(dict(T=T, kernel="reshape_and_cache_flash bf16", ms=bench(
-                lambda: ops.reshape_and_cache_flash(k, v, kc, vc, slots, "auto", one, one))))
-        except Exception as e:  # noqa: BLE001
-            print("reshape_and_cache_flash unavailable:", repr(e)[:200])
+        ms = reshape_and_cache_ms(k, v, slots, T * 4 // PEER_BS)
+        if ms is not None:
+            wrows.append(dict(T=T, kernel="reshape_and_cache_flash bf16", ms=ms))
     print("\nB      L  kernel              ms     GB/s  %copy  vs FA3 bf16")
     for r in rows:
         sp = f"{r['speedup_vs_fa3_bf16']:.2f}x" if r["speedup_vs_fa3_bf16"] else "-"

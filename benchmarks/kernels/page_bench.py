@@ -26,7 +26,7 @@ from vllm_kvmix.formats import PAGE_TOKENS, parse_format  # noqa: E402
 from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from decode_bench import PEER_BS, bench, copy_bw  # noqa: E402
+from decode_bench import PEER_BS, bench, copy_bw, reshape_and_cache_ms  # noqa: E402
 from decode_bench import peers as fa_peers  # noqa: E402
 
 dev = "cuda"
@@ -207,18 +207,10 @@ def write_bench(gen):
             plan = StepPlan(qsl, seq, T, per, qsl.tolist(), seq_len, HQ, HKV)
             st = PageStep(k, cache, stage, fmt, slots, bt, plan)
             rows.append(dict(case=label, kernel=fname, ms=bench(lambda: st.write(k, v))))
-        try:
-            from vllm import _custom_ops as ops
-
-            n_blocks = triton.cdiv(T, PEER_BS) * 2
-            kc = torch.zeros(n_blocks, PEER_BS, HKV, D, dtype=torch.bfloat16, device=dev)
-            vc = torch.zeros_like(kc)
-            slot_mapping = torch.randperm(n_blocks * PEER_BS, device=dev, generator=gen)[:T]
-            one = torch.ones((), device=dev)
-            rows.append(dict(case=label, kernel="reshape_and_cache_flash bf16", ms=bench(
-                lambda: ops.reshape_and_cache_flash(k, v, kc, vc, slot_mapping, "auto", one, one))))
-        except Exception as e:  # noqa: BLE001
-            print("reshape_and_cache_flash unavailable:", repr(e)[:200])
+        n_blocks = triton.cdiv(T, PEER_BS) * 2
+        ms = reshape_and_cache_ms(k, v, torch.randperm(n_blocks * PEER_BS, device=dev, generator=gen)[:T], n_blocks)
+        if ms is not None:
+            rows.append(dict(case=label, kernel="reshape_and_cache_flash bf16", ms=ms))
     print("\nwrite (ms):")
     for r in rows:
         print(f"  {r['case']:<32} {r['kernel']:<30} {r['ms']:.4f}", flush=True)

@@ -44,8 +44,6 @@ def _compile_log():
 
 
 def main():
-    if __name__ != "__main__":
-        return
     model, kvd = sys.argv[1:3]
     out = _arg("--out", None)
     context = int(_arg("--context", 8192))
@@ -101,4 +99,5 @@ def main():
             f.write(json.dumps(row) + "\n" + report.getvalue())
 
 
-main()
+if __name__ == "__main__":
+    main()

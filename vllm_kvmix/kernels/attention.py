@@ -19,7 +19,6 @@ pages into NUM_SPLITS ranges; partial (max, sum, acc) go to a workspace and
 """
 
 import functools
-import os
 
 import torch
 import triton
@@ -164,9 +163,9 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Split-K targets this many programs per SM (page_bench.py --sweep times explicit split counts);
-# KVMIX_SPLIT_PROGRAMS_PER_SM overrides it for benchmark sweeps.
-SPLIT_PROGRAMS_PER_SM = int(os.environ.get("KVMIX_SPLIT_PROGRAMS_PER_SM", "2"))
+# Split-K targets this many programs per SM (page_bench.py --sweep times explicit split counts:
+# 2-64 splits made no difference at 64 x 32k, helped at 1 and 16 sequences).
+SPLIT_PROGRAMS_PER_SM = 2
 
 
 def num_splits_for(num_programs: int, max_pages: int, device) -> int:

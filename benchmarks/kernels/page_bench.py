@@ -134,7 +134,7 @@ def main():
                 from vllm_kvmix.kernels import page as page_mod
 
                 saved = dict(page_mod.LAUNCH)
-                for nw, ns in [(2, 1), (4, 1), (4, 2), (2, 3), (2, 2)]:
+                for nw, ns in [(2, 2), (4, 1), (4, 2), (4, 3), (8, 2)]:
                     page_mod.LAUNCH.update(num_warps=nw, num_stages=ns)
                     res[f"{fname} w{nw}s{ns}"] = (bench(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
                 page_mod.LAUNCH.clear()

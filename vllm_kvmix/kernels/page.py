@@ -42,14 +42,21 @@ from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
 from vllm_kvmix.kernels.attention import _combine_kernel, block_q_for, num_splits_for, plan_query_blocks
 from vllm_kvmix.kernels.codec import (
     ROT_PRECISION,
-    _unpack,
-    code_f32,
     decode_tile,
     minmax_meta,
     pack_rows,
     quant_rows,
-    rotate_store,
     softmax_step,
+)
+from vllm_kvmix.kernels.planes import (
+    operand,
+    packed_pv,
+    packed_scores,
+    pdot,
+    query_plane,
+    rotate_store_planes,
+    staged_v_plane,
+    store_planes,
 )
 from vllm_kvmix.quant import hadamard
 
@@ -206,20 +213,6 @@ def _keep_partial_kernel(
 
 
 @triton.jit
-def _decode_channel_tile(page, t, t_ok, D: tl.constexpr, BITS: tl.constexpr, CODES_OFF: tl.constexpr,
-                         META_OFF: tl.constexpr):
-    """Packed keys of a page (per-channel scale / minimum) as fp32 ``[P, D]``."""
-    CB: tl.constexpr = D * BITS // 8
-    byte = tl.load(page + CODES_OFF + t[:, None] * CB + tl.arange(0, CB)[None, :], mask=t_ok[:, None], other=0)
-    code = _unpack(byte.to(tl.int32), BITS)
-    d = tl.arange(0, D)
-    meta = (page + META_OFF).to(tl.pointer_type(tl.float16))
-    scale = tl.load(meta + 2 * d).to(tl.float32)
-    mn = tl.load(meta + 2 * d + 1).to(tl.float32)
-    return tl.where(t_ok[:, None], code_f32(code) * scale[None, :] + mn[None, :], 0.0)
-
-
-@triton.jit
 def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
     if IEEE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -265,6 +258,17 @@ def _page_attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
     DT: tl.constexpr = q.dtype
+    # the query split into the key planes (planes.packed_scores)
+    PER_K: tl.constexpr = 8 // K_BITS
+    qp0 = query_plane(q_ptr, tok, head, row_ok, stride_qt, stride_qh, 0, D, K_BITS, IEEE_DOT)
+    qp1 = qp0
+    qp2 = qp0
+    qp3 = qp0
+    if PER_K > 1:
+        qp1 = query_plane(q_ptr, tok, head, row_ok, stride_qt, stride_qh, 1, D, K_BITS, IEEE_DOT)
+    if PER_K > 2:
+        qp2 = query_plane(q_ptr, tok, head, row_ok, stride_qt, stride_qh, 2, D, K_BITS, IEEE_DOT)
+        qp3 = query_plane(q_ptr, tok, head, row_ok, stride_qt, stride_qh, 3, D, K_BITS, IEEE_DOT)
     pos = ctx + tok - q_begin
     own = pos // P
 
@@ -278,30 +282,26 @@ def _page_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # the output accumulates per value plane: acc{k} = channels k::PER_V (planes.packed_pv)
+    PER_V: tl.constexpr = 8 // V_BITS
+    acc0 = tl.zeros([BLOCK_M, D // PER_V], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D // PER_V], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, D // PER_V], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, D // PER_V], tl.float32)
     t = tl.arange(0, P)
+    t_all = t < P
     first_page = lo // P
     end_page = tl.where(q_end > q_begin, own_hi + 1, first_page)  # a padded request reads nothing
     if SPLIT:
         per = tl.cdiv(end_page - first_page, num_splits)
         first_page = first_page + split * per
         end_page = tl.minimum(end_page, first_page + per)
-    # Pages every row reads packed: no branches, so the loads pipeline.  Keys: the page's
-    # per-channel scale is folded into the query and its minimum into one row sum, so the
-    # key codes go to the tensor cores as integers (exact in fp16 / bf16).
+    # Pages every row reads packed: no branches, so the loads pipeline.
     for p in range(first_page, tl.minimum(end_page, own_lo)):
         blk = tl.load(block_table_ptr + req * stride_bt + p).to(tl.int64)
         page = cache_ptr + blk * stride_cb + kvh * stride_ch
         kpos = p * P + t
-        CBK: tl.constexpr = D * K_BITS // 8
-        kbyte = tl.load(page + K_CODES + t[:, None] * CBK + tl.arange(0, CBK)[None, :])
-        kcode = _unpack(kbyte.to(tl.int32), K_BITS)
-        kmeta = (page + K_META).to(tl.pointer_type(tl.float16))
-        kscale = tl.load(kmeta + 2 * d).to(tl.float32)
-        kmin = tl.load(kmeta + 2 * d + 1).to(tl.float32)
-        qf = q.to(tl.float32)
-        s = _dot(qf * kscale[None, :], tl.trans(code_f32(kcode)), IEEE_DOT, DT)
-        s = (s + tl.sum(qf * kmin[None, :], axis=1)[:, None]) * scale
+        s = packed_scores(page, t, t_all, qp0, qp1, qp2, qp3, D, K_BITS, K_CODES, K_META, IEEE_DOT) * scale
         if USE_SOFTCAP:
             s = soft_cap * (2.0 / (1.0 + tl.exp(-2.0 * s / soft_cap)) - 1.0)
         ok = row_ok[:, None]
@@ -309,8 +309,13 @@ def _page_attention_kernel(
             ok = ok & (pos[:, None] - kpos[None, :] < window)
         s = tl.where(ok, s, float("-inf"))
         pr, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
-        vq = decode_tile(page, t, t < P, D, V_BITS, 64, V_CODES, V_META)
-        acc = acc * alpha[:, None] + _dot(pr, vq, IEEE_DOT, DT)
+        o0, o1, o2, o3 = packed_pv(operand(pr, IEEE_DOT), page, t, t_all, D, V_BITS, V_CODES, V_META, IEEE_DOT)
+        acc0 = acc0 * alpha[:, None] + o0
+        if PER_V > 1:
+            acc1 = acc1 * alpha[:, None] + o1
+        if PER_V > 2:
+            acc2 = acc2 * alpha[:, None] + o2
+            acc3 = acc3 * alpha[:, None] + o3
         m_i = m_new
     # Pages that are some row's own page (at most two per block): the 8-bit copy for those
     # rows, the packed page for rows further on.
@@ -327,8 +332,7 @@ def _page_attention_kernel(
             src = scratch_ptr + (sbase + jj - 1) * stride_xs + kvh * stride_xh
         s = tl.zeros([BLOCK_M, P], tl.float32)
         if p < own_hi:  # some row reads this page packed
-            kq = _decode_channel_tile(page, t, t_ok, D, K_BITS, K_CODES, K_META)
-            s = _dot(q, tl.trans(kq), IEEE_DOT, DT)
+            s = packed_scores(page, t, t_ok, qp0, qp1, qp2, qp3, D, K_BITS, K_CODES, K_META, IEEE_DOT)
         if p >= own_lo:  # some row's own page
             k8 = decode_tile(src, t, t_ok, D, 8, 64, 0, SK_META)
             s = tl.where(own_here, _dot(q, tl.trans(k8), IEEE_DOT, DT), s)
@@ -340,23 +344,35 @@ def _page_attention_kernel(
             ok = ok & (pos[:, None] - kpos[None, :] < window)
         s = tl.where(ok, s, float("-inf"))
         pr, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
-        pv = tl.zeros([BLOCK_M, D], tl.float32)
+        acc0 = acc0 * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
+        acc2 = acc2 * alpha[:, None]
+        acc3 = acc3 * alpha[:, None]
         if p < own_hi:
-            vq = decode_tile(page, t, t_ok, D, V_BITS, 64, V_CODES, V_META)
-            pv = _dot(tl.where(own_here, 0.0, pr), vq, IEEE_DOT, DT)
+            o0, o1, o2, o3 = packed_pv(operand(tl.where(own_here, 0.0, pr), IEEE_DOT), page, t, t_ok, D, V_BITS, V_CODES, V_META,
+                                       IEEE_DOT)
+            acc0 += o0
+            acc1 += o1
+            acc2 += o2
+            acc3 += o3
         if p >= own_lo:
-            v8 = decode_tile(src, t, t_ok, D, 8, 64, SV_CODES, SV_META)
-            pv += _dot(tl.where(own_here, pr, 0.0), v8, IEEE_DOT, DT)
-        acc = acc * alpha[:, None] + pv
+            p_own = operand(tl.where(own_here, pr, 0.0), IEEE_DOT)
+            acc0 += pdot(p_own, operand(staged_v_plane(src, t, t_ok, 0, D, V_BITS, SV_CODES, SV_META), IEEE_DOT), IEEE_DOT)
+            if PER_V > 1:
+                acc1 += pdot(p_own, operand(staged_v_plane(src, t, t_ok, 1, D, V_BITS, SV_CODES, SV_META), IEEE_DOT), IEEE_DOT)
+            if PER_V > 2:
+                acc2 += pdot(p_own, operand(staged_v_plane(src, t, t_ok, 2, D, V_BITS, SV_CODES, SV_META), IEEE_DOT), IEEE_DOT)
+                acc3 += pdot(p_own, operand(staged_v_plane(src, t, t_ok, 3, D, V_BITS, SV_CODES, SV_META), IEEE_DOT), IEEE_DOT)
         m_i = m_new
     if SPLIT:
         base = (qb * tl.num_programs(1) + kvh) * num_splits + split
-        tl.store(ws_acc_ptr + (base * BLOCK_M + m[:, None]) * D + d[None, :], acc)
+        store_planes(ws_acc_ptr, (base * BLOCK_M + m) * D, acc0, acc1, acc2, acc3, m >= 0, V_BITS)
         tl.store(ws_ml_ptr + (base * BLOCK_M + m) * 2, m_i)
         tl.store(ws_ml_ptr + (base * BLOCK_M + m) * 2 + 1, l_i)
     else:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D)  # values were stored rotated
+        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        rotate_store_planes(acc0 * inv, acc1 * inv, acc2 * inv, acc3 * inv, rot_ptr, out_ptr, tok, head, row_ok,
+                            stride_ot, stride_oh, D, V_BITS, ROT_PRECISION)  # values were stored rotated
 
 
 # Launch options (benchmarks may sweep them).  Decode tiles (16 rows) want few warps (page_bench.py

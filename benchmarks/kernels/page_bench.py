@@ -134,9 +134,10 @@ def main():
                 from vllm_kvmix.kernels import page as page_mod
 
                 saved = dict(page_mod.LAUNCH)
-                for nw, ns in [(2, 2), (4, 1), (4, 2), (4, 3), (8, 2)]:
-                    page_mod.LAUNCH.update(num_warps=nw, num_stages=ns)
-                    res[f"{fname} w{nw}s{ns}"] = (bench(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
+                for nw, ns, nreg in [(2, 2, None), (2, 2, 168), (2, 2, 128), (2, 3, None), (4, 2, None), (4, 2, 128),
+                                     (4, 3, None)]:
+                    page_mod.LAUNCH.update(num_warps=nw, num_stages=ns, maxnreg=nreg)
+                    res[f"{fname} w{nw}s{ns}r{nreg or ''}"] = (bench(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
                 page_mod.LAUNCH.clear()
                 page_mod.LAUNCH.update(saved)
                 pages = triton.cdiv(seq_len, PAGE_TOKENS)

@@ -42,7 +42,7 @@ def signature(fn, consts):
 
 
 def compile_attention(fmt_name="kvmix-k4v2", d=128, rep=4, block_q=4, warps=2, stages=2, split=False,
-                      kernel=None, extra=None):
+                      kernel=None, extra=None, maxnreg=None):
     fn = kernel or page_mod._page_attention_kernel
     fmt = parse_format(fmt_name)
     stage, bits = page_mod._constants(fmt, d)
@@ -54,7 +54,7 @@ def compile_attention(fmt_name="kvmix-k4v2", d=128, rep=4, block_q=4, warps=2, s
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
              if n.endswith("_ptr") or n.startswith("stride_")}
     src = ASTSource(fn, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, maxnreg=maxnreg))
 
 
 def sass(k) -> str:
@@ -119,9 +119,10 @@ def main():
     ap.add_argument("--warps", type=int, default=2)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--split", action="store_true")
+    ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--dump", default=None)
     args = ap.parse_args()
-    k = compile_attention(args.fmt, warps=args.warps, stages=args.stages, split=args.split)
+    k = compile_attention(args.fmt, warps=args.warps, stages=args.stages, split=args.split, maxnreg=args.maxnreg)
     text = report(k, f"{args.fmt} w{args.warps} s{args.stages}")
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)

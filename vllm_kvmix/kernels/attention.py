@@ -163,19 +163,22 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Split-K targets this many programs per SM (page_bench.py --sweep times explicit split counts:
-# 2-64 splits made no difference at 64 x 32k, helped at 1 and 16 sequences).
-SPLIT_PROGRAMS_PER_SM = 2
+# Split-K fills one wave of SPLIT_PROGRAMS_PER_SM programs per SM: the page kernel's 2-warp programs
+# take ~255 registers, so 4 fit on an SM.  page_bench.py --sweep on H100 (2026-11-23, bit-plane
+# kernel): 16 x 32k took 0.70 ms with 3 splits (2 per SM), 0.55 ms with 4 and 8; 1 x 32k 0.094 ms
+# with 32 splits, 0.088 ms with 64; 64 x 8k (512 programs) the same with 1 or 2.
+SPLIT_PROGRAMS_PER_SM = 4
 
 
 def num_splits_for(num_programs: int, max_pages: int, device) -> int:
-    """Split-K factor: enough programs for SPLIT_PROGRAMS_PER_SM per SM, at least 4 pages per split."""
+    """Split-K factor: as many splits as fit one wave of SPLIT_PROGRAMS_PER_SM programs per SM,
+    at least 4 pages per split, at most 64."""
     if device.type != "cuda":
         return 1
     target = SPLIT_PROGRAMS_PER_SM * _sm_count(device)
     if num_programs >= target:
         return 1
-    return max(1, min(triton.cdiv(target, num_programs), max_pages // 4, 64))
+    return max(1, min(target // num_programs, max_pages // 4, 64))
 
 
 # Pages of 16 tokens with sub-byte codes come out wrong on an H100 with Triton 3.6 (the

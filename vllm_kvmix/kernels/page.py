@@ -55,7 +55,7 @@ from vllm_kvmix.kernels.planes import (
     pdot,
     query_plane,
     rotate_store_planes,
-    staged_v_plane,
+    staged_plane,
     store_planes,
 )
 from vllm_kvmix.quant import hadamard
@@ -212,14 +212,6 @@ def _keep_partial_kernel(
             tl.store(dst + i, tl.load(src + i, mask=i < NBYTES), mask=i < NBYTES)
 
 
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a.to(DT), b.to(DT))
-
-
 @triton.jit(do_not_specialize=["num_splits", "window"])
 def _page_attention_kernel(
     q_ptr, out_ptr, cache_ptr, stage_ptr, scratch_ptr, rot_ptr, block_table_ptr,
@@ -254,10 +246,6 @@ def _page_attention_kernel(
     r = m % REP_P
     row_ok = (tok < q_end) & (r < REP)
     head = kvh * REP + r
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    DT: tl.constexpr = q.dtype
     # the query split into the key planes (planes.packed_scores)
     PER_K: tl.constexpr = 8 // K_BITS
     qp0 = query_plane(q_ptr, tok, head, row_ok, stride_qt, stride_qh, 0, D, K_BITS, IEEE_DOT)
@@ -333,9 +321,14 @@ def _page_attention_kernel(
         s = tl.zeros([BLOCK_M, P], tl.float32)
         if p < own_hi:  # some row reads this page packed
             s = packed_scores(page, t, t_ok, qp0, qp1, qp2, qp3, D, K_BITS, K_CODES, K_META, IEEE_DOT)
-        if p >= own_lo:  # some row's own page
-            k8 = decode_tile(src, t, t_ok, D, 8, 64, 0, SK_META)
-            s = tl.where(own_here, _dot(q, tl.trans(k8), IEEE_DOT, DT), s)
+        if p >= own_lo:  # some row's own page: the 8-bit copy, read in the key planes' channel order
+            s_own = pdot(qp0, tl.trans(staged_plane(src, t, t_ok, 0, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
+            if PER_K > 1:
+                s_own += pdot(qp1, tl.trans(staged_plane(src, t, t_ok, 1, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
+            if PER_K > 2:
+                s_own += pdot(qp2, tl.trans(staged_plane(src, t, t_ok, 2, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
+                s_own += pdot(qp3, tl.trans(staged_plane(src, t, t_ok, 3, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
+            s = tl.where(own_here, s_own, s)
         s = s * scale
         if USE_SOFTCAP:
             s = soft_cap * (2.0 / (1.0 + tl.exp(-2.0 * s / soft_cap)) - 1.0)
@@ -357,12 +350,12 @@ def _page_attention_kernel(
             acc3 += o3
         if p >= own_lo:
             p_own = operand(tl.where(own_here, pr, 0.0), IEEE_DOT)
-            acc0 += pdot(p_own, operand(staged_v_plane(src, t, t_ok, 0, D, V_BITS, SV_CODES, SV_META), IEEE_DOT), IEEE_DOT)
+            acc0 += pdot(p_own, staged_plane(src, t, t_ok, 0, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
             if PER_V > 1:
-                acc1 += pdot(p_own, operand(staged_v_plane(src, t, t_ok, 1, D, V_BITS, SV_CODES, SV_META), IEEE_DOT), IEEE_DOT)
+                acc1 += pdot(p_own, staged_plane(src, t, t_ok, 1, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
             if PER_V > 2:
-                acc2 += pdot(p_own, operand(staged_v_plane(src, t, t_ok, 2, D, V_BITS, SV_CODES, SV_META), IEEE_DOT), IEEE_DOT)
-                acc3 += pdot(p_own, operand(staged_v_plane(src, t, t_ok, 3, D, V_BITS, SV_CODES, SV_META), IEEE_DOT), IEEE_DOT)
+                acc2 += pdot(p_own, staged_plane(src, t, t_ok, 2, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
+                acc3 += pdot(p_own, staged_plane(src, t, t_ok, 3, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
         m_i = m_new
     if SPLIT:
         base = (qb * tl.num_programs(1) + kvh) * num_splits + split

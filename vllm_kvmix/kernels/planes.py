@@ -127,18 +127,18 @@ def packed_pv(pr, page, t, t_ok,
 
 
 @triton.jit
-def staged_v_plane(src, t, t_ok, k, D: tl.constexpr, BITS: tl.constexpr, SV_CODES: tl.constexpr,
-                   SV_META: tl.constexpr):
-    """Channels ``k::PER`` (PER = 8 // BITS, the packed values' planes) of an 8-bit staged page, fp32 ``[P, D // PER]``."""
-    PER: tl.constexpr = 8 // BITS
+def staged_plane(src, t, t_ok, k, PER: tl.constexpr, D: tl.constexpr, CODES_OFF: tl.constexpr,
+                 META_OFF: tl.constexpr, IEEE: tl.constexpr):
+    """Channels ``k::PER`` of one side of an 8-bit staged page (per-token 64-channel groups), dequantized
+    ``[P, D // PER]`` (fp16; fp32 under IEEE): the own page read in the packed planes' channel order."""
     G: tl.constexpr = D // 64
     ch = tl.arange(0, D // PER) * PER + k
-    code = tl.load(src + SV_CODES + t[:, None] * D + ch[None, :], mask=t_ok[:, None], other=0)
-    meta = (src + SV_META).to(tl.pointer_type(tl.float16))
-    m_off = t[:, None] * (2 * G) + 2 * (ch[None, :] // 64)
-    sc = tl.load(meta + m_off, mask=t_ok[:, None], other=0.0).to(tl.float32)
-    mn = tl.load(meta + m_off + 1, mask=t_ok[:, None], other=0.0).to(tl.float32)
-    return code_f32(code.to(tl.int32)) * sc + mn
+    code = tl.load(src + CODES_OFF + t[:, None] * D + ch[None, :], mask=t_ok[:, None], other=0)
+    words = (src + META_OFF).to(tl.pointer_type(tl.int32))
+    w = tl.load(words + t[:, None] * G + (ch // 64)[None, :], mask=t_ok[:, None], other=0)
+    sc = w.to(tl.int16).to(tl.float16, bitcast=True)
+    mn = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return dequant(code, sc, mn, IEEE)
 
 
 @triton.jit

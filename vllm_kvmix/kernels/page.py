@@ -55,7 +55,7 @@ from vllm_kvmix.kernels.planes import (
     pdot,
     query_plane,
     rotate_store_planes,
-    staged_planes,
+    staged_plane,
     store_planes,
 )
 from vllm_kvmix.quant import hadamard
@@ -321,14 +321,13 @@ def _page_attention_kernel(
         s = tl.zeros([BLOCK_M, P], tl.float32)
         if p < own_hi:  # some row reads this page packed
             s = packed_scores(page, t, t_ok, qp0, qp1, qp2, qp3, D, K_BITS, K_CODES, K_META, IEEE_DOT)
-        if p >= own_lo:  # some row's own page: the 8-bit copy, in the key planes' channel order
-            k0, k1, k2, k3 = staged_planes(src, t, t_ok, PER_K, D, 0, SK_META, IEEE_DOT)
-            s_own = pdot(qp0, tl.trans(k0), IEEE_DOT)
+        if p >= own_lo:  # some row's own page: the 8-bit copy, read in the key planes' channel order
+            s_own = pdot(qp0, tl.trans(staged_plane(src, t, t_ok, 0, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
             if PER_K > 1:
-                s_own += pdot(qp1, tl.trans(k1), IEEE_DOT)
+                s_own += pdot(qp1, tl.trans(staged_plane(src, t, t_ok, 1, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
             if PER_K > 2:
-                s_own += pdot(qp2, tl.trans(k2), IEEE_DOT)
-                s_own += pdot(qp3, tl.trans(k3), IEEE_DOT)
+                s_own += pdot(qp2, tl.trans(staged_plane(src, t, t_ok, 2, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
+                s_own += pdot(qp3, tl.trans(staged_plane(src, t, t_ok, 3, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
             s = tl.where(own_here, s_own, s)
         s = s * scale
         if USE_SOFTCAP:
@@ -351,13 +350,12 @@ def _page_attention_kernel(
             acc3 += o3
         if p >= own_lo:
             p_own = operand(tl.where(own_here, pr, 0.0), IEEE_DOT)
-            v0, v1, v2, v3 = staged_planes(src, t, t_ok, PER_V, D, SV_CODES, SV_META, IEEE_DOT)
-            acc0 += pdot(p_own, v0, IEEE_DOT)
+            acc0 += pdot(p_own, staged_plane(src, t, t_ok, 0, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
             if PER_V > 1:
-                acc1 += pdot(p_own, v1, IEEE_DOT)
+                acc1 += pdot(p_own, staged_plane(src, t, t_ok, 1, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
             if PER_V > 2:
-                acc2 += pdot(p_own, v2, IEEE_DOT)
-                acc3 += pdot(p_own, v3, IEEE_DOT)
+                acc2 += pdot(p_own, staged_plane(src, t, t_ok, 2, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
+                acc3 += pdot(p_own, staged_plane(src, t, t_ok, 3, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
         m_i = m_new
     if SPLIT:
         base = (qb * tl.num_programs(1) + kvh) * num_splits + split

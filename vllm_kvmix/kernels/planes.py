@@ -127,32 +127,18 @@ def packed_pv(pr, page, t, t_ok,
 
 
 @triton.jit
-def staged_planes(src, t, t_ok, PER: tl.constexpr, D: tl.constexpr, CODES_OFF: tl.constexpr,
-                  META_OFF: tl.constexpr, IEEE: tl.constexpr):
-    """One side of an 8-bit staged page (per-token 64-channel groups), dequantized and split into the
-    packed planes' channel order: ``(x0, x1, x2, x3)``, ``x_k`` = channels ``k::PER`` ``[P, D // PER]``
-    (fp16; fp32 under IEEE; ``x_k`` for ``k >= PER`` is ``x0``, unused).  Contiguous row loads, the
-    group's (scale, minimum) broadcast in registers, planes split off the last axis."""
+def staged_plane(src, t, t_ok, k, PER: tl.constexpr, D: tl.constexpr, CODES_OFF: tl.constexpr,
+                 META_OFF: tl.constexpr, IEEE: tl.constexpr):
+    """Channels ``k::PER`` of one side of an 8-bit staged page (per-token 64-channel groups), dequantized
+    ``[P, D // PER]`` (fp16; fp32 under IEEE): the own page read in the packed planes' channel order."""
     G: tl.constexpr = D // 64
-    P_: tl.constexpr = t.shape[0]
-    code = tl.load(src + CODES_OFF + t[:, None] * D + tl.arange(0, D)[None, :], mask=t_ok[:, None], other=0)
+    ch = tl.arange(0, D // PER) * PER + k
+    code = tl.load(src + CODES_OFF + t[:, None] * D + ch[None, :], mask=t_ok[:, None], other=0)
     words = (src + META_OFF).to(tl.pointer_type(tl.int32))
-    w = tl.load(words + t[:, None] * G + tl.arange(0, G)[None, :], mask=t_ok[:, None], other=0)
-    w = tl.reshape(tl.broadcast_to(w[:, :, None], (P_, G, 64)), (P_, D))
+    w = tl.load(words + t[:, None] * G + (ch // 64)[None, :], mask=t_ok[:, None], other=0)
     sc = w.to(tl.int16).to(tl.float16, bitcast=True)
     mn = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    x = dequant(code, sc, mn, IEEE)
-    x0 = x
-    x1 = x
-    x2 = x
-    x3 = x
-    if PER == 2:
-        x0, x1 = tl.split(tl.reshape(x, (P_, D // 2, 2)))
-    elif PER == 4:
-        lo, hi = tl.split(tl.reshape(x, (P_, D // 4, 2, 2)))  # channel j * 4 + 2 * a + b: split b, then a
-        x0, x2 = tl.split(lo)
-        x1, x3 = tl.split(hi)
-    return x0, x1, x2, x3
+    return dequant(code, sc, mn, IEEE)
 
 
 @triton.jit

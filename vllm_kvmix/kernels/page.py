@@ -20,7 +20,8 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
    channel over the page, values per token -- and stored packed in the cache;
 3. ``_page_attention_kernel`` (query blocks x KV heads x splits): a query at
    position ``p`` reads pages before ``p // 64`` packed and its own page from
-   the 8-bit copy; the output is rotated back (``o @ H``) at the end;
+   the 8-bit copy, all by bit planes (:mod:`vllm_kvmix.kernels.planes`: the
+   output accumulates per value plane); it is rotated back (``o @ H``) at the end;
    (split-K partials merged by ``attention._combine_kernel`` with ``ROTATE``);
 4. ``_keep_partial_kernel`` (requests x KV heads): a last page that is still
    partial and lives in scratch is copied into the slot for the next step

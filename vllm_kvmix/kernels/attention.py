@@ -163,8 +163,8 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Split-K fills one wave of SPLIT_PROGRAMS_PER_SM programs per SM: the page kernel's 2-warp programs
-# take ~255 registers, so 4 fit on an SM.  page_bench.py --sweep on H100 (2026-11-23, bit-plane
+# Split-K fills one wave of SPLIT_PROGRAMS_PER_SM programs per SM: the page kernel's decode programs
+# (page.LAUNCH: 4 warps capped at 128 registers; 2 warps took ~255) fit 4 to an SM.  page_bench.py --sweep on H100 (2026-11-23, bit-plane
 # kernel): 16 x 32k took 0.70 ms with 3 splits (2 per SM), 0.55 ms with 4 and 8; 1 x 32k 0.094 ms
 # with 32 splits, 0.088 ms with 64; 64 x 8k (512 programs) the same with 1 or 2.
 SPLIT_PROGRAMS_PER_SM = 4

@@ -339,16 +339,20 @@ def _page_attention_kernel(
         s = tl.where(ok, s, float("-inf"))
         pr, alpha, m_new, l_i = softmax_step(s, m_i, l_i)
         acc0 = acc0 * alpha[:, None]
-        acc1 = acc1 * alpha[:, None]
-        acc2 = acc2 * alpha[:, None]
-        acc3 = acc3 * alpha[:, None]
+        if PER_V > 1:
+            acc1 = acc1 * alpha[:, None]
+        if PER_V > 2:
+            acc2 = acc2 * alpha[:, None]
+            acc3 = acc3 * alpha[:, None]
         if p < own_hi:
-            o0, o1, o2, o3 = packed_pv(operand(tl.where(own_here, 0.0, pr), IEEE_DOT), page, t, t_ok, D, V_BITS, V_CODES, V_META,
-                                       IEEE_DOT)
+            o0, o1, o2, o3 = packed_pv(operand(tl.where(own_here, 0.0, pr), IEEE_DOT), page, t, t_ok,
+                                       D, V_BITS, V_CODES, V_META, IEEE_DOT)
             acc0 += o0
-            acc1 += o1
-            acc2 += o2
-            acc3 += o3
+            if PER_V > 1:
+                acc1 += o1
+            if PER_V > 2:
+                acc2 += o2
+                acc3 += o3
         if p >= own_lo:
             p_own = operand(tl.where(own_here, pr, 0.0), IEEE_DOT)
             acc0 += pdot(p_own, staged_plane(src, t, t_ok, 0, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)

@@ -3,16 +3,16 @@
 A byte of ``BITS``-bit codes holds ``PER = 8 // BITS`` channels: channel ``j * PER + k`` is plane
 ``k`` of byte ``j`` (low bits first, :func:`vllm_kvmix.kernels.codec.pack_rows`).  Plane ``k`` of a
 page, ``(byte >> k * BITS) & mask``, is a ``[P, D // PER]`` tensor of channels ``k, k + PER, ...``:
-elementwise work on the loaded bytes only (no join / reshape), and the integer codes reach the
-tensor cores as exact fp16 numbers (:func:`code_dt`: an OR with the bits of 1024.0 and one
-subtraction, no int-to-float conversion).  Per-channel and per-token scales never touch the codes:
+elementwise work on the loaded bytes only (no join / reshape).  :func:`dequant` turns the codes
+into exact fp16 numbers (an OR with the bits of 1024.0 and one subtraction, no int-to-float
+conversion) and applies the scale / minimum in fp16, on the key / value tile -- the dot operand
+that is split across warps -- never on the query / P operand, which every warp holds whole:
 
-* keys (per-channel scale / minimum over the page): the query is split into the same planes and
-  scaled, ``s = sum_k (q_k * scale_k) @ plane_k^T + q . min``;
-* values (per-token scale / minimum per 64-channel group): the scale goes into P, one group at a
-  time (``P_g = P * scale[:, g]``), and the minimum into one row sum per group,
-  ``o_k = sel_g(P_g @ plane_k) + P . min_g`` -- the output is accumulated per plane (channels
-  ``k::PER``) and put back in channel order when it is stored.
+* keys (per-channel scale / minimum over the page): the query is split into the same planes once
+  per program (:func:`query_plane`), ``s = sum_k q_k @ dequant(plane_k)^T``;
+* values (per-token scale / minimum per 64-channel group): ``o_k = P @ dequant(plane_k)``; the
+  output is accumulated per plane (channels ``k::PER``) and put back in channel order when it is
+  stored (:func:`store_planes`, :func:`rotate_store_planes`).
 
 Under ``IEEE`` (fp32 queries) the same arithmetic runs on fp32 operands.
 """
@@ -20,9 +20,13 @@ Under ``IEEE`` (fp32 queries) the same arithmetic runs on fp32 operands.
 import triton
 import triton.language as tl
 
-from vllm_kvmix.kernels.codec import code_f32
+from vllm_kvmix.kernels.codec import FP16_MAX, code_f32
 
-FP16_MAX = tl.constexpr(65504.0)
+
+@triton.jit
+def meta_halves(w):
+    """int32 words of fp16 (scale, minimum) pairs (scale in the low half) -> (scale, minimum) fp16."""
+    return w.to(tl.int16).to(tl.float16, bitcast=True), (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -111,9 +115,7 @@ def packed_pv(pr, page, t, t_ok,
     vb = tl.load(page + CODES_OFF + t[:, None] * CB + j[None, :], mask=t_ok[:, None], other=0)
     # (scale, minimum) of each code's token and group: one 32-bit word, halves split in registers
     words = (page + META_OFF).to(tl.pointer_type(tl.int32))
-    w = tl.load(words + t[:, None] * G + (j // (64 // PER))[None, :], mask=t_ok[:, None], other=0)
-    sc = w.to(tl.int16).to(tl.float16, bitcast=True)
-    mn = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    sc, mn = meta_halves(tl.load(words + t[:, None] * G + (j // (64 // PER))[None, :], mask=t_ok[:, None], other=0))
     o0 = pdot(pr, dequant(vb & MASK, sc, mn, IEEE), IEEE)
     o1 = o0
     o2 = o0
@@ -135,9 +137,7 @@ def staged_plane(src, t, t_ok, k, PER: tl.constexpr, D: tl.constexpr, CODES_OFF:
     ch = tl.arange(0, D // PER) * PER + k
     code = tl.load(src + CODES_OFF + t[:, None] * D + ch[None, :], mask=t_ok[:, None], other=0)
     words = (src + META_OFF).to(tl.pointer_type(tl.int32))
-    w = tl.load(words + t[:, None] * G + (ch // 64)[None, :], mask=t_ok[:, None], other=0)
-    sc = w.to(tl.int16).to(tl.float16, bitcast=True)
-    mn = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    sc, mn = meta_halves(tl.load(words + t[:, None] * G + (ch // 64)[None, :], mask=t_ok[:, None], other=0))
     return dequant(code, sc, mn, IEEE)
 
 

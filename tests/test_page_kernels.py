@@ -124,7 +124,7 @@ def test_mixed_batch_split_k_and_fp16():
         # The oracle sees the same inputs rounded to `dtype`: rounding q/k/v alone moves its output
         # by 1.2% (fp16) / 4-6% (bf16) on this data (8-bit codes flip).  What is left is the
         # kernel's own rounding of K, V and P to `dtype` inside its dots.
-        tol = 2e-3 if dtype == torch.float32 else 2e-2
+        tol = 2e-3 if dtype == torch.float32 else 4e-3
         for r in range(3):
             want = _oracle(*(x[r].to(dtype).float() for x in (q, k, v)), fmt, 0.125)
             assert _rel(out[r], want) < tol, (dtype, r)
@@ -167,27 +167,30 @@ def _decode_inputs(seqs: KernelSeqs, reqs, q, k, v, n_pad, dtype):
             torch.tensor(table, **as_dev), rows)
 
 
-@pytest.mark.parametrize("graph", [False] + ([True] if CUDA else []))
-def test_decode_plan_with_padded_rows(graph):
+@pytest.mark.parametrize("graph, dtype, d", [(False, torch.float32, 64)]
+                         + ([(True, torch.float32, 64), (True, torch.float16, 128)] if CUDA else []))
+def test_decode_plan_with_padded_rows(graph, dtype, d):
     """Decode steps through ``StepPlan.decode`` (what a CUDA-graph batch runs): rows padded past the real
     requests change nothing; with ``graph``, the step is captured once on dummy rows (as vLLM captures)
-    and replayed on real ones, crossing page boundaries (packing) between replays."""
+    and replayed on real ones, crossing page boundaries (packing) between replays.  fp16 at head size
+    128 runs every page through the CUDA kernel (csrc/page_decode.cu); the reference sees the same
+    fp16-rounded inputs, and the kernel rounds q, K, V and P to fp16 inside its dots."""
     from vllm_kvmix.kernels.page import DecodeBuffers, StepPlan
 
     fmt = parse_format("kvmix-k4v2")
-    cases = [_case(30 + i, 150) for i in range(2)]
-    q, k, v = ([c[j] for c in cases] for j in range(3))
+    cases = [_case(30 + i, 150, d=d) for i in range(2)]
+    q, k, v = ([c[j].to(dtype).float() for c in cases] for j in range(3))  # both sides see `dtype` inputs
     n_pad, hq, h, dummy = 4, 4, 2, 2
-    ref, ker = Seqs(fmt, h, 64, n_slots=3), KernelSeqs(fmt, h, 64, n_slots=3)
+    ref, ker = Seqs(fmt, h, d, n_slots=3), KernelSeqs(fmt, h, d, n_slots=3)
     for s in (ref, ker):
         s.add(), s.add()
     ref.run([(0, 60), (1, 3)], q, k, v, 0.125)  # prefill (the general plan)
     ker.run([(0, 60), (1, 3)], q, k, v, 0.125)
     bufs = DecodeBuffers(n_pad, dummy, DEV)
-    dtype = torch.float32
+    tol = 2e-3 if dtype == torch.float32 else 4e-3
     static = None
     if graph:  # capture on dummy rows: one token each, seq_len 1, the dummy slot, block 0
-        blank = KernelSeqs(fmt, h, 64)
+        blank = KernelSeqs(fmt, h, d)
         blank.add()
         qd, kd, vd, _, _, table, _ = _decode_inputs(blank, [0], [x[:1] for x in q], [x[:1] for x in k],
                                                    [x[:1] for x in v], n_pad, dtype)
@@ -227,5 +230,117 @@ def test_decode_plan_with_padded_rows(graph):
                       out=out, plan=plan)
         out = out.float().cpu()
         for i, r in enumerate(reqs):
-            assert _rel(out[i : i + 1], want[r][0]) < 2e-3, (step, r)
-    _same_pages(ref, ker, fmt, 64, 1)
+            assert _rel(out[i : i + 1], want[r][0]) < tol, (step, r)
+    _same_pages(ref, ker, fmt, d, 1)
+
+
+def test_cuda_decode_entry_point_exists():
+    """The CUDA decode kernel is compiled through torch's private NVRTC wrapper (torch 2.11); fail loudly if it
+    moves (vllm_kvmix.kernels.cuda_decode.compile_cuda is the one caller)."""
+    import inspect
+
+    from vllm_kvmix.kernels import cuda_decode
+
+    params = inspect.signature(torch.cuda._compile_kernel).parameters
+    assert list(params)[:2] == ["kernel_source", "kernel_name"] and "nvcc_options" in params
+    assert cuda_decode.source_path().read_text().count("kvmix_page_decode(") == 1
+
+
+def _decode_pages(fmt, seq_lens, h, d, gen):
+    """A cache of packed pages (reference packer, outlier channels) and one staged page per request."""
+    from vllm_kvmix.quant import quantize
+    from vllm_kvmix.reference.paged import store_tokens
+    from vllm_kvmix.reference.staged import pack_pages
+
+    n_pages = sum((s + P - 1) // P for s in seq_lens) + 1
+    lay, slay = fmt.layout(d, P), fmt.stage_format.layout(d, P)
+    cache = torch.full((n_pages, h, lay.head_page_bytes), 0xFF, dtype=torch.uint8)
+    stage = torch.full((len(seq_lens), h, slay.head_page_bytes), 0xFF, dtype=torch.uint8)
+    free = torch.randperm(n_pages, generator=gen).tolist()
+    tables = []
+    for i, s in enumerate(seq_lens):
+        tables.append([free.pop() for _ in range((s + P - 1) // P)])
+        own = (s - 1) // P
+        k = torch.randn(s, h, d, generator=gen) * (1 + 4 * torch.rand(1, h, d, generator=gen))
+        k[:, :, 3] += 30.0  # an outlier key channel
+        v = torch.randn(s, h, d, generator=gen)
+        v[: s // 3] *= 8.0  # some large-valued tokens
+        if own:
+            pack_pages(cache, torch.tensor(tables[i][:own]), k[: own * P].view(own, P, h, d),
+                       v[: own * P].view(own, P, h, d), fmt)
+        n = s - own * P
+        for side, x in ((slay.k, k[own * P :]), (slay.v, v[own * P :])):
+            codes, meta = quantize(x, side.bits, side.group)
+            store_tokens(stage, side, codes, meta, i * P + torch.arange(n))
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.int32)
+    return cache, stage, table
+
+
+def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
+    """fp64 attention of each request's query over its pages as the reference reads them, rotated back."""
+    from vllm_kvmix.quant import hadamard
+    from vllm_kvmix.reference.paged import read_pages
+
+    rot = hadamard(d, torch.float64, "cpu")
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    h = cache.shape[1]
+    for i, s in enumerate(seq_lens):
+        own = (s - 1) // P
+        ks, vs = [], []
+        if own:
+            kp, vp = read_packed(cache, table[i, :own], fmt, d)
+            ks.append(kp), vs.append(vp)
+        kst, vst = read_pages(stage, torch.tensor([i]), fmt.stage_format, d, P)
+        ks.append(kst[: s - own * P]), vs.append(vst[: s - own * P])
+        k, v = torch.cat(ks).double(), torch.cat(vs).double()
+        qi = q[i].double().view(h, -1, d)  # [H, rep, D]
+        w = torch.softmax(torch.einsum("hrd,thd->hrt", qi, k) * scale, dim=-1)
+        out[i] = (torch.einsum("hrt,thd->hrd", w, v) @ rot).reshape(-1, d)
+    return out
+
+
+@pytest.mark.skipif(not CUDA, reason="the CUDA decode kernel needs a GPU")
+@pytest.mark.parametrize("name", ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_decode_matches_oracle_and_triton(name, dtype, monkeypatch):
+    """Decode steps through the CUDA packed-page kernel (csrc/page_decode.cu) + the Triton own-page split,
+    against the fp64 oracle and against the Triton-only path on the same caches; rows padded past the
+    real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K.
+
+    Tolerance: both paths round q (to ``dtype`` and then fp16), K, V and P to fp16 inside their dots;
+    the CUDA kernel also rounds q * key scale to fp16 (the scale is folded into the query), which is
+    the same relative error (2^-11) on the other operand.  Measured on H100: see the assertions."""
+    from vllm_kvmix.kernels import cuda_decode
+    from vllm_kvmix.kernels.page import PageStep, StepPlan
+
+    fmt = parse_format(name)
+    h, rep, d, scale = 2, 4, 128, 0.09
+    seq_lens = [1, 64, 65, 700, 3000, 129]
+    n, n_pad = len(seq_lens), len(seq_lens) + 2
+    gen = torch.Generator().manual_seed(7)
+    cache, stage, table = _decode_pages(fmt, seq_lens, h, d, gen)
+    q = torch.randn(n_pad, h * rep, d, generator=gen).to(dtype)
+    q[:, :, 3] *= 4.0
+    want = _decode_oracle(q[:n].float(), cache, stage, table, seq_lens, fmt, d, scale)
+    cache, stage = cache.to(DEV), stage.to(DEV)
+    table = torch.cat([table, table[:1].expand(n_pad - n, -1)]).to(DEV)
+    qsl = torch.tensor(list(range(n + 1)) + [n] * (n_pad - n), dtype=torch.int32, device=DEV)
+    seq = torch.tensor(seq_lens + [0] * (n_pad - n), dtype=torch.int32, device=DEV)
+    slots = torch.arange(n_pad, dtype=torch.int32, device=DEV).clamp(max=n - 1)
+    query = q.to(DEV)
+    outs = {}
+    for path, splits in (("cuda", None), ("cuda", 5), ("triton", None)):
+        monkeypatch.setenv(cuda_decode.DISABLE_ENV, "1" if path == "cuda" else "0")
+        plan = StepPlan(qsl, seq, n_pad, 1, qsl.tolist(), max(seq_lens), h * rep, h, num_splits=splits)
+        step = PageStep(query[:, :h], cache, stage, fmt, slots, table, plan)
+        out = torch.full_like(query, float("nan"))
+        step.attend(query, out, scale)
+        outs[(path, splits)] = out[:n].double().cpu()
+        assert torch.isfinite(outs[(path, splits)]).all(), (path, splits)
+    errs = {key: _rel(got, want) for key, got in outs.items()}
+    errs["cuda-triton"] = _rel(outs[("cuda", None)], outs[("triton", None)])
+    errs["split5-auto"] = _rel(outs[("cuda", 5)], outs[("cuda", None)])
+    print(name, dtype, errs)
+    assert all(e < 1e-2 for e in errs.values()), errs
+    assert errs["cuda-triton"] < 4e-3 and errs["split5-auto"] < 1e-4, errs

@@ -4,7 +4,8 @@
 
 Llama-3.1-8B heads (32 q / 8 kv / d=128), one query token per sequence, batch x context in
 {1, 16, 64, 256} x {1k, 8k, 32k}.  kvmix: ``PageStep.attend`` alone (packed pages + the 8-bit own
-page, output rotated back) and the whole step (stage + pack + attend + keep).  Peers
+page, output rotated back) -- as served (packed pages in CUDA, ``cuda_decode``) and on the Triton
+kernel alone (rows `` triton``) -- and the whole step (stage + pack + attend + keep).  Peers
 (need vLLM 0.26.0 on the device): FA3 bf16 / fp8 (vllm_flash_attn, block 16, shuffled blocks)
 and vLLM's int4_per_token_head Triton kernel (block 16), through the same entry points vLLM
 calls.  GB/s counts the K/V bytes each kernel must read; the device copy bandwidth is measured
@@ -23,6 +24,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from vllm_kvmix.formats import PAGE_TOKENS, parse_format  # noqa: E402
+from vllm_kvmix.kernels import cuda_decode  # noqa: E402
 from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -130,6 +132,14 @@ def main():
             st = PageStep(k, cache, stage, fmt, slots, bt, plan)
             res[fname] = (bench(lambda: st.attend(q, out, D**-0.5)), kvmix_bytes(fmt, B, seq_len))
             print(f"  {fname}: {plan.attn[4]} splits", flush=True)
+            # as a decode step runs in vLLM: replayed from a CUDA graph (no host launch cost)
+            res[fname + " graph"] = (triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, D**-0.5)),
+                                     res[fname][1])
+            if fname == "kvmix-k4v2":
+                kernel_times(lambda: st.attend(q, out, D**-0.5))
+            os.environ[cuda_decode.DISABLE_ENV] = "0"  # the same step on the Triton kernel alone
+            res[fname + " triton"] = (bench(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
+            os.environ.pop(cuda_decode.DISABLE_ENV)
             if args.sweep and fname == "kvmix-k4v2":
                 from vllm_kvmix.kernels import page as page_mod
 
@@ -173,6 +183,22 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "page_bench.json"), "w") as f:
         json.dump(dict(device=name, copy_gbs=bw, attention=rows, write=wrows), f, indent=1)
+
+
+def kernel_times(fn, n=20):
+    """GPU time of each kernel one call of ``fn`` launches (torch profiler), printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA" and ev.count >= n:
+            us = getattr(ev, "device_time_total", 0.0) / n
+            print(f"    kernel {ev.key[:60]:<60} {us:8.1f} us/call", flush=True)
 
 
 def resources():

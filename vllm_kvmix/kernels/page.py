@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
+from vllm_kvmix.kernels import cuda_decode
 from vllm_kvmix.kernels.attention import _combine_kernel, block_q_for, num_splits_for, plan_query_blocks
 from vllm_kvmix.kernels.codec import (
     ROT_PRECISION,
@@ -537,25 +538,32 @@ class PageStep:
         hq, d, h = query.shape[1], self.d, self.h
         nqb = qb_req.numel()
         block_m = bq * rep_p
-        if num_splits > 1:
+        # decode batches: every page (packed + the staged own page) in CUDA (csrc/page_decode.cu), which
+        # always writes split partials; the combine merges them and rotates the output back
+        cuda = self.plan.max_query_len == 1 and cuda_decode.supports(self.fmt, query, d, h, sliding_window, soft_cap)
+        if num_splits > 1 or cuda:
             ws_acc = torch.empty(nqb * h * num_splits * block_m * d, dtype=torch.float32, device=query.device)
             ws_ml = torch.empty(nqb * h * num_splits * block_m * 2, dtype=torch.float32, device=query.device)
         else:
             ws_acc = ws_ml = out  # unused
         stage, scratch, cache = self.stage, self.scratch, self.cache
-        _page_attention_kernel[(nqb, h, num_splits)](
-            query, out, cache, stage, scratch, self.rot, self.block_table,
-            *self.common, qb_req, qb_tok,
-            ws_acc, ws_ml, num_splits,
-            float(scale), float(soft_cap or 0.0), int(sliding_window or 0),
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            cache.stride(0), cache.stride(1), self.block_table.stride(0),
-            stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
-            D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, **self.bits, **self.stage_consts,
-            USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(soft_cap),
-            IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **launch_for(block_m),
-        )
-        if num_splits > 1:
+        if cuda:  # decode: every page (packed + the staged own page) in CUDA, csrc/page_decode.cu
+            cuda_decode.launch(query, cache, stage, self.slots, self.block_table, self.plan.qsl, self.plan.seq, qb_req,
+                               ws_acc, ws_ml, num_splits, scale, self.fmt, block_m)
+        else:
+            _page_attention_kernel[(nqb, h, num_splits)](
+                query, out, cache, stage, scratch, self.rot, self.block_table,
+                *self.common, qb_req, qb_tok,
+                ws_acc, ws_ml, num_splits,
+                float(scale), float(soft_cap or 0.0), int(sliding_window or 0),
+                query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+                cache.stride(0), cache.stride(1), self.block_table.stride(0),
+                stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
+                D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, **self.bits, **self.stage_consts,
+                USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(soft_cap),
+                IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **launch_for(block_m),
+            )
+        if num_splits > 1 or cuda:
             _combine_kernel[(nqb, h)](
                 out, ws_acc, ws_ml, self.plan.qsl, qb_req, qb_tok, num_splits, self.rot,
                 out.stride(0), out.stride(1), D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, ROTATE=True,

@@ -1,0 +1,406 @@
+// Decode attention over the packed pages of the kvmix page scheme (one query token per request).
+//
+// Reads the page layout of vllm_kvmix.formats (PageLayout, 64-token pages, head size 128) as it is:
+//   keys   [64 tokens][128 * KB / 8 bytes], channel 2j / 2j+1 in the low / high bits of byte j (KB = 4),
+//          then fp16 (scale, minimum) per channel over the page;
+//   values [64 tokens][128 * VB / 8 bytes] (Hadamard-rotated), then fp16 (scale, minimum) per token
+//          and 64-channel group.
+// Grid: (query block = one request's token, KV head, split); NW warps per block, each warp walks its own pages (p = first + warp,
+// + NW, ...) with its own online softmax, merged in shared memory at the end.  The result is one split-K
+// partial per block -- (max, sum, acc) in the workspace layout of vllm_kvmix.kernels.attention's
+// _combine_kernel, max in natural-log units, acc unrotated -- for pages [0, own page); the request's own
+// (8-bit staged) page is another split written by the Triton kernel.
+//
+// Tensor cores (mma.sync m16n8k16, fp16 operands, fp32 accumulation) with the roles chosen so the codes
+// reach the operand registers as whole 32-bit words:
+//   S  = Q K^T:   A = query (rows = the REP heads of the KV head, padded to 16), B = key codes, n = token.
+//                 A thread's B registers hold channels (c, c + 16 / KB) of one token: one word of codes,
+//                 shifted and masked, OR-ed into the bits of 1024.0 (the exact fp16 number 1024 + code).
+//                 The per-channel scale goes to the query (Q' = Q * scale, per page) and the minimum and
+//                 the 1024 offset into a per-page correction computed by the tensor cores
+//                 (sum_c Q m - 1024 sum_c Q'), which seeds the S accumulators.
+//   O^T = V^T P^T: A = value codes (rows = channels, k = tokens: two tokens' words interleaved with one
+//                 PRMT), dequantized in fp16 (subtract 1024 exactly, FMA per-token scale / minimum);
+//                 B = P straight from the S accumulators (their layout is the B layout of the next mma).
+// The softmax runs in base 2 (log2(e) folded into the query scale).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define KVMIX_D 128
+#define KVMIX_P 64
+#define KVMIX_NEG_INF __int_as_float(0xff800000)
+
+struct alignas(16) u32x4 {
+  u32 x, y, z, w;
+};
+
+__device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// d = a b + c with separate accumulator input (no register copies to seed d from c).
+__device__ __forceinline__ void mma16816_c(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1,
+                                           const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+  u32 r;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+__device__ __forceinline__ u32 hadd2(u32 a, u32 b) {
+  u32 r;
+  asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// 16-bit halves of `w` hold codes at bit `shift` -> (1024 + code_lo, 1024 + code_hi) as fp16x2.
+template <int BITS>
+__device__ __forceinline__ u32 code_pair(u32 w, int shift) {
+  const u32 mask = ((1u << BITS) - 1) * 0x00010001u;
+  u32 r;  // (x & mask) | 0x64006400 in one LOP3
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w >> shift), "n"(mask), "n"(0x64006400u));
+  return r;
+}
+
+template <bool BF16>
+__device__ __forceinline__ float load_q(const u16* q, long long off) {
+  u16 h = q[off];
+  if (BF16) return __uint_as_float(((u32)h) << 16);
+  return f16_to_f32(h);
+}
+
+// Key channel of pair `pi` (0..15: k-step pi / 2, register pi % 2), half `e`, for lane quad position qd:
+// word i = pi / (16 / KB) of the thread's 16 / 32 code bytes, extraction j = pi % (16 / KB).
+template <int KB>
+__device__ __forceinline__ int key_channel(int qd, int pi, int e) {
+  const int per_word = 16 / KB;  // extractions per 32-bit word
+  const int i = pi / per_word, j = pi % per_word;
+  return 32 * qd + i * (32 / KB) + e * per_word + j;
+}
+
+
+// One page into the running softmax state of row g.  QKB: key bits of the format (the query's channel
+// order, key_channel<QKB>); CKB / VB: bits of this page's codes.  STAGED: the 8-bit own page -- keys per
+// token and 64-channel group (dequantized on the B operand in fp16), tokens >= n_valid masked (their
+// bytes may be stale); otherwise a full packed page (keys per channel, scale folded into the query).
+template <int QKB, int CKB, int VB, bool STAGED>
+__device__ __forceinline__ void attend_page(const u8* __restrict__ page, int n_valid, const u32 (&qs)[16],
+                                            float& m_run, float& l_run, float (&acc)[8][4], int g, int qd,
+                                            int k_meta_off, int v_codes_off, int v_meta_off) {
+  constexpr int CBK = KVMIX_D * CKB / 8;  // key code bytes per token
+  constexpr int KW = CBK / 16;            // key code words per thread per token (4 or 8)
+  constexpr int CBV = KVMIX_D * VB / 8;   // value code bytes per token
+  constexpr int VW = VB / 2;              // value code words per thread per token (16 channels)
+  const u32 NEG1024 = 0xE400E400u;
+
+  // ---- loads: key meta, key codes (8 tokens), value codes + meta (16 tokens)
+  u32 kc[8][KW];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const u32x4* src = reinterpret_cast<const u32x4*>(page + (8 * nt + g) * CBK + qd * (CBK / 4));
+#pragma unroll
+    for (int i = 0; i < KW / 4; ++i) {
+      u32x4 v = src[i];
+      kc[nt][4 * i] = v.x; kc[nt][4 * i + 1] = v.y; kc[nt][4 * i + 2] = v.z; kc[nt][4 * i + 3] = v.w;
+    }
+  }
+  // value tokens of this thread: 16 kt + 8 hh + 2 qd + e
+  u32 vc[4][2][2][VW], vm[4][2][2];
+#pragma unroll
+  for (int kt = 0; kt < 4; ++kt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int t = 16 * kt + 8 * hh + 2 * qd + e;
+        const u32* src = reinterpret_cast<const u32*>(page + v_codes_off + t * CBV + g * (2 * VB));
+#pragma unroll
+        for (int w = 0; w < VW; ++w) vc[kt][hh][e][w] = src[w];
+        vm[kt][hh][e] = reinterpret_cast<const u32*>(page + v_meta_off)[t * 2 + (g >> 2)];
+      }
+
+  float s[8][4];
+  if (!STAGED) {
+    // ---- S = Q' K^T + (sum_c Q m - 1024 sum_c Q'), Q' = Q * per-channel scale
+    u32 km[32];
+    {
+      const u32x4* src = reinterpret_cast<const u32x4*>(page + k_meta_off + 128 * qd);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        u32x4 v = src[i];
+        km[4 * i] = v.x; km[4 * i + 1] = v.y; km[4 * i + 2] = v.z; km[4 * i + 3] = v.w;
+      }
+    }
+    u32 qp[16];
+    float corr[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int pi = 0; pi < 16; ++pi) {
+      const int c0 = key_channel<QKB>(qd, pi, 0) - 32 * qd, c1 = key_channel<QKB>(qd, pi, 1) - 32 * qd;
+      qp[pi] = hmul2(qs[pi], prmt(km[c0], km[c1], 0x5410));
+    }
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const int a = 2 * kk, bb = 2 * kk + 1;
+      const u32 m0 = prmt(km[key_channel<QKB>(qd, a, 0) - 32 * qd], km[key_channel<QKB>(qd, a, 1) - 32 * qd], 0x7632);
+      const u32 m1 = prmt(km[key_channel<QKB>(qd, bb, 0) - 32 * qd], km[key_channel<QKB>(qd, bb, 1) - 32 * qd], 0x7632);
+      mma16816(corr, qs[a], 0u, qs[bb], 0u, m0, m1);
+      mma16816(corr, qp[a], 0u, qp[bb], 0u, NEG1024, NEG1024);
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        constexpr int per_word = 16 / CKB;
+        const int a = 2 * kk, bb = 2 * kk + 1;
+        const u32 b0 = code_pair<CKB>(kc[nt][a / per_word], CKB * (a % per_word));
+        const u32 b1 = code_pair<CKB>(kc[nt][bb / per_word], CKB * (bb % per_word));
+        if (kk == 0)
+          mma16816_c(s[nt], qp[a], 0u, qp[bb], 0u, b0, b1, corr);
+        else
+          mma16816(s[nt], qp[a], 0u, qp[bb], 0u, b0, b1);
+      }
+    }
+  } else {
+    // ---- S = Q K^T with 8-bit keys dequantized per token: channels of pair pi in the query's order
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const u32 w = reinterpret_cast<const u32*>(page + k_meta_off)[(8 * nt + g) * 2 + (qd >> 1)];
+      const u32 sc = prmt(w, w, 0x1010), mn = prmt(w, w, 0x3232);
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        u32 bk[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int c0 = key_channel<QKB>(qd, 2 * kk + r, 0) - 32 * qd, c1 = key_channel<QKB>(qd, 2 * kk + r, 1) - 32 * qd;
+          const u32 sel = (c0 & 3) | ((c0 & 3) << 4) | ((4 + (c1 & 3)) << 8) | ((4 + (c1 & 3)) << 12);
+          const u32 y = code_pair<8>(prmt(kc[nt][c0 >> 2], kc[nt][c1 >> 2], sel), 0);
+          bk[r] = hfma2(hadd2(y, NEG1024), sc, mn);
+        }
+        mma16816(s[nt], qs[2 * kk], 0u, qs[2 * kk + 1], 0u, bk[0], bk[1]);
+      }
+      if (8 * nt + 2 * qd >= n_valid) s[nt][0] = KVMIX_NEG_INF;
+      if (8 * nt + 2 * qd + 1 >= n_valid) s[nt][1] = KVMIX_NEG_INF;
+    }
+  }
+
+  // ---- online softmax (base 2) for row g; the quad (qd = 0..3) shares the row
+  float mx = KVMIX_NEG_INF;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][0], s[nt][1]));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float m_new = fmaxf(m_run, mx);
+  const float alpha = ex2(m_run - m_new);
+  float psum = 0.f;
+  u32 pb[4][2];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const float p0 = ex2(s[nt][0] - m_new), p1 = ex2(s[nt][1] - m_new);
+    psum += p0 + p1;
+    pb[nt >> 1][nt & 1] = pack_f16x2(p0, p1);
+  }
+  l_run = l_run * alpha + psum;
+  m_run = m_new;
+  // acc columns are heads 2 qd, 2 qd + 1: their rescale factors live in lanes 8 qd and 8 qd + 4
+  const float al0 = __shfl_sync(0xffffffffu, alpha, 8 * qd);
+  const float al1 = __shfl_sync(0xffffffffu, alpha, 8 * qd + 4);
+#pragma unroll
+  for (int mt = 0; mt < 8; ++mt) {
+    acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
+  }
+
+  // ---- O^T += V^T P^T; A rows g / g + 8 of m-tile mt = channels 16 g + 2 mt / + 1
+#pragma unroll
+  for (int kt = 0; kt < 4; ++kt) {
+    u32 va[2][16];  // [hh][channel e = 0..15 of the thread]: fp16 pair (token 2qd, 2qd + 1)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const u32 sc = prmt(vm[kt][hh][0], vm[kt][hh][1], 0x5410);
+      const u32 mn = prmt(vm[kt][hh][0], vm[kt][hh][1], 0x7632);
+      u32 keep = 0xFFFFFFFFu;  // staged page: zero the values of tokens past n_valid (stale bytes)
+      if (STAGED) {
+        const int t = 16 * kt + 8 * hh + 2 * qd;
+        keep = (t < n_valid ? 0x0000FFFFu : 0u) | (t + 1 < n_valid ? 0xFFFF0000u : 0u);
+      }
+#pragma unroll
+      for (int w = 0; w < VW; ++w) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const u32 inter = prmt(vc[kt][hh][0][w], vc[kt][hh][1][w], half ? 0x7632 : 0x5410);
+          constexpr int per_half = 16 / VB;
+#pragma unroll
+          for (int j = 0; j < per_half; ++j) {
+            const int e = w * (32 / VB) + half * per_half + j;
+            va[hh][e] = hfma2(hadd2(code_pair<VB>(inter, VB * j), NEG1024), sc, mn);
+            if (STAGED) va[hh][e] &= keep;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt)
+      mma16816(acc[mt], va[0][2 * mt], va[0][2 * mt + 1], va[1][2 * mt], va[1][2 * mt + 1], pb[kt][0], pb[kt][1]);
+  }
+}
+
+template <int KB, int VB, int NW, bool BF16>
+__global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
+    const u16* __restrict__ q, const u8* __restrict__ cache, const u8* __restrict__ stage,
+    const int* __restrict__ slots, const int* __restrict__ block_table,
+    const int* __restrict__ qsl, const int* __restrict__ seq_lens, const int* __restrict__ qb_req,
+    float* __restrict__ ws_acc,
+    float* __restrict__ ws_ml, int num_splits, double scale_log2e_d,
+    int stride_qt, int stride_qh, int stride_cb, int stride_ch, int stride_bt, int rep, int block_m,
+    int k_meta_off, int v_codes_off, int v_meta_off, int stride_ss, int stride_sh, int sk_meta_off,
+    int sv_codes_off, int sv_meta_off) {
+  // Integer arguments are 32-bit (the launcher passes C ints); offsets are formed in 64 bits.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, qd = lane & 3;
+  const int qb = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;  // query block = one request's token
+  const int b = qb_req[qb];
+  const int num_kv = gridDim.y;
+  const float scale_log2e = (float)scale_log2e_d;
+
+  __shared__ float sm_m[NW][8], sm_l[NW][8];
+  __shared__ float sm_acc[NW][8][KVMIX_D + 4];
+
+  const int q0 = qsl[b], q1 = qsl[b + 1];
+  const int seq = seq_lens[b];
+  // pages [0, own) packed, page `own` from the staging slot; padded rows (no token) read nothing
+  const int own = (seq - 1) / KVMIX_P;
+  const int n_pages = (q1 > q0) ? own + 1 : 0;
+  const int per = (n_pages + num_splits - 1) / num_splits;
+  const int p_begin = split * per;
+  const int p_end = min(n_pages, p_begin + per);
+
+  // ---- the query as A fragments (row g = head kvh * rep + g), scaled by softmax scale * log2(e)
+  u32 qs[16];
+  {
+    const bool row_ok = g < rep && q1 > q0;
+    const long long qoff = (long long)q0 * stride_qt + (long long)(kvh * rep + g) * stride_qh;
+#pragma unroll
+    for (int pi = 0; pi < 16; ++pi) {
+      float lo = 0.f, hi = 0.f;
+      if (row_ok) {
+        lo = load_q<BF16>(q, qoff + key_channel<KB>(qd, pi, 0)) * scale_log2e;
+        hi = load_q<BF16>(q, qoff + key_channel<KB>(qd, pi, 1)) * scale_log2e;
+        lo = fminf(fmaxf(lo, -65504.f), 65504.f);
+        hi = fminf(fmaxf(hi, -65504.f), 65504.f);
+      }
+      qs[pi] = pack_f16x2(lo, hi);
+    }
+  }
+
+  float m_run = KVMIX_NEG_INF, l_run = 0.f;
+  float acc[8][4];
+#pragma unroll
+  for (int mt = 0; mt < 8; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+
+  const u8* own_page = stage + (long long)slots[b] * stride_ss + (long long)kvh * stride_sh;
+  for (int p = p_begin + warp; p < p_end; p += NW) {
+    if (p == own) {  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64)
+      attend_page<KB, 8, 8, true>(own_page, seq - own * KVMIX_P, qs, m_run, l_run, acc, g, qd, sk_meta_off,
+                                  sv_codes_off, sv_meta_off);
+    } else {
+      const long long blk = block_table[(long long)b * stride_bt + p];
+      attend_page<KB, KB, VB, false>(cache + blk * (long long)stride_cb + (long long)kvh * stride_ch, KVMIX_P, qs,
+                                     m_run, l_run, acc, g, qd, k_meta_off, v_codes_off, v_meta_off);
+    }
+  }
+
+  // ---- merge the warps: row g's (max, sum) and acc fragments into shared memory
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  if (qd == 0) {
+    sm_m[warp][g] = m_run;
+    sm_l[warp][g] = l_run;
+  }
+#pragma unroll
+  for (int mt = 0; mt < 8; ++mt) {
+    const int c = 16 * g + 2 * mt;
+    sm_acc[warp][2 * qd][c] = acc[mt][0];
+    sm_acc[warp][2 * qd + 1][c] = acc[mt][1];
+    sm_acc[warp][2 * qd][c + 1] = acc[mt][2];
+    sm_acc[warp][2 * qd + 1][c + 1] = acc[mt][3];
+  }
+  __syncthreads();
+  const long long base = ((long long)qb * num_kv + kvh) * num_splits + split;
+  const float LN2 = 0.6931471805599453f;
+  for (int i = threadIdx.x; i < rep * KVMIX_D; i += NW * 32) {
+    const int r = i / KVMIX_D, c = i % KVMIX_D;
+    float M = KVMIX_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w][r]);
+    float A = 0.f, L = 0.f;
+    if (M != KVMIX_NEG_INF) {
+#pragma unroll
+      for (int w = 0; w < NW; ++w) {
+        const float f = ex2(sm_m[w][r] - M);
+        A += sm_acc[w][r][c] * f;
+        L += sm_l[w][r] * f;
+      }
+    }
+    const long long row = base * block_m + r;
+    ws_acc[row * KVMIX_D + c] = A;
+    if (c == 0) {
+      ws_ml[row * 2] = M * LN2;  // -inf stays -inf
+      ws_ml[row * 2 + 1] = L;
+    }
+  }
+}
+
+// nvcc builds (benchmarks/kernels/cuda_sass.py, tests): the variants NVRTC instantiates by name at run time.
+#ifdef KVMIX_INSTANTIATE
+#define KVMIX_VARIANT(KB, VB, BF16)                                                                           \
+  template __global__ void kvmix_page_decode<KB, VB, 4, BF16>(                                                \
+      const u16*, const u8*, const u8*, const int*, const int*, const int*, const int*, const int*, float*,   \
+      float*, int, double, int, int, int, int, int, int, int, int, int, int, int, int, int, int, int);
+KVMIX_VARIANT(4, 2, false)
+KVMIX_VARIANT(4, 2, true)
+KVMIX_VARIANT(4, 4, true)
+KVMIX_VARIANT(8, 4, true)
+#endif

@@ -1,0 +1,125 @@
+"""Decode attention over packed pages in CUDA (``csrc/page_decode.cu``), compiled by NVRTC at first use.
+
+Why CUDA here: the Triton page kernel spends ~3,900 warp-instructions per 64-token page (k4v2) moving
+code bytes into the tensor-core operand layout one byte per register; the CUDA kernel chooses which
+channels and tokens each lane's mma registers hold so the codes arrive as whole words (a shift and one
+LOP3 per fp16 pair) -- ``benchmarks/kernels/NOTES.md`` has the counts and timings.
+
+Scope: decode steps (one query token per request: ``StepPlan.decode`` and any batch whose
+``max_query_len`` is 1), head size 128, GQA groups of at most 8, fp16 / bf16 queries, no sliding window
+or soft cap, keys 4 / 8 bits, values 2 / 4 bits.  It writes split-K partials for the packed pages
+and the request's own page (its 8-bit staging slot); ``_combine_kernel`` merges the splits and rotates
+the output back -- :meth:`vllm_kvmix.kernels.page.PageStep.attend`.
+Everything else runs the Triton kernel, which is the reference-tested path for all shapes.
+
+NVRTC ships with PyTorch's CUDA wheels (``nvidia-cuda-nvrtc``), so nothing is built at install time;
+the one private PyTorch entry point used (``torch.cuda._compile_kernel``) is wrapped in
+:func:`compile_cuda`, and ``tests/test_page_kernels.py`` checks that it is still there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
+
+WARPS = 4  # warps per block (each walks its own pages); 4 blocks per SM at <= 128 registers
+SOURCE_NAME = "page_decode.cu"
+HEAD_SIZE = 128
+DISABLE_ENV = "KVMIX_CUDA_DECODE"  # "0": always the Triton kernel (benchmarks compare the two)
+
+
+def source_path() -> Path:
+    """``csrc/page_decode.cu`` of a source checkout, or the copy installed with the package."""
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "csrc" / SOURCE_NAME, here.parent / "csrc" / SOURCE_NAME):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"kvmix: {SOURCE_NAME} not found next to the package (csrc/)")
+
+
+def compile_cuda(source: str, name: str) -> "Launcher":
+    """PyTorch's NVRTC front end (private API, torch 2.11): compile ``name`` for the current GPU."""
+    return Launcher(torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"]))
+
+
+class Launcher:
+    """``cuLaunchKernel`` of a compiled kernel with typed arguments, on the current stream.
+
+    PyTorch's ``_CudaKernel.__call__`` inspects every argument and looks libcuda up on each call; a decode
+    step launches this once per layer, so the arguments are packed straight into their C types here.
+    Argument kinds: ``"p"`` (tensor -> pointer), ``"i"`` (C int), ``"d"`` (double).
+    """
+
+    def __init__(self, kernel):
+        self.func = kernel.func
+        self.lib = torch.cuda._utils._get_gpu_runtime_library()
+
+    def __call__(self, grid, block, kinds: str, args) -> None:
+        if len(kinds) != len(args):
+            raise ValueError(f"kvmix: {len(args)} kernel arguments for {len(kinds)} kinds")
+        c = [ctypes.c_void_p(a.data_ptr()) if k == "p" else ctypes.c_int(a) if k == "i" else ctypes.c_double(a)
+             for k, a in zip(kinds, args)]
+        ptrs = (ctypes.c_void_p * len(c))(*[ctypes.addressof(x) for x in c])
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        err = self.lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream,
+                                      ptrs, None)
+        if err != 0:
+            raise RuntimeError(f"kvmix: cuLaunchKernel failed with CUDA error {err}")
+
+
+@functools.cache
+def _kernel(k_bits: int, v_bits: int, bf16: bool) -> Launcher:
+    name = f"kvmix_page_decode<{k_bits}, {v_bits}, {WARPS}, {'true' if bf16 else 'false'}>"
+    return compile_cuda(source_path().read_text(), name)
+
+
+def enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+def supports(fmt: KVFormat, query: torch.Tensor, head_size: int, num_kv_heads: int,
+             sliding_window, soft_cap) -> bool:
+    rep = query.shape[1] // num_kv_heads
+    return (
+        enabled() and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+        and head_size == HEAD_SIZE and rep <= 8 and fmt.k_bits in (4, 8) and fmt.v_bits in (2, 4)
+        and fmt.group == 64 and not sliding_window and not soft_cap
+    )
+
+
+def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, ws_acc, ws_ml, num_splits: int,
+           scale: float, fmt: KVFormat, block_m: int) -> None:
+    """Split-K partials of every page of each decode row (packed pages and the staged own page) into the
+    workspace of ``attention._combine_kernel`` (``num_splits`` per (query block, KV head))."""
+    h = cache.shape[1]
+    rep = query.shape[1] // h
+    lay = fmt.layout(HEAD_SIZE, PAGE_TOKENS)
+    slay = fmt.stage_format.layout(HEAD_SIZE, PAGE_TOKENS)
+    if lay.k.codes_offset != 0 or slay.k.codes_offset != 0:
+        raise ValueError("kvmix: the CUDA decode kernel expects key codes at the start of a head page")
+    named = (("cache", cache), ("stage", stage), ("block_table", block_table), ("query_start_loc", qsl),
+             ("seq_lens", seq_lens), ("slots", slots), ("query", query))
+    for name, x in named:
+        if x.stride(-1) != 1:
+            raise ValueError(f"kvmix: CUDA decode needs a contiguous last axis of {name}")
+    for x in (cache, stage):
+        if x.data_ptr() % 16 or x.stride(0) % 16 or x.stride(1) % 16:
+            raise ValueError("kvmix: CUDA decode needs 16-byte aligned head pages")
+    if any(x.dtype != torch.int32 for x in (block_table, qsl, seq_lens, slots, qb_req)):
+        raise ValueError("kvmix: CUDA decode takes int32 block tables, lengths and slots")
+    kernel = _kernel(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16)
+    kernel(
+        (qb_req.numel(), h, num_splits), (WARPS * 32, 1, 1), "pppppppppp" "id" "iiiiiiiiii" "iiiii",
+        [query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, ws_acc, ws_ml,
+         num_splits, float(scale) * math.log2(math.e),
+         query.stride(0), query.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0), rep, block_m,
+         lay.k.meta_offset, lay.v.codes_offset, lay.v.meta_offset,
+         stage.stride(0), stage.stride(1), slay.k.meta_offset, slay.v.codes_offset, slay.v.meta_offset],
+    )

@@ -14,6 +14,7 @@ dequantized value.  On CPU this runs under TRITON_INTERPRET=1 (conftest.py).
 """
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -344,3 +345,18 @@ def test_cuda_decode_matches_oracle_and_triton(name, dtype, monkeypatch):
     print(name, dtype, errs)
     assert all(e < 1e-2 for e in errs.values()), errs
     assert errs["cuda-triton"] < 4e-3 and errs["split5-auto"] < 1e-4, errs
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_cuda_decode_source_compiles_for_sm90(tmp_path):
+    """csrc/page_decode.cu builds for sm_90 in every variant the launcher names (NVRTC compiles the same
+    source on the GPU at first use; this catches a broken source on a CPU machine)."""
+    import subprocess
+
+    from vllm_kvmix.kernels import cuda_decode
+
+    res = subprocess.run(["nvcc", "-DKVMIX_INSTANTIATE", "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
+                          "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cuda_decode.source_path())],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("Compiling entry function") == 4  # k4v2 fp16/bf16, k4v4, k8v4

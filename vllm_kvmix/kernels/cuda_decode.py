@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import math
 import os
 from pathlib import Path
@@ -36,7 +37,8 @@ DISABLE_ENV = "KVMIX_CUDA_DECODE"  # "0": always the Triton kernel (benchmarks c
 
 
 def source_path() -> Path:
-    """``csrc/page_decode.cu`` of a source checkout, or the copy installed with the package."""
+    """``csrc/page_decode.cu`` of the checkout the package runs from (editable installs, the Docker image's
+    ``pip install -e``), or a copy next to this module."""
     here = Path(__file__).resolve()
     for cand in (here.parents[2] / "csrc" / SOURCE_NAME, here.parent / "csrc" / SOURCE_NAME):
         if cand.is_file():
@@ -44,7 +46,7 @@ def source_path() -> Path:
     raise FileNotFoundError(f"kvmix: {SOURCE_NAME} not found next to the package (csrc/)")
 
 
-def compile_cuda(source: str, name: str) -> "Launcher":
+def compile_cuda(source: str, name: str) -> Launcher:
     """PyTorch's NVRTC front end (private API, torch 2.11): compile ``name`` for the current GPU."""
     return Launcher(torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"]))
 
@@ -81,7 +83,18 @@ def _kernel(k_bits: int, v_bits: int, bf16: bool) -> Launcher:
 
 
 def enabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "1") != "0"
+    return os.environ.get(DISABLE_ENV, "1") != "0" and _source_found()
+
+
+@functools.cache
+def _source_found() -> bool:
+    """A wheel built without csrc/ runs decode on the Triton kernel, and says so once."""
+    try:
+        source_path()
+        return True
+    except FileNotFoundError as e:
+        logging.getLogger("vllm_kvmix").warning("%s: decode attention runs on the Triton kernel", e)
+        return False
 
 
 def supports(fmt: KVFormat, query: torch.Tensor, head_size: int, num_kv_heads: int,

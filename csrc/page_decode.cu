@@ -1,15 +1,17 @@
-// Decode attention over the packed pages of the kvmix page scheme (one query token per request).
+// Decode attention of the kvmix page scheme (one query token per request): packed pages and the
+// request's own 8-bit staged page.
 //
-// Reads the page layout of vllm_kvmix.formats (PageLayout, 64-token pages, head size 128) as it is:
-//   keys   [64 tokens][128 * KB / 8 bytes], channel 2j / 2j+1 in the low / high bits of byte j (KB = 4),
-//          then fp16 (scale, minimum) per channel over the page;
-//   values [64 tokens][128 * VB / 8 bytes] (Hadamard-rotated), then fp16 (scale, minimum) per token
-//          and 64-channel group.
-// Grid: (query block = one request's token, KV head, split); NW warps per block, each warp walks its own pages (p = first + warp,
-// + NW, ...) with its own online softmax, merged in shared memory at the end.  The result is one split-K
-// partial per block -- (max, sum, acc) in the workspace layout of vllm_kvmix.kernels.attention's
-// _combine_kernel, max in natural-log units, acc unrotated -- for pages [0, own page); the request's own
-// (8-bit staged) page is another split written by the Triton kernel.
+// Reads the page layouts of vllm_kvmix.formats (64-token pages, head size 128) as they are:
+//   packed keys   [64 tokens][128 * KB / 8 bytes], channel 2j / 2j+1 in the low / high bits of byte j
+//                 (KB = 4), then fp16 (scale, minimum) per channel over the page;
+//   packed values [64 tokens][128 * VB / 8 bytes] (Hadamard-rotated), then fp16 (scale, minimum) per
+//                 token and 64-channel group;
+//   staged page   keys and rotated values at 8 bits per token, (scale, minimum) per token and group.
+// Grid: (query block = one request's token, KV head, split); NW warps per block, each warp walks its own
+// pages (p = first + warp, + NW, ...) with its own online softmax, merged in shared memory at the end.
+// Pages [0, own) come from the cache, page `own` from the request's staging slot.  The result is one
+// split-K partial per block -- (max, sum, acc) in the workspace layout of vllm_kvmix.kernels.attention's
+// _combine_kernel, max in natural-log units, acc unrotated; the combine merges and rotates back.
 //
 // Tensor cores (mma.sync m16n8k16, fp16 operands, fp32 accumulation) with the roles chosen so the codes
 // reach the operand registers as whole 32-bit words:
@@ -393,7 +395,7 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
   }
 }
 
-// nvcc builds (benchmarks/kernels/cuda_sass.py, tests): the variants NVRTC instantiates by name at run time.
+// nvcc builds (tests/test_page_kernels.py, SASS inspection): the variants NVRTC instantiates by name at run time.
 #ifdef KVMIX_INSTANTIATE
 #define KVMIX_VARIANT(KB, VB, BF16)                                                                           \
   template __global__ void kvmix_page_decode<KB, VB, 4, BF16>(                                                \

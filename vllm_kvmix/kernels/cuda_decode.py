@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
+from vllm_kvmix.formats import KVFormat
 
 WARPS = 4  # warps per block (each walks its own pages); 4 blocks per SM at <= 128 registers
 SOURCE_NAME = "page_decode.cu"
@@ -37,8 +37,8 @@ DISABLE_ENV = "KVMIX_CUDA_DECODE"  # "0": always the Triton kernel (benchmarks c
 
 
 def source_path() -> Path:
-    """``csrc/page_decode.cu`` of the checkout the package runs from (editable installs, the Docker image's
-    ``pip install -e``), or a copy next to this module."""
+    """``csrc/page_decode.cu`` of the checkout the package runs from (editable installs), or the copy
+    installed next to this module (``kernels/csrc/``: package data, as docker/Dockerfile places it)."""
     here = Path(__file__).resolve()
     for cand in (here.parents[2] / "csrc" / SOURCE_NAME, here.parent / "csrc" / SOURCE_NAME):
         if cand.is_file():
@@ -108,14 +108,16 @@ def supports(fmt: KVFormat, query: torch.Tensor, head_size: int, num_kv_heads: i
 
 
 def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, ws_acc, ws_ml, num_splits: int,
-           scale: float, fmt: KVFormat, block_m: int) -> None:
+           scale: float, fmt: KVFormat, block_m: int, bits: dict, stage_consts: dict) -> None:
     """Split-K partials of every page of each decode row (packed pages and the staged own page) into the
-    workspace of ``attention._combine_kernel`` (``num_splits`` per (query block, KV head))."""
+    workspace of ``attention._combine_kernel`` (``num_splits`` per (query block, KV head)).
+
+    ``bits`` / ``stage_consts``: the byte offsets of the packed and staged page
+    (:func:`vllm_kvmix.kernels.page._constants`, the Triton kernels' constexprs); key codes start each
+    head page in both, as the Triton kernels also assume."""
     h = cache.shape[1]
     rep = query.shape[1] // h
-    lay = fmt.layout(HEAD_SIZE, PAGE_TOKENS)
-    slay = fmt.stage_format.layout(HEAD_SIZE, PAGE_TOKENS)
-    if lay.k.codes_offset != 0 or slay.k.codes_offset != 0:
+    if bits["K_CODES"] != 0:
         raise ValueError("kvmix: the CUDA decode kernel expects key codes at the start of a head page")
     named = (("cache", cache), ("stage", stage), ("block_table", block_table), ("query_start_loc", qsl),
              ("seq_lens", seq_lens), ("slots", slots), ("query", query))
@@ -133,6 +135,6 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, ws_ac
         [query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, ws_acc, ws_ml,
          num_splits, float(scale) * math.log2(math.e),
          query.stride(0), query.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0), rep, block_m,
-         lay.k.meta_offset, lay.v.codes_offset, lay.v.meta_offset,
-         stage.stride(0), stage.stride(1), slay.k.meta_offset, slay.v.codes_offset, slay.v.meta_offset],
+         bits["K_META"], bits["V_CODES"], bits["V_META"],
+         stage.stride(0), stage.stride(1), stage_consts["SK_META"], stage_consts["SV_CODES"], stage_consts["SV_META"]],
     )

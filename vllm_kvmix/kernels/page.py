@@ -547,9 +547,9 @@ class PageStep:
         else:
             ws_acc = ws_ml = out  # unused
         stage, scratch, cache = self.stage, self.scratch, self.cache
-        if cuda:  # decode: every page (packed + the staged own page) in CUDA, csrc/page_decode.cu
+        if cuda:
             cuda_decode.launch(query, cache, stage, self.slots, self.block_table, self.plan.qsl, self.plan.seq, qb_req,
-                               ws_acc, ws_ml, num_splits, scale, self.fmt, block_m)
+                               ws_acc, ws_ml, num_splits, scale, self.fmt, block_m, self.bits, self.stage_consts)
         else:
             _page_attention_kernel[(nqb, h, num_splits)](
                 query, out, cache, stage, scratch, self.rot, self.block_table,

@@ -27,6 +27,7 @@ from test_staged import P, Seqs, _case, _oracle  # noqa: E402
 
 from vllm_kvmix.formats import parse_format  # noqa: E402
 from vllm_kvmix.kernels.page import page_step  # noqa: E402
+from vllm_kvmix.kernels.prefill import PrefillPlan, reference_flash_attn  # noqa: E402
 from vllm_kvmix.reference.staged import read_packed  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -35,11 +36,12 @@ DEV = "cuda" if CUDA else "cpu"
 class KernelSeqs(Seqs):
     """Seqs whose steps run the Triton kernels on DEV."""
 
-    def __init__(self, *a, num_splits=None, **kw):
+    def __init__(self, *a, num_splits=None, flash_attn=None, max_prefill_pages=1 << 30, **kw):
         super().__init__(*a, **kw)
         self.cache = self.cache.to(DEV)
         self.stage = self.stage.to(DEV)
         self.num_splits = num_splits
+        self.fa = dict(flash_attn=flash_attn, max_prefill_pages=max_prefill_pages)
 
     def run(self, chunks, q, k, v, scale, dtype=torch.float32, sliding_window=None, soft_cap=None):
         rows, qs, ks, vs, qsl, seqs, slots, t = {}, [], [], [], [0], [], [], 0
@@ -66,7 +68,7 @@ class KernelSeqs(Seqs):
             torch.tensor(qsl, dtype=torch.int32, device=DEV), torch.tensor(seqs, dtype=torch.int32, device=DEV),
             torch.tensor(slots, dtype=torch.int32, device=DEV), table, scale,
             max_query_len=max(n for _, n in chunks), sliding_window=sliding_window, soft_cap=soft_cap,
-            out=out, num_splits=self.num_splits, query_start_loc_cpu=qsl,
+            out=out, num_splits=self.num_splits, query_start_loc_cpu=qsl, seq_lens_cpu=seqs, **self.fa,
         )
         out = out.float().cpu()
         return {r: (out[t0 : t0 + n], ctx) for r, (t0, ctx, n) in rows.items()}
@@ -129,6 +131,88 @@ def test_mixed_batch_split_k_and_fp16():
         for r in range(3):
             want = _oracle(*(x[r].to(dtype).float() for x in (q, k, v)), fmt, 0.125)
             assert _rel(out[r], want) < tol, (dtype, r)
+
+
+class CountingFlashAttn:
+    """A ``flash_attn`` for ``kernels.prefill`` that records the query rows it was given keys for."""
+
+    def __init__(self, impl):
+        self.impl, self.rows = impl, 0
+        self.dtypes = getattr(impl, "dtypes", (torch.float16, torch.bfloat16))
+
+    def __call__(self, q, k, v, out, cu, max_q, used, max_k, *rest):
+        c, u = cu.tolist(), used.tolist()
+        self.rows += sum(c[e + 1] - c[e] for e in range(len(u)) if u[e] > 0)
+        self.impl(q, k, v, out, cu, max_q, used, max_k, *rest)
+
+
+def _flash_attn(kind):
+    if kind == "torch":
+        return reference_flash_attn
+    if not CUDA:
+        pytest.skip("vLLM's FlashAttention needs a GPU")
+    pytest.importorskip("vllm.vllm_flash_attn")
+    from vllm_kvmix.vllm.compat import flash_attn_prefill
+
+    fa = flash_attn_prefill()
+    assert fa is not None, "vLLM's FlashAttention is not available on this GPU"
+    return fa
+
+
+def test_prefill_plan_entries():
+    """One request, 37 tokens cached, 100 new: three entries (pages 0, 1, 2), each query sees keys <= itself."""
+    plan = PrefillPlan([0, 2, 102, 103], [50, 137, 9], [1], 103, torch.device("cpu"))
+    assert plan.cu_seqlens_q.tolist() == [0, 2, 29, 93, 102, 103]  # rows 0-1 and 102: another kernel's
+    assert plan.seqused_k.tolist() == [0, 64, 128, 137, 0]
+    pages = plan.pages.tolist()  # (request, page, staged, destination, valid tokens)
+    assert pages == [[1, 0, 0, 0, 64], [1, 1, 0, 1, 64], [1, 0, 1, 2, 64], [1, 1, 1, 3, 64], [1, 2, 1, 4, 9]]
+    bt = plan.block_table.tolist()
+    assert bt[1][:1] == [2] and bt[2][:2] == [0, 3] and bt[3][:3] == [0, 1, 4]
+    assert plan.row_ranges == [(2, 102)] and plan.rest == []
+    small = PrefillPlan([0, 2, 102, 103], [50, 137, 9], [1], 103, torch.device("cpu"), max_pages=4)
+    assert small.empty and small.rest == [1]
+
+
+@pytest.mark.parametrize("fa", ["torch", "vllm"])
+@pytest.mark.parametrize("max_pages", [1 << 30, 5])
+def test_prefill_on_flash_attn(fa, max_pages):
+    """Prefill rows through dequantized pages + a FlashAttention kernel, decode rows on the decode kernels,
+    requests past the page bound on the Triton kernel -- one batch; same answers as the oracle."""
+    flash = _flash_attn(fa)
+    fmt = parse_format("kvmix-k4v2")
+    cases = [_case(20 + i, 200) for i in range(3)]
+    q, k, v = ([c[j] for c in cases] for j in range(3))
+    dtypes = [torch.float32, torch.float16] if fa == "torch" else [torch.float16, torch.bfloat16]
+    for dtype in dtypes:
+        counted = CountingFlashAttn(flash)
+        seqs = KernelSeqs(fmt, 2, 64, flash_attn=counted, max_prefill_pages=max_pages)
+        out = [torch.full(c[0].shape, float("nan")) for c in cases]
+        ids = [seqs.add() for _ in cases]
+        schedule = [[(0, 70), (1, 5)], [(0, 1), (1, 100), (2, 64)], [(0, 129), (1, 95), (2, 1)], [(2, 135)]]
+        for chunks in schedule:
+            for r, (rows, ctx) in seqs.run([(ids[r], n) for r, n in chunks], q, k, v, 0.125, dtype=dtype).items():
+                out[r][ctx : ctx + rows.shape[0]] = rows
+        # rows with more than one new token went to flash_attn unless past the page bound
+        want_rows = 70 + 5 + 100 + 64 + 129 + 95 + 135 if max_pages > 100 else 70 + 5 + 100 + 64
+        assert counted.rows == want_rows
+        tol = 2e-3 if dtype == torch.float32 else 4e-3 if dtype == torch.float16 else 8e-3
+        for r in range(3):
+            assert torch.isfinite(out[r]).all()
+            want = _oracle(*(x[r].to(dtype).float() for x in (q, k, v)), fmt, 0.125)
+            assert _rel(out[r], want) < tol, (dtype, r)
+
+
+@pytest.mark.parametrize("fa", ["torch", "vllm"])
+def test_prefill_on_flash_attn_window_and_head_size(fa):
+    flash = _flash_attn(fa)
+    fmt = parse_format("kvmix-k4v2")
+    q, k, v = _case(3, 160, h=1, rep=3, d=256)
+    dtype = torch.float32 if fa == "torch" else torch.float16
+    counted = CountingFlashAttn(flash)
+    got = _run(KernelSeqs(fmt, 1, 256, flash_attn=counted), q, k, v, [100, 1, 59], sliding_window=70, dtype=dtype)
+    assert counted.rows == 159
+    want = _oracle(*(x.to(dtype).float() for x in (q, k, v)), fmt, 0.125, 70)
+    assert _rel(got, want) < (2e-3 if fa == "torch" else 4e-3)
 
 
 @pytest.mark.parametrize("d, window", [(128, 50), (256, 70)])

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
-from vllm_kvmix.kernels import cuda_decode
+from vllm_kvmix.kernels import cuda_decode, prefill
 from vllm_kvmix.kernels.attention import _combine_kernel, block_q_for, num_splits_for, plan_query_blocks
 from vllm_kvmix.kernels.codec import (
     ROT_PRECISION,
@@ -60,6 +60,7 @@ from vllm_kvmix.kernels.planes import (
     staged_plane,
     store_planes,
 )
+from vllm_kvmix.kernels.prefill import PrefillPlan
 from vllm_kvmix.quant import hadamard
 
 P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
@@ -382,6 +383,7 @@ def _page_attention_kernel(
 LAUNCH = {"num_warps": 4, "num_stages": 2, "maxnreg": 128}
 LAUNCH_PREFILL = {"num_warps": 4, "num_stages": 2}
 STAGE_TOKENS = 16  # tokens per _stage_kernel program (tl.dot needs >= 16 rows)
+FA_DTYPES = (torch.float16, torch.bfloat16)  # FlashAttention's inputs (prefill path)
 
 
 def launch_for(block_m: int) -> dict:
@@ -449,7 +451,8 @@ class StepPlan:
 
     def __init__(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, max_query_len: int,
                  query_start_loc_cpu: list[int], max_seq_len: int, num_heads: int, num_kv_heads: int,
-                 num_splits: int | None = None):
+                 num_splits: int | None = None, seq_lens_cpu: list[int] | None = None, flash_attn=None,
+                 max_prefill_pages: int = 1 << 30):
         b = seq_lens.shape[0]
         device = seq_lens.device
         qsl = query_start_loc[: b + 1].to(torch.int32)
@@ -469,11 +472,42 @@ class StepPlan:
             num_splits = num_splits_for(qb_req.numel() * num_kv_heads, triton.cdiv(max_seq_len, PAGE_TOKENS), device)
         self._set(qsl, seq, sbase, tok_req, num_tokens, max_query_len, num_tokens // PAGE_TOKENS + b + 1, {},
                   (qb_req, qb_tok, bq, rep_p, num_splits))
+        if flash_attn is not None and seq_lens_cpu is not None and max_query_len > 1:
+            self._plan_prefill(query_start_loc_cpu[: b + 1], seq_lens_cpu[:b], num_tokens, max_seq_len, num_heads,
+                               num_kv_heads, flash_attn, max_prefill_pages)
+
+    def _plan_prefill(self, qsl, seq, num_tokens, max_seq_len, num_heads, num_kv_heads, flash_attn, max_pages):
+        """Split the batch: one-token rows (decode kernels), prefill rows (``flash_attn`` over dequantized
+        pages, :mod:`vllm_kvmix.kernels.prefill`), prefill rows past the page bound (Triton kernel)."""
+        device = self.seq.device
+        qlen = [qsl[r + 1] - qsl[r] for r in range(len(qsl) - 1)]
+        ones = [r for r, n in enumerate(qlen) if n == 1]
+        pre = PrefillPlan(qsl, seq, [r for r, n in enumerate(qlen) if n > 1], num_tokens, device, max_pages)
+        rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
+        max_pages_k = triton.cdiv(max_seq_len, PAGE_TOKENS)
+
+        def blocks(reqs, max_q):
+            if not reqs:
+                return None
+            bq = block_q_for(num_heads, num_kv_heads, max_q)
+            req, tok = [], []
+            for r in reqs:
+                for t in range(qsl[r], qsl[r + 1], bq):
+                    req.append(r)
+                    tok.append(t)
+            splits = num_splits_for(len(req) * num_kv_heads, max_pages_k, device)
+            as_dev = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+            return as_dev(req), as_dev(tok), bq, rep_p, splits
+
+        self.prefill, self.flash_attn = pre, flash_attn
+        self.decode_attn = blocks(ones, 1)
+        self.rest_attn = blocks(pre.rest, max(qlen[r] for r in pre.rest) if pre.rest else 1)
 
     def _set(self, qsl, seq, sbase, tok_req, num_tokens, max_query_len, scratch_pages, scratch, attn):
         self.qsl, self.seq, self.sbase, self.tok_req = qsl, seq, sbase, tok_req
         self.n_req, self.num_tokens, self.max_query_len = seq.shape[0], num_tokens, max_query_len
         self.scratch_pages, self._scratch, self.attn = scratch_pages, scratch, attn
+        self.prefill = self.flash_attn = self.decode_attn = self.rest_attn = None
 
     @classmethod
     def decode(cls, bufs: DecodeBuffers, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, n: int,
@@ -534,13 +568,29 @@ class PageStep:
         )
 
     def attend(self, query, out, scale: float, sliding_window=None, soft_cap=None) -> None:
-        qb_req, qb_tok, bq, rep_p, num_splits = self.plan.attn
+        plan = self.plan
+        fa = plan.prefill is not None and query.dtype in getattr(plan.flash_attn, "dtypes", FA_DTYPES)
+        if not fa:  # every row in one launch (plus the combine)
+            self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.attn, plan.max_query_len == 1)
+            return
+        if plan.decode_attn is not None:
+            self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.decode_attn, True)
+        if plan.rest_attn is not None:
+            self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.rest_attn, False)
+        if not plan.prefill.empty:
+            k, v = prefill.dequantize_pages(plan.prefill, self.cache, self.stage, self.scratch, self.block_table,
+                                            self.common, (self.stage_consts, self.bits), self.d, query.dtype)
+            prefill.attend(plan.prefill, query, out, k, v, self.rot, scale, plan.flash_attn, sliding_window, soft_cap)
+
+    def _attend_blocks(self, query, out, scale, sliding_window, soft_cap, attn, one_token: bool) -> None:
+        """The page kernels over query blocks ``attn`` (``one_token``: each block is one request's single token)."""
+        qb_req, qb_tok, bq, rep_p, num_splits = attn
         hq, d, h = query.shape[1], self.d, self.h
         nqb = qb_req.numel()
         block_m = bq * rep_p
-        # decode batches: every page (packed + the staged own page) in CUDA (csrc/page_decode.cu), which
+        # one-token rows: every page (packed + the staged own page) in CUDA (csrc/page_decode.cu), which
         # always writes split partials; the combine merges them and rotates the output back
-        cuda = self.plan.max_query_len == 1 and cuda_decode.supports(self.fmt, query, d, h, sliding_window, soft_cap)
+        cuda = one_token and cuda_decode.supports(self.fmt, query, d, h, sliding_window, soft_cap)
         if num_splits > 1 or cuda:
             ws_acc = torch.empty(nqb * h * num_splits * block_m * d, dtype=torch.float32, device=query.device)
             ws_ml = torch.empty(nqb * h * num_splits * block_m * 2, dtype=torch.float32, device=query.device)
@@ -588,11 +638,13 @@ def page_step(
     scale: float, max_query_len: int, sliding_window: int | None = None, soft_cap: float | None = None,
     out: torch.Tensor | None = None, num_splits: int | None = None, max_seq_len: int | None = None,
     query_start_loc_cpu: list[int] | None = None, plan: StepPlan | None = None,
+    seq_lens_cpu: list[int] | None = None, flash_attn=None, max_prefill_pages: int = 1 << 30,
 ) -> torch.Tensor:
     """Store the step's K/V (stage, pack full pages) and attend; same contract as the reference ``step``.
 
     ``plan``: the step's :class:`StepPlan` (shared by all layers); built here when not given
-    (``query_start_loc_cpu`` and ``max_seq_len`` then spare a device read each).
+    (``query_start_loc_cpu`` and ``max_seq_len`` then spare a device read each; with ``flash_attn``
+    and ``seq_lens_cpu``, prefill rows run on it, :mod:`vllm_kvmix.kernels.prefill`).
     """
     out = torch.empty_like(query) if out is None else out
     if query.shape[0] == 0:
@@ -602,7 +654,7 @@ def page_step(
         qsl_cpu = query_start_loc_cpu if query_start_loc_cpu is not None else query_start_loc[: b + 1].tolist()
         msl = max_seq_len if max_seq_len is not None else int(seq_lens.max())
         plan = StepPlan(query_start_loc, seq_lens, query.shape[0], max_query_len, qsl_cpu, msl,
-                        query.shape[1], key.shape[1], num_splits)
+                        query.shape[1], key.shape[1], num_splits, seq_lens_cpu, flash_attn, max_prefill_pages)
     st = PageStep(key, cache, stage, fmt, slots.to(torch.int32), block_table, plan)
     st.write(key, value)
     st.attend(query, out, scale, sliding_window, soft_cap)

@@ -37,8 +37,13 @@ from vllm_kvmix import ops
 from vllm_kvmix.formats import AutoFormat, KVFormat, all_format_names, parse_any, parse_format
 from vllm_kvmix.reference.staged import RequestStep
 from vllm_kvmix.staging import SLOTS, stage_rows
+from vllm_kvmix.vllm import compat
 
 _CLASS_PREFIX = "KvmixAttentionBackend_"
+# Prefill rows attend through vLLM's FlashAttention over pages dequantized per step
+# (kernels/prefill.py); this bounds those pages (K + V, 16-bit) per layer call, and requests past it
+# use the Triton page kernel.  1 GiB = 4096 pages of Llama-3.1-8B (8 KV heads x 128): 262k tokens.
+PREFILL_DEQ_BYTES = 1 << 30
 
 
 @dataclass
@@ -108,6 +113,9 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
 
                 # the staging tensor has one more slot than max_num_seqs: the padded rows' (stage_rows)
                 self._decode_bufs = DecodeBuffers(self.stage_slots, self.stage_slots, device)
+                # prefill on FlashAttention: dequantized pages of one step at most PREFILL_DEQ_BYTES
+                page_bytes = 2 * 64 * kv_cache_spec.num_kv_heads * kv_cache_spec.head_size * 2
+                self._prefill_pages = max(1, PREFILL_DEQ_BYTES // page_bytes)
 
     def build(
         self,
@@ -150,8 +158,14 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
                                             self.max_model_len, *self.heads)
             else:
                 slots = torch.tensor(step_slots, dtype=torch.int32, pin_memory=True).to(self.device, non_blocking=True)
+                fa = compat.flash_attn_prefill()
+                seq_cpu = None
+                if fa is not None:  # exact for prefill rows (no speculative decoding: refused above)
+                    bound = m.seq_lens_cpu_upper_bound
+                    seq_cpu = (bound if bound is not None else m.seq_lens).to("cpu")[:n].tolist()
                 page_plan = StepPlan(m.query_start_loc, m.seq_lens[:n], m.num_actual_tokens, m.max_query_len,
-                                     qsl_cpu, m.max_seq_len, *self.heads)
+                                     qsl_cpu, m.max_seq_len, *self.heads, seq_lens_cpu=seq_cpu, flash_attn=fa,
+                                     max_prefill_pages=self._prefill_pages)
         elif self.fmt.staged and not dummy:
             requests = self._request_steps(qsl_cpu, seq_lens_cpu, step_slots)
         return KvmixMetadata(

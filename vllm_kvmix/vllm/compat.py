@@ -402,4 +402,38 @@ def register_custom_backend() -> None:
     register_backend(AttentionBackendEnum.CUSTOM, "vllm_kvmix.vllm.backend.KvmixAttentionBackend")
 
 
+FA_PREFILL_ENV = "KVMIX_FA_PREFILL"  # "0": prefill rows on the Triton page kernel
+
+
+@functools.cache
+def flash_attn_prefill():
+    """vLLM's FlashAttention varlen kernel (paged K/V) as the page scheme's prefill attention.
+
+    Returns a callable with :func:`vllm_kvmix.kernels.prefill.reference_flash_attn`'s signature, or
+    None where vLLM has none (CPU builds, ROCm) or ``KVMIX_FA_PREFILL=0``.  Reads vLLM's
+    ``v1.attention.backends.fa_utils`` (not a patch): the kernel and the FA version vLLM's own
+    FLASH_ATTN backend would use on this GPU (3 on Hopper).
+    """
+    import os
+
+    if os.environ.get(FA_PREFILL_ENV, "1") == "0" or not torch.cuda.is_available():
+        return None
+    from vllm.v1.attention.backends import fa_utils
+
+    if not fa_utils.is_flash_attn_varlen_func_available():
+        return None
+    version = fa_utils.get_flash_attn_version()
+    varlen = fa_utils.flash_attn_varlen_func
+
+    def flash_attn(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, block_table, scale,
+                   sliding_window=None, soft_cap=None):
+        varlen(q=q, k=k, v=v, out=out, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
+               max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=True,
+               window_size=[sliding_window - 1, 0] if sliding_window else None, softcap=soft_cap or 0.0,
+               block_table=block_table, fa_version=version)
+
+    flash_attn.fa_version = version
+    return flash_attn
+
+
 __all__ = ["apply_compat_patches", "KVFormatError"]

@@ -1,0 +1,241 @@
+"""Prefill attention of the page scheme on a FlashAttention kernel: dequantize pages, attend paged.
+
+The page scheme's attention (:func:`vllm_kvmix.reference.staged.step`): a query at
+position ``p`` reads every page before ``p // 64`` packed and its own page from the
+8-bit copy, tokens ``<= p``.  The Triton page kernel does that with the dequantization
+in its loop, which for prefill (64+ query rows per page) leaves the tensor cores mostly
+idle.  Here the same math runs as:
+
+1. ``_dequant_kernel`` writes each prefill request's packed pages ``0 .. last - 1`` and
+   the 8-bit copies of its touched pages (``first .. last``) as ``dtype`` pages
+   ``[n, 64, H, D]`` (values stay rotated); tokens past a page's valid count are zero;
+2. one ``flash_attn_varlen_func`` call (vLLM's FlashAttention, paged K/V) over
+   *entries*: the new tokens of request ``r`` that sit in page ``j`` form one entry whose
+   block-table row is ``[packed 0 .. j-1, 8-bit j]`` with ``seqused_k`` = the last of
+   them + 1 and bottom-right-aligned causal masking -- each query sees keys ``<= p``,
+   earlier pages packed, its own page at 8 bits: exactly the reference's keys;
+3. the output is rotated back (``o @ H``; values were stored rotated).
+
+Tokens of the batch that are not in a prefill request (decode rows, padding) sit in
+entries with no keys.  Planning is on the host (numpy) from ``query_start_loc`` and
+``seq_lens`` on the CPU: prefill batches run outside CUDA graphs.  The dequantized pages
+of one step are bounded (``max_pages``); requests past the bound are left to the Triton
+kernel (the plan lists them).
+
+``flash_attn`` is a callable with the signature of :func:`reference_flash_attn` -- vLLM's
+kernel through :func:`vllm_kvmix.vllm.compat.flash_attn_prefill` on CUDA, the
+pure-PyTorch stand-in in tests on CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from vllm_kvmix.formats import PAGE_TOKENS
+from vllm_kvmix.kernels.codec import _unpack, code_f32, decode_tile
+
+P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
+FIELDS = 5  # per dequantized page: request, page, staged (0 packed / 1 the 8-bit copy), destination, valid tokens
+
+
+@triton.jit
+def _dequant_kernel(
+    list_ptr, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr,
+    cache_ptr, stage_ptr, scratch_ptr, k_out_ptr, v_out_ptr,
+    stride_cb, stride_ch, stride_bt, stride_ss, stride_sh, stride_xs, stride_xh,
+    stride_op, stride_ot, stride_oh,
+    D: tl.constexpr, K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
+    V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
+    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
+):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    req = tl.load(list_ptr + i * 5)
+    page = tl.load(list_ptr + i * 5 + 1)
+    staged = tl.load(list_ptr + i * 5 + 2)
+    dst = tl.load(list_ptr + i * 5 + 3).to(tl.int64)
+    n_valid = tl.load(list_ptr + i * 5 + 4)
+    t = tl.arange(0, P)
+    ok = t < n_valid
+    d = tl.arange(0, D)
+    if staged == 0:  # a packed page: keys per channel over the page, values per token
+        blk = tl.load(block_table_ptr + req * stride_bt + page).to(tl.int64)
+        src = cache_ptr + blk * stride_cb + h * stride_ch
+        CBK: tl.constexpr = D * K_BITS // 8
+        byte = tl.load(src + K_CODES + t[:, None] * CBK + tl.arange(0, CBK)[None, :], mask=ok[:, None], other=0)
+        kmeta = (src + K_META).to(tl.pointer_type(tl.float16))
+        ks = tl.load(kmeta + 2 * d).to(tl.float32)
+        km = tl.load(kmeta + 2 * d + 1).to(tl.float32)
+        k = code_f32(_unpack(byte.to(tl.int32), K_BITS)) * ks[None, :] + km[None, :]
+        k = tl.where(ok[:, None], k, 0.0)
+        v = decode_tile(src, t, ok, D, V_BITS, 64, V_CODES, V_META)
+    else:  # the 8-bit copy: the request's slot for its first touched page, scratch pages after it
+        q0 = tl.load(qsl_ptr + req)
+        q1 = tl.load(qsl_ptr + req + 1)
+        ctx = tl.load(seq_ptr + req) - (q1 - q0)
+        jj = page - ctx // P
+        if jj == 0:
+            src = stage_ptr + tl.load(slot_ptr + req).to(tl.int64) * stride_ss + h * stride_sh
+        else:
+            src = scratch_ptr + (tl.load(sbase_ptr + req).to(tl.int64) + jj - 1) * stride_xs + h * stride_xh
+        k = decode_tile(src, t, ok, D, 8, 64, 0, SK_META)
+        v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
+    off = dst * stride_op + t[:, None] * stride_ot + h * stride_oh + d[None, :]
+    tl.store(k_out_ptr + off, k.to(k_out_ptr.dtype.element_ty))
+    tl.store(v_out_ptr + off, v.to(v_out_ptr.dtype.element_ty))
+
+
+class PrefillPlan:
+    """Host plan of one step's prefill attention (shared by all layers).
+
+    ``qsl`` / ``seq``: the batch's query starts ``[B + 1]`` and sequence lengths ``[B]``
+    (host lists); ``reqs``: the requests to attend here (the others' rows get no keys);
+    at most ``max_pages`` dequantized pages -- requests that would pass it are in
+    ``self.rest`` (for another kernel) in batch order.
+    """
+
+    def __init__(self, qsl: list[int], seq: list[int], reqs: list[int], num_tokens: int, device,
+                 max_pages: int = 1 << 30):
+        pages, cu, used, rows, self.reqs, self.rest = [], [0], [], [], [], []
+        n = 0
+        for r in reqs:
+            q0, q1, s = qsl[r], qsl[r + 1], seq[r]
+            ctx = s - (q1 - q0)
+            first, last = ctx // PAGE_TOKENS, (s - 1) // PAGE_TOKENS
+            need = last + (last - first + 1)
+            if q1 <= q0:
+                continue
+            if n + need > max_pages:
+                self.rest.append(r)
+                continue
+            self.reqs.append(r)
+            if q0 > cu[-1]:  # rows before this request (decode rows, other kernels' requests): no keys
+                cu.append(q0)
+                used.append(0)
+                rows.append(np.zeros(0, np.int32))
+            packed = n + np.arange(last, dtype=np.int32)
+            pages += [(r, p, 0, n + p, PAGE_TOKENS) for p in range(last)]
+            n += last
+            for p in range(first, last + 1):
+                pages.append((r, p, 1, n, min(PAGE_TOKENS, s - p * PAGE_TOKENS)))
+                hi = min(s, (p + 1) * PAGE_TOKENS)  # keys of this entry: positions < hi
+                cu.append(q0 + hi - ctx)
+                used.append(hi)
+                rows.append(np.append(packed[:p], np.int32(n)))
+                n += 1
+        if cu[-1] < num_tokens:
+            cu.append(num_tokens)
+            used.append(0)
+            rows.append(np.zeros(0, np.int32))
+        self.num_pages = n
+        width = max(1, max(len(x) for x in rows))
+        table = np.zeros((len(rows), width), np.int32)
+        for e, x in enumerate(rows):
+            table[e, : len(x)] = x
+        cu_np = np.asarray(cu, np.int32)
+        self.max_seqlen_q = int(np.diff(cu_np).max()) if len(cu) > 1 else 0
+        self.max_seqlen_k = max(used) if used else 0
+        # token rows this plan writes (contiguous runs of the batch: one slice per request)
+        self.row_ranges = [(qsl[r], qsl[r + 1]) for r in self.reqs]
+        pin = device.type == "cuda"
+
+        def dev(x):
+            return torch.from_numpy(np.ascontiguousarray(x)).pin_memory().to(device, non_blocking=True) if pin \
+                else torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+        self.pages = dev(np.asarray(pages, np.int32).reshape(-1, FIELDS))
+        self.cu_seqlens_q = dev(cu_np)
+        self.seqused_k = dev(np.asarray(used, np.int32))
+        self.block_table = dev(table)
+
+    @property
+    def empty(self) -> bool:
+        return not self.reqs
+
+
+def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, common, fmt_consts, d: int, dtype):
+    """The plan's pages as ``(k, v)``, each ``dtype[num_pages, 64, H, D]`` (values rotated)."""
+    stage_consts, bits = fmt_consts
+    h = cache.shape[1]
+    k = torch.empty((plan.num_pages, PAGE_TOKENS, h, d), dtype=dtype, device=cache.device)
+    v = torch.empty_like(k)
+    _dequant_kernel[(plan.num_pages, h)](
+        plan.pages, *common, block_table, cache, stage, scratch, k, v,
+        cache.stride(0), cache.stride(1), block_table.stride(0), stage.stride(0), stage.stride(1),
+        scratch.stride(0), scratch.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        D=d, **bits, **stage_consts,
+    )
+    return k, v
+
+
+def attend(plan: PrefillPlan, query, out, k, v, rot, scale: float, flash_attn, sliding_window=None, soft_cap=None):
+    """Attention of the plan's rows into ``out`` (rotated back); other rows of ``out`` are left alone."""
+    o = torch.empty_like(query)
+    flash_attn(query, k, v, o, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
+               plan.block_table, scale, sliding_window, soft_cap)
+    for t0, t1 in _merged(plan.row_ranges):
+        # o @ H with H = S / sqrt(D), S the +-1 Sylvester matrix: exact products, one fp32 scale
+        rows = o[t0:t1].float() @ _signs(rot)
+        out[t0:t1] = (rows * (1.0 / rot.shape[0] ** 0.5)).to(out.dtype)
+
+
+def _merged(ranges):
+    runs = []
+    for t0, t1 in ranges:
+        if runs and runs[-1][1] == t0:
+            runs[-1] = (runs[-1][0], t1)
+        else:
+            runs.append((t0, t1))
+    return runs
+
+
+_SIGNS: dict = {}
+
+
+def _signs(rot: torch.Tensor) -> torch.Tensor:
+    key = (rot.shape[0], rot.device)
+    s = _SIGNS.get(key)
+    if s is None:
+        s = _SIGNS[key] = torch.sign(rot).float()
+    return s
+
+
+def reference_flash_attn(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, block_table, scale,
+                         sliding_window=None, soft_cap=None):
+    """Pure-PyTorch paged varlen attention with ``flash_attn_varlen_func``'s contract (fp64 inside).
+
+    Entry ``e``: queries ``cu_seqlens_q[e] .. cu_seqlens_q[e+1]``, keys the first ``seqused_k[e]``
+    tokens of pages ``block_table[e]``, causal aligned bottom-right; no keys -> zero output.
+    """
+    cu = cu_seqlens_q.tolist()
+    used = seqused_k.tolist()
+    bt = block_table.cpu()
+    hq, h = q.shape[1], k.shape[2]
+    for e in range(len(cu) - 1):
+        q0, q1, nk = cu[e], cu[e + 1], used[e]
+        if q1 <= q0:
+            continue
+        if nk == 0:
+            out[q0:q1] = 0
+            continue
+        ids = bt[e, : (nk + PAGE_TOKENS - 1) // PAGE_TOKENS].to(k.device)
+        kk = k[ids].reshape(-1, h, k.shape[-1])[:nk].double().repeat_interleave(hq // h, dim=1)
+        vv = v[ids].reshape(-1, h, v.shape[-1])[:nk].double().repeat_interleave(hq // h, dim=1)
+        qq = q[q0:q1].double()
+        s = torch.einsum("qhd,khd->hqk", qq, kk) * scale
+        if soft_cap:
+            s = soft_cap * torch.tanh(s / soft_cap)
+        qpos = torch.arange(q1 - q0, device=q.device)[:, None] + (nk - (q1 - q0))
+        kpos = torch.arange(nk, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if sliding_window:
+            mask &= qpos - kpos < sliding_window
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", p, vv).to(out.dtype)
+
+
+reference_flash_attn.dtypes = (torch.float32, torch.float16, torch.bfloat16)

@@ -5,7 +5,8 @@
 Llama-3.1-8B heads (32 q / 8 kv / d=128), one query token per sequence, batch x context in
 {1, 16, 64, 256} x {1k, 8k, 32k}.  kvmix: ``PageStep.attend`` alone (packed pages + the 8-bit own
 page, output rotated back) -- as served (packed pages in CUDA, ``cuda_decode``) and on the Triton
-kernel alone (rows `` triton``) -- and the whole step (stage + pack + attend + keep).  Peers
+kernel alone (rows `` triton``) -- and the whole step (stage + pack + attend + keep; `` step graph``:
+replayed from a CUDA graph, with each kernel's GPU time printed for k4v2).  Peers
 (need vLLM 0.26.0 on the device): FA3 bf16 / fp8 (vllm_flash_attn, block 16, shuffled blocks)
 and vLLM's int4_per_token_head Triton kernel (block 16), through the same entry points vLLM
 calls.  GB/s counts the K/V bytes each kernel must read; the device copy bandwidth is measured
@@ -164,6 +165,11 @@ def main():
                 s2.keep()
 
             res[fname + " step"] = (bench(full_step), kvmix_bytes(fmt, B, seq_len))
+            # the whole step as vLLM replays a decode batch (one CUDA graph), and each kernel's GPU time in it
+            res[fname + " step graph"] = (triton.testing.do_bench_cudagraph(full_step), res[fname][1])
+            if fname == "kvmix-k4v2":
+                print("  step kernels:", flush=True)
+                kernel_times(full_step)
             del cache, stage
             torch.cuda.empty_cache()
         base = res.get("fa3_bf16", (None,))[0]

@@ -121,35 +121,41 @@ def _combine_kernel(
     D: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     ROTATE: tl.constexpr,
 ):
-    """Merge the split-K partials of one (query block, KV head); ``ROTATE``: output @ H (page scheme)."""
+    """Merge the split-K partials of one (query block, KV head); ``ROTATE``: output @ H (page scheme).
+
+    Two passes: every split's maximum (CH splits per load), then the weighted sums against the
+    global maximum -- the only value carried from split to split is the sum, so the loop (unrolled
+    4x) keeps several splits' loads in flight instead of one round trip per split (a decode row
+    of a short batch has 32-64 splits).
+    """
     qb = tl.program_id(0)
     kvh = tl.program_id(1)
     req = tl.load(qb_req_ptr + qb)
     tok0 = tl.load(qb_tok_ptr + qb)
     q_end = tl.load(qsl_ptr + req + 1)
     BLOCK_M: tl.constexpr = BLOCK_Q * REP_P
+    CH: tl.constexpr = (127 + BLOCK_M) // BLOCK_M
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
+    c = tl.arange(0, CH)
     tok = tok0 + m // REP_P
     r = m % REP_P
     row_ok = (tok < q_end) & (r < REP)
     head = kvh * REP + r
+    base0 = (qb * tl.num_programs(1) + kvh) * num_splits
     m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, CH):
+        ok = (s0 + c) < num_splits
+        row = (base0 + s0 + c)[:, None] * BLOCK_M + m[None, :]
+        m_all = tl.maximum(m_all, tl.max(tl.load(ws_ml_ptr + row * 2, mask=ok[:, None], other=float("-inf")), 0))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     l_all = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    base0 = (qb * tl.num_programs(1) + kvh) * num_splits
-    for s in range(num_splits):
+    for s in tl.range(0, num_splits, loop_unroll_factor=4):  # no dependence between splits' loads
         row = (base0 + s) * BLOCK_M + m
-        m_s = tl.load(ws_ml_ptr + row * 2)
-        l_s = tl.load(ws_ml_ptr + row * 2 + 1)
-        a_s = tl.load(ws_acc_ptr + row[:, None] * D + d[None, :])
-        m_new = tl.maximum(m_all, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        c_old = tl.exp(m_all - m_safe)
-        c_s = tl.exp(m_s - m_safe)
-        l_all = l_all * c_old + l_s * c_s
-        acc = acc * c_old[:, None] + a_s * c_s[:, None]
-        m_all = m_new
+        w = tl.exp(tl.load(ws_ml_ptr + row * 2) - m_safe)
+        l_all += w * tl.load(ws_ml_ptr + row * 2 + 1)
+        acc += w[:, None] * tl.load(ws_acc_ptr + row[:, None] * D + d[None, :])
     o = acc / tl.where(l_all > 0, l_all, 1.0)[:, None]
     if ROTATE:
         rotate_store(o, rot_ptr, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D)

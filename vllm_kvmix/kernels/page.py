@@ -573,14 +573,14 @@ class PageStep:
         if not fa:  # every row in one launch (plus the combine)
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.attn, plan.max_query_len == 1)
             return
+        if not plan.prefill.empty:  # first: it writes zeros to the rows of the other kernels
+            k, v = prefill.dequantize_pages(plan.prefill, self.cache, self.stage, self.scratch, self.block_table,
+                                            self.common, self.rot, (self.stage_consts, self.bits), self.d, query.dtype)
+            prefill.attend(plan.prefill, query, out, k, v, scale, plan.flash_attn, sliding_window, soft_cap)
         if plan.decode_attn is not None:
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.decode_attn, True)
         if plan.rest_attn is not None:
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.rest_attn, False)
-        if not plan.prefill.empty:
-            k, v = prefill.dequantize_pages(plan.prefill, self.cache, self.stage, self.scratch, self.block_table,
-                                            self.common, (self.stage_consts, self.bits), self.d, query.dtype)
-            prefill.attend(plan.prefill, query, out, k, v, self.rot, scale, plan.flash_attn, sliding_window, soft_cap)
 
     def _attend_blocks(self, query, out, scale, sliding_window, soft_cap, attn, one_token: bool) -> None:
         """The page kernels over query blocks ``attn`` (``one_token``: each block is one request's single token)."""

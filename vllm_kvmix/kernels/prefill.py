@@ -8,16 +8,18 @@ idle.  Here the same math runs as:
 
 1. ``_dequant_kernel`` writes each prefill request's packed pages ``0 .. last - 1`` and
    the 8-bit copies of its touched pages (``first .. last``) as ``dtype`` pages
-   ``[n, 64, H, D]`` (values stay rotated); tokens past a page's valid count are zero;
+   ``[n, 64, H, D]``, values rotated back (``v @ H``: attention is linear in V, so this is
+   the reference's "attend, then rotate the output" with one rounding of V to ``dtype``,
+   as the attention kernels round it for their dots); tokens past a page's valid count are zero;
 2. one ``flash_attn_varlen_func`` call (vLLM's FlashAttention, paged K/V) over
    *entries*: the new tokens of request ``r`` that sit in page ``j`` form one entry whose
    block-table row is ``[packed 0 .. j-1, 8-bit j]`` with ``seqused_k`` = the last of
    them + 1 and bottom-right-aligned causal masking -- each query sees keys ``<= p``,
-   earlier pages packed, its own page at 8 bits: exactly the reference's keys;
-3. the output is rotated back (``o @ H``; values were stored rotated).
+   earlier pages packed, its own page at 8 bits: exactly the reference's keys; it writes the
+   output rows directly.
 
 Tokens of the batch that are not in a prefill request (decode rows, padding) sit in
-entries with no keys.  Planning is on the host (numpy) from ``query_start_loc`` and
+entries with no keys (FlashAttention writes zeros there: run it before the kernels of those rows).  Planning is on the host (numpy) from ``query_start_loc`` and
 ``seq_lens`` on the CPU: prefill batches run outside CUDA graphs.  The dequantized pages
 of one step are bounded (``max_pages``); requests past the bound are left to the Triton
 kernel (the plan lists them).
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 
 from vllm_kvmix.formats import PAGE_TOKENS
-from vllm_kvmix.kernels.codec import _unpack, code_f32, decode_tile
+from vllm_kvmix.kernels.codec import ROT_PRECISION, _unpack, code_f32, decode_tile
 
 P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
 FIELDS = 5  # per dequantized page: request, page, staged (0 packed / 1 the 8-bit copy), destination, valid tokens
@@ -44,7 +46,7 @@ FIELDS = 5  # per dequantized page: request, page, staged (0 packed / 1 the 8-bi
 @triton.jit
 def _dequant_kernel(
     list_ptr, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr,
-    cache_ptr, stage_ptr, scratch_ptr, k_out_ptr, v_out_ptr,
+    cache_ptr, stage_ptr, scratch_ptr, rot_ptr, k_out_ptr, v_out_ptr,
     stride_cb, stride_ch, stride_bt, stride_ss, stride_sh, stride_xs, stride_xh,
     stride_op, stride_ot, stride_oh,
     D: tl.constexpr, K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
@@ -83,9 +85,14 @@ def _dequant_kernel(
             src = scratch_ptr + (tl.load(sbase_ptr + req).to(tl.int64) + jj - 1) * stride_xs + h * stride_xh
         k = decode_tile(src, t, ok, D, 8, 64, 0, SK_META)
         v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
-    off = dst * stride_op + t[:, None] * stride_ot + h * stride_oh + d[None, :]
-    tl.store(k_out_ptr + off, k.to(k_out_ptr.dtype.element_ty))
-    tl.store(v_out_ptr + off, v.to(v_out_ptr.dtype.element_ty))
+    off = dst * stride_op + t[:, None] * stride_ot + h * stride_oh
+    tl.store(k_out_ptr + off + d[None, :], k.to(k_out_ptr.dtype.element_ty))
+    # values back from the rotated basis, one 64-column block of H at a time (H of D=256 is 256 KiB)
+    c = tl.arange(0, 64)
+    for g in tl.static_range(D // 64):
+        h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
+        vg = tl.dot(v, h_g, input_precision=ROT_PRECISION)
+        tl.store(v_out_ptr + off + g * 64 + c[None, :], vg.to(v_out_ptr.dtype.element_ty))
 
 
 class PrefillPlan:
@@ -99,56 +106,60 @@ class PrefillPlan:
 
     def __init__(self, qsl: list[int], seq: list[int], reqs: list[int], num_tokens: int, device,
                  max_pages: int = 1 << 30):
-        pages, cu, used, rows, self.reqs, self.rest = [], [0], [], [], [], []
-        n = 0
+        pages, cu, used, ents, self.reqs, self.rest = [], [np.zeros(1, np.int64)], [], [], [], []
+        n = 0  # dequantized pages so far
+        end = 0  # batch rows covered so far
         for r in reqs:
             q0, q1, s = qsl[r], qsl[r + 1], seq[r]
             ctx = s - (q1 - q0)
             first, last = ctx // PAGE_TOKENS, (s - 1) // PAGE_TOKENS
-            need = last + (last - first + 1)
             if q1 <= q0:
                 continue
-            if n + need > max_pages:
+            if n + last + (last - first + 1) > max_pages:
                 self.rest.append(r)
                 continue
             self.reqs.append(r)
-            if q0 > cu[-1]:  # rows before this request (decode rows, other kernels' requests): no keys
-                cu.append(q0)
-                used.append(0)
-                rows.append(np.zeros(0, np.int32))
-            packed = n + np.arange(last, dtype=np.int32)
-            pages += [(r, p, 0, n + p, PAGE_TOKENS) for p in range(last)]
-            n += last
-            for p in range(first, last + 1):
-                pages.append((r, p, 1, n, min(PAGE_TOKENS, s - p * PAGE_TOKENS)))
-                hi = min(s, (p + 1) * PAGE_TOKENS)  # keys of this entry: positions < hi
-                cu.append(q0 + hi - ctx)
-                used.append(hi)
-                rows.append(np.append(packed[:p], np.int32(n)))
-                n += 1
-        if cu[-1] < num_tokens:
-            cu.append(num_tokens)
-            used.append(0)
-            rows.append(np.zeros(0, np.int32))
+            if q0 > end:  # rows before this request (decode rows, other kernels' requests): no keys
+                cu.append(np.array([q0]))
+                used.append(np.zeros(1, np.int64))
+                ents.append((np.zeros(1, np.int64), np.full(1, -1), 0))
+            p = np.arange(last, dtype=np.int64)  # packed pages 0 .. last-1 -> n + p
+            pages.append(np.stack([np.full(last, r), p, np.zeros(last, np.int64), n + p, np.full(last, PAGE_TOKENS)], 1))
+            j = np.arange(first, last + 1, dtype=np.int64)  # touched pages: 8-bit copies -> n + last + (j - first)
+            sid = n + last + j - first
+            pages.append(np.stack([np.full(j.size, r), j, np.ones(j.size, np.int64), sid,
+                                   np.minimum(PAGE_TOKENS, s - j * PAGE_TOKENS)], 1))
+            hi = np.minimum(s, (j + 1) * PAGE_TOKENS)  # entry j: keys at positions < hi, queries up to hi
+            cu.append(q0 + hi - ctx)
+            used.append(hi)
+            ents.append((j, sid, n))  # block-table row of entry j: [n + 0 .. n + j-1, sid]
+            n += last + j.size
+            end = q1
+        if end < num_tokens or not ents:
+            cu.append(np.array([num_tokens]))
+            used.append(np.zeros(1, np.int64))
+            ents.append((np.zeros(1, np.int64), np.full(1, -1), 0))
         self.num_pages = n
-        width = max(1, max(len(x) for x in rows))
-        table = np.zeros((len(rows), width), np.int32)
-        for e, x in enumerate(rows):
-            table[e, : len(x)] = x
-        cu_np = np.asarray(cu, np.int32)
-        self.max_seqlen_q = int(np.diff(cu_np).max()) if len(cu) > 1 else 0
-        self.max_seqlen_k = max(used) if used else 0
-        # token rows this plan writes (contiguous runs of the batch: one slice per request)
+        cu_np = np.concatenate(cu).astype(np.int32)
+        used_np = np.concatenate(used).astype(np.int32)
+        jj = np.concatenate([e[0] for e in ents])
+        sid = np.concatenate([e[1] for e in ents])
+        base = np.concatenate([np.full(e[0].size, e[2]) for e in ents])
+        col = np.arange(max(1, int(jj.max()) + 1))[None, :]
+        table = np.where(col < jj[:, None], base[:, None] + col, 0)
+        table = np.where(col == jj[:, None], np.maximum(sid, 0)[:, None], table).astype(np.int32)
+        self.max_seqlen_q = int(np.diff(cu_np).max())
+        self.max_seqlen_k = int(used_np.max())
         self.row_ranges = [(qsl[r], qsl[r + 1]) for r in self.reqs]
         pin = device.type == "cuda"
 
         def dev(x):
-            return torch.from_numpy(np.ascontiguousarray(x)).pin_memory().to(device, non_blocking=True) if pin \
-                else torch.from_numpy(np.ascontiguousarray(x)).to(device)
+            x = torch.from_numpy(np.ascontiguousarray(x))
+            return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
 
-        self.pages = dev(np.asarray(pages, np.int32).reshape(-1, FIELDS))
+        self.pages = dev(np.concatenate(pages).astype(np.int32) if pages else np.zeros((0, FIELDS), np.int32))
         self.cu_seqlens_q = dev(cu_np)
-        self.seqused_k = dev(np.asarray(used, np.int32))
+        self.seqused_k = dev(used_np)
         self.block_table = dev(table)
 
     @property
@@ -156,14 +167,14 @@ class PrefillPlan:
         return not self.reqs
 
 
-def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, common, fmt_consts, d: int, dtype):
-    """The plan's pages as ``(k, v)``, each ``dtype[num_pages, 64, H, D]`` (values rotated)."""
+def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, common, rot, fmt_consts, d: int, dtype):
+    """The plan's pages as ``(k, v)``, each ``dtype[num_pages, 64, H, D]`` (values rotated back by ``rot``)."""
     stage_consts, bits = fmt_consts
     h = cache.shape[1]
     k = torch.empty((plan.num_pages, PAGE_TOKENS, h, d), dtype=dtype, device=cache.device)
     v = torch.empty_like(k)
     _dequant_kernel[(plan.num_pages, h)](
-        plan.pages, *common, block_table, cache, stage, scratch, k, v,
+        plan.pages, *common, block_table, cache, stage, scratch, rot, k, v,
         cache.stride(0), cache.stride(1), block_table.stride(0), stage.stride(0), stage.stride(1),
         scratch.stride(0), scratch.stride(1), k.stride(0), k.stride(1), k.stride(2),
         D=d, **bits, **stage_consts,
@@ -171,36 +182,10 @@ def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, comm
     return k, v
 
 
-def attend(plan: PrefillPlan, query, out, k, v, rot, scale: float, flash_attn, sliding_window=None, soft_cap=None):
-    """Attention of the plan's rows into ``out`` (rotated back); other rows of ``out`` are left alone."""
-    o = torch.empty_like(query)
-    flash_attn(query, k, v, o, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
+def attend(plan: PrefillPlan, query, out, k, v, scale: float, flash_attn, sliding_window=None, soft_cap=None):
+    """Attention of the plan's rows into ``out``; every other row of ``out`` gets zeros (entries without keys)."""
+    flash_attn(query, k, v, out, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
                plan.block_table, scale, sliding_window, soft_cap)
-    for t0, t1 in _merged(plan.row_ranges):
-        # o @ H with H = S / sqrt(D), S the +-1 Sylvester matrix: exact products, one fp32 scale
-        rows = o[t0:t1].float() @ _signs(rot)
-        out[t0:t1] = (rows * (1.0 / rot.shape[0] ** 0.5)).to(out.dtype)
-
-
-def _merged(ranges):
-    runs = []
-    for t0, t1 in ranges:
-        if runs and runs[-1][1] == t0:
-            runs[-1] = (runs[-1][0], t1)
-        else:
-            runs.append((t0, t1))
-    return runs
-
-
-_SIGNS: dict = {}
-
-
-def _signs(rot: torch.Tensor) -> torch.Tensor:
-    key = (rot.shape[0], rot.device)
-    s = _SIGNS.get(key)
-    if s is None:
-        s = _SIGNS[key] = torch.sign(rot).float()
-    return s
 
 
 def reference_flash_attn(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, block_table, scale,

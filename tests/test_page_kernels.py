@@ -444,3 +444,40 @@ def test_cuda_decode_source_compiles_for_sm90(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count("Compiling entry function") == 4  # k4v2 fp16/bf16, k4v4, k8v4
+
+
+_SM90_SHARED = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vllm_kvmix.formats import parse_format
+from vllm_kvmix.kernels import page
+from vllm_kvmix.kernels.prefill import _dequant_kernel as fn
+d = int(sys.argv[1])
+stage, bits = page._constants(parse_format("kvmix-k4v2"), d)
+consts = dict(D=d, **bits, **stage)
+ptrs = {"rot_ptr": "*fp32", "k_out_ptr": "*bf16", "v_out_ptr": "*bf16"}
+u8 = ("cache_ptr", "stage_ptr", "scratch_ptr")
+sig = {n: "constexpr" if n in consts else "*u8" if n in u8 else ptrs.get(n, "*i32") if n.endswith("_ptr") else "i32"
+       for n in fn.arg_names}
+k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+print("SHARED", k.metadata.shared)
+"""
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_prefill_dequant_fits_hopper_shared_memory(d):
+    """The dequant kernel compiles for sm_90 (Triton's own ptxas, no GPU needed; a subprocess, outside the
+    interpreter) within a block's 227 KiB of shared memory: its fp32 rotation operands at d=256 once
+    needed 256 KiB, and the launch failed on an H200."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", _SM90_SHARED, str(d)], capture_output=True, text=True, env=env,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."))
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("SHARED")]
+    if not lines:
+        pytest.skip(f"cannot compile for sm_90 here: {res.stderr[-300:]}")
+    assert int(lines[0].split()[1]) <= 227 * 1024

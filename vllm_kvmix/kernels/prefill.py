@@ -60,39 +60,42 @@ def _dequant_kernel(
     staged = tl.load(list_ptr + i * 5 + 2)
     dst = tl.load(list_ptr + i * 5 + 3).to(tl.int64)
     n_valid = tl.load(list_ptr + i * 5 + 4)
-    t = tl.arange(0, P)
-    ok = t < n_valid
     d = tl.arange(0, D)
-    if staged == 0:  # a packed page: keys per channel over the page, values per token
-        blk = tl.load(block_table_ptr + req * stride_bt + page).to(tl.int64)
-        src = cache_ptr + blk * stride_cb + h * stride_ch
-        CBK: tl.constexpr = D * K_BITS // 8
-        byte = tl.load(src + K_CODES + t[:, None] * CBK + tl.arange(0, CBK)[None, :], mask=ok[:, None], other=0)
-        kmeta = (src + K_META).to(tl.pointer_type(tl.float16))
-        ks = tl.load(kmeta + 2 * d).to(tl.float32)
-        km = tl.load(kmeta + 2 * d + 1).to(tl.float32)
-        k = code_f32(_unpack(byte.to(tl.int32), K_BITS)) * ks[None, :] + km[None, :]
-        k = tl.where(ok[:, None], k, 0.0)
-        v = decode_tile(src, t, ok, D, V_BITS, 64, V_CODES, V_META)
-    else:  # the 8-bit copy: the request's slot for its first touched page, scratch pages after it
-        q0 = tl.load(qsl_ptr + req)
-        q1 = tl.load(qsl_ptr + req + 1)
-        ctx = tl.load(seq_ptr + req) - (q1 - q0)
-        jj = page - ctx // P
-        if jj == 0:
-            src = stage_ptr + tl.load(slot_ptr + req).to(tl.int64) * stride_ss + h * stride_sh
-        else:
-            src = scratch_ptr + (tl.load(sbase_ptr + req).to(tl.int64) + jj - 1) * stride_xs + h * stride_xh
-        k = decode_tile(src, t, ok, D, 8, 64, 0, SK_META)
-        v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
-    off = dst * stride_op + t[:, None] * stride_ot + h * stride_oh
-    tl.store(k_out_ptr + off + d[None, :], k.to(k_out_ptr.dtype.element_ty))
-    # values back from the rotated basis, one 64-column block of H at a time (H of D=256 is 256 KiB)
     c = tl.arange(0, 64)
-    for g in tl.static_range(D // 64):
-        h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
-        vg = tl.dot(v, h_g, input_precision=ROT_PRECISION)
-        tl.store(v_out_ptr + off + g * 64 + c[None, :], vg.to(v_out_ptr.dtype.element_ty))
+    # rows per pass: the rotation's fp32 operands stay within shared memory (D=256: 32 rows)
+    TR: tl.constexpr = P if D <= 128 else P * 128 // D
+    for t0 in tl.static_range(0, P, TR):
+        t = t0 + tl.arange(0, TR)
+        ok = t < n_valid
+        if staged == 0:  # a packed page: keys per channel over the page, values per token
+            blk = tl.load(block_table_ptr + req * stride_bt + page).to(tl.int64)
+            src = cache_ptr + blk * stride_cb + h * stride_ch
+            CBK: tl.constexpr = D * K_BITS // 8
+            byte = tl.load(src + K_CODES + t[:, None] * CBK + tl.arange(0, CBK)[None, :], mask=ok[:, None], other=0)
+            kmeta = (src + K_META).to(tl.pointer_type(tl.float16))
+            ks = tl.load(kmeta + 2 * d).to(tl.float32)
+            km = tl.load(kmeta + 2 * d + 1).to(tl.float32)
+            k = code_f32(_unpack(byte.to(tl.int32), K_BITS)) * ks[None, :] + km[None, :]
+            k = tl.where(ok[:, None], k, 0.0)
+            v = decode_tile(src, t, ok, D, V_BITS, 64, V_CODES, V_META)
+        else:  # the 8-bit copy: the request's slot for its first touched page, scratch pages after it
+            q0 = tl.load(qsl_ptr + req)
+            q1 = tl.load(qsl_ptr + req + 1)
+            ctx = tl.load(seq_ptr + req) - (q1 - q0)
+            jj = page - ctx // P
+            if jj == 0:
+                src = stage_ptr + tl.load(slot_ptr + req).to(tl.int64) * stride_ss + h * stride_sh
+            else:
+                src = scratch_ptr + (tl.load(sbase_ptr + req).to(tl.int64) + jj - 1) * stride_xs + h * stride_xh
+            k = decode_tile(src, t, ok, D, 8, 64, 0, SK_META)
+            v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
+        off = dst * stride_op + t[:, None] * stride_ot + h * stride_oh
+        tl.store(k_out_ptr + off + d[None, :], k.to(k_out_ptr.dtype.element_ty))
+        # values back from the rotated basis, one 64-column block of H at a time (H of D=256 is 256 KiB)
+        for g in tl.static_range(D // 64):
+            h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
+            vg = tl.dot(v, h_g, input_precision=ROT_PRECISION)
+            tl.store(v_out_ptr + off + g * 64 + c[None, :], vg.to(v_out_ptr.dtype.element_ty))
 
 
 class PrefillPlan:

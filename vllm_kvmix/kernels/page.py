@@ -482,7 +482,8 @@ class StepPlan:
         device = self.seq.device
         qlen = [qsl[r + 1] - qsl[r] for r in range(len(qsl) - 1)]
         ones = [r for r, n in enumerate(qlen) if n == 1]
-        pre = PrefillPlan(qsl, seq, [r for r, n in enumerate(qlen) if n > 1], num_tokens, device, max_pages)
+        pre = PrefillPlan(qsl, seq, [r for r, n in enumerate(qlen) if n > 1], num_tokens, device, max_pages,
+                          rep=num_heads // num_kv_heads)
         rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
         max_pages_k = triton.cdiv(max_seq_len, PAGE_TOKENS)
 
@@ -573,10 +574,10 @@ class PageStep:
         if not fa:  # every row in one launch (plus the combine)
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.attn, plan.max_query_len == 1)
             return
-        if not plan.prefill.empty:  # first: it writes zeros to the rows of the other kernels
+        if not plan.prefill.empty:  # first: it may write zeros to the rows of the other kernels
             k, v = prefill.dequantize_pages(plan.prefill, self.cache, self.stage, self.scratch, self.block_table,
                                             self.common, self.rot, (self.stage_consts, self.bits), self.d, query.dtype)
-            prefill.attend(plan.prefill, query, out, k, v, scale, plan.flash_attn, sliding_window, soft_cap)
+            prefill.attend(plan.prefill, query, out, k, v, self.rot, scale, plan.flash_attn, sliding_window, soft_cap)
         if plan.decode_attn is not None:
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.decode_attn, True)
         if plan.rest_attn is not None:

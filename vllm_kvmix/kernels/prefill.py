@@ -8,15 +8,15 @@ idle.  Here the same math runs as:
 
 1. ``_dequant_kernel`` writes each prefill request's packed pages ``0 .. last - 1`` and
    the 8-bit copies of its touched pages (``first .. last``) as ``dtype`` pages
-   ``[n, 64, H, D]``, values rotated back (``v @ H``: attention is linear in V, so this is
-   the reference's "attend, then rotate the output" with one rounding of V to ``dtype``,
-   as the attention kernels round it for their dots); tokens past a page's valid count are zero;
+   ``[n, 64, H, D]``; tokens past a page's valid count are zero.  Values are rotated back
+   either here (``v @ H``: attention is linear in V, so this is the reference's "attend, then
+   rotate the output" with one rounding of V to ``dtype``, as the attention kernels round it
+   for their dots) or in the output after step 2, whichever touches fewer vectors;
 2. one ``flash_attn_varlen_func`` call (vLLM's FlashAttention, paged K/V) over
    *entries*: the new tokens of request ``r`` that sit in page ``j`` form one entry whose
    block-table row is ``[packed 0 .. j-1, 8-bit j]`` with ``seqused_k`` = the last of
    them + 1 and bottom-right-aligned causal masking -- each query sees keys ``<= p``,
-   earlier pages packed, its own page at 8 bits: exactly the reference's keys; it writes the
-   output rows directly.
+   earlier pages packed, its own page at 8 bits: exactly the reference's keys.
 
 Tokens of the batch that are not in a prefill request (decode rows, padding) sit in
 entries with no keys (FlashAttention writes zeros there: run it before the kernels of those rows).  Planning is on the host (numpy) from ``query_start_loc`` and
@@ -51,7 +51,7 @@ def _dequant_kernel(
     stride_op, stride_ot, stride_oh,
     D: tl.constexpr, K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
     V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
-    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
+    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr, ROTATE: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -91,11 +91,13 @@ def _dequant_kernel(
             v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
         off = dst * stride_op + t[:, None] * stride_ot + h * stride_oh
         tl.store(k_out_ptr + off + d[None, :], k.to(k_out_ptr.dtype.element_ty))
-        # values back from the rotated basis, one 64-column block of H at a time (H of D=256 is 256 KiB)
-        for g in tl.static_range(D // 64):
-            h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
-            vg = tl.dot(v, h_g, input_precision=ROT_PRECISION)
-            tl.store(v_out_ptr + off + g * 64 + c[None, :], vg.to(v_out_ptr.dtype.element_ty))
+        if ROTATE:  # values back from the rotated basis, one 64-column block of H at a time
+            for g in tl.static_range(D // 64):
+                h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
+                vg = tl.dot(v, h_g, input_precision=ROT_PRECISION)
+                tl.store(v_out_ptr + off + g * 64 + c[None, :], vg.to(v_out_ptr.dtype.element_ty))
+        else:
+            tl.store(v_out_ptr + off + d[None, :], v.to(v_out_ptr.dtype.element_ty))
 
 
 class PrefillPlan:
@@ -108,7 +110,7 @@ class PrefillPlan:
     """
 
     def __init__(self, qsl: list[int], seq: list[int], reqs: list[int], num_tokens: int, device,
-                 max_pages: int = 1 << 30):
+                 max_pages: int = 1 << 30, rep: int = 1, rotate_pages: bool | None = None):
         pages, cu, used, ents, self.reqs, self.rest = [], [np.zeros(1, np.int64)], [], [], [], []
         n = 0  # dequantized pages so far
         end = 0  # batch rows covered so far
@@ -154,6 +156,12 @@ class PrefillPlan:
         self.max_seqlen_q = int(np.diff(cu_np).max())
         self.max_seqlen_k = int(used_np.max())
         self.row_ranges = [(qsl[r], qsl[r + 1]) for r in self.reqs]
+        # Values go back from the rotated basis either in the pages (64 tokens per page and KV head) or
+        # in the output (one row per query token and head): whichever has fewer vectors.  H200
+        # (prefill_bench.py): pages won on fresh prompts (0.74x FA3 bf16 against 0.61x), the output
+        # on 2k new tokens over a 30k context (0.94x against 0.81x).
+        rows = sum(t1 - t0 for t0, t1 in self.row_ranges)
+        self.rotate_pages = n * PAGE_TOKENS <= rows * rep if rotate_pages is None else rotate_pages
         pin = device.type == "cuda"
 
         def dev(x):
@@ -171,7 +179,8 @@ class PrefillPlan:
 
 
 def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, common, rot, fmt_consts, d: int, dtype):
-    """The plan's pages as ``(k, v)``, each ``dtype[num_pages, 64, H, D]`` (values rotated back by ``rot``)."""
+    """The plan's pages as ``(k, v)``, each ``dtype[num_pages, 64, H, D]`` (values rotated back by ``rot``
+    when ``plan.rotate_pages``, else left rotated for :func:`attend` to rotate the output)."""
     stage_consts, bits = fmt_consts
     h = cache.shape[1]
     k = torch.empty((plan.num_pages, PAGE_TOKENS, h, d), dtype=dtype, device=cache.device)
@@ -180,15 +189,49 @@ def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, comm
         plan.pages, *common, block_table, cache, stage, scratch, rot, k, v,
         cache.stride(0), cache.stride(1), block_table.stride(0), stage.stride(0), stage.stride(1),
         scratch.stride(0), scratch.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        D=d, **bits, **stage_consts,
+        D=d, **bits, **stage_consts, ROTATE=plan.rotate_pages,
     )
     return k, v
 
 
-def attend(plan: PrefillPlan, query, out, k, v, scale: float, flash_attn, sliding_window=None, soft_cap=None):
-    """Attention of the plan's rows into ``out``; every other row of ``out`` gets zeros (entries without keys)."""
-    flash_attn(query, k, v, out, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
+def attend(plan: PrefillPlan, query, out, k, v, rot, scale: float, flash_attn, sliding_window=None, soft_cap=None):
+    """Attention of the plan's rows into ``out``.
+
+    Values rotated back in the pages (``plan.rotate_pages``): FlashAttention writes ``out``, and every
+    other row of ``out`` gets zeros (entries without keys: run this before the kernels of those rows).
+    Otherwise it writes a scratch tensor and the plan's rows go to ``out`` times H, in fp32: ``H = S / sqrt(D)``
+    with ``S`` the +-1 Sylvester matrix, so the products are exact and one scale follows.
+    """
+    if plan.rotate_pages:
+        flash_attn(query, k, v, out, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
+                   plan.block_table, scale, sliding_window, soft_cap)
+        return
+    o = torch.empty_like(query)
+    flash_attn(query, k, v, o, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
                plan.block_table, scale, sliding_window, soft_cap)
+    signs = _signs(rot)
+    for t0, t1 in _merged(plan.row_ranges):
+        out[t0:t1] = ((o[t0:t1].float() @ signs) * (1.0 / rot.shape[0] ** 0.5)).to(out.dtype)
+
+
+def _merged(ranges):
+    runs = []
+    for t0, t1 in ranges:
+        if runs and runs[-1][1] == t0:
+            runs[-1] = (runs[-1][0], t1)
+        else:
+            runs.append((t0, t1))
+    return runs
+
+
+_SIGNS: dict = {}
+
+
+def _signs(rot: torch.Tensor) -> torch.Tensor:
+    key = (rot.shape[0], rot.device)
+    if key not in _SIGNS:
+        _SIGNS[key] = torch.sign(rot).float()
+    return _SIGNS[key]
 
 
 def reference_flash_attn(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, block_table, scale,

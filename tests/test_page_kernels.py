@@ -110,6 +110,19 @@ def test_page_step_matches_reference(name, split):
     _same_pages(ref, ker, fmt, 64, 150 // P)
 
 
+MIXED_SCHEDULE = [[(0, 70), (1, 5)], [(0, 1), (1, 100), (2, 64)], [(0, 129), (1, 95), (2, 1)], [(2, 135)]]
+
+
+def _mixed_schedule(seqs, q, k, v, dtype):
+    """Three sequences through MIXED_SCHEDULE (prefill, continuation and decode rows in one batch)."""
+    out = [torch.full(x.shape, float("nan")) for x in q]
+    ids = [seqs.add() for _ in q]
+    for chunks in MIXED_SCHEDULE:
+        for r, (rows, ctx) in seqs.run([(ids[r], n) for r, n in chunks], q, k, v, 0.125, dtype=dtype).items():
+            out[r][ctx : ctx + rows.shape[0]] = rows
+    return out
+
+
 def test_mixed_batch_split_k_and_fp16():
     """Prefill, continuation and decode rows in one launch; split-K partials merged and rotated back."""
     fmt = parse_format("kvmix-k4v2")
@@ -118,12 +131,7 @@ def test_mixed_batch_split_k_and_fp16():
     runs = [(torch.float32, 3), (torch.float16, None)] + ([(torch.bfloat16, 2)] if CUDA else [])
     for dtype, splits in runs:
         seqs = KernelSeqs(fmt, 2, 64, num_splits=splits)
-        out = [torch.full(c[0].shape, float("nan")) for c in cases]
-        ids = [seqs.add() for _ in cases]
-        schedule = [[(0, 70), (1, 5)], [(0, 1), (1, 100), (2, 64)], [(0, 129), (1, 95), (2, 1)], [(2, 135)]]
-        for chunks in schedule:
-            for r, (rows, ctx) in seqs.run([(ids[r], n) for r, n in chunks], q, k, v, 0.125, dtype=dtype).items():
-                out[r][ctx : ctx + rows.shape[0]] = rows
+        out = _mixed_schedule(seqs, q, k, v, dtype)
         # The oracle sees the same inputs rounded to `dtype`: rounding q/k/v alone moves its output
         # by 1.2% (fp16) / 4-6% (bf16) on this data (8-bit codes flip).  What is left is the
         # kernel's own rounding of K, V and P to `dtype` inside its dots.
@@ -199,12 +207,7 @@ def test_prefill_on_flash_attn(fa, max_pages, rotate, monkeypatch):
     for dtype in dtypes:
         counted = CountingFlashAttn(flash)
         seqs = KernelSeqs(fmt, 2, 64, flash_attn=counted, max_prefill_pages=max_pages)
-        out = [torch.full(c[0].shape, float("nan")) for c in cases]
-        ids = [seqs.add() for _ in cases]
-        schedule = [[(0, 70), (1, 5)], [(0, 1), (1, 100), (2, 64)], [(0, 129), (1, 95), (2, 1)], [(2, 135)]]
-        for chunks in schedule:
-            for r, (rows, ctx) in seqs.run([(ids[r], n) for r, n in chunks], q, k, v, 0.125, dtype=dtype).items():
-                out[r][ctx : ctx + rows.shape[0]] = rows
+        out = _mixed_schedule(seqs, q, k, v, dtype)
         # rows with more than one new token went to flash_attn unless past the page bound
         want_rows = 70 + 5 + 100 + 64 + 129 + 95 + 135 if max_pages > 100 else 70 + 5 + 100 + 64
         assert counted.rows == want_rows

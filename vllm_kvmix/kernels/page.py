@@ -22,13 +22,18 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
    position ``p`` reads pages before ``p // 64`` packed and its own page from
    the 8-bit copy, all by bit planes (:mod:`vllm_kvmix.kernels.planes`: the
    output accumulates per value plane); it is rotated back (``o @ H``) at the end;
-   (split-K partials merged by ``attention._combine_kernel`` with ``ROTATE``);
+   (split-K partials merged by ``attention._combine_kernel`` with ``ROTATE``).
+   Rows of one new token run instead on the CUDA kernel (``cuda_decode``, where
+   it supports the format), always split + combine; when the step plan has a
+   FlashAttention kernel (:class:`StepPlan` ``flash_attn``), rows of more new
+   tokens run on it over dequantized pages (:mod:`vllm_kvmix.kernels.prefill`);
 4. ``_keep_partial_kernel`` (requests x KV heads): a last page that is still
    partial and lives in scratch is copied into the slot for the next step
    (after attention, which may still read the slot's old page).
 
 Nothing here reads device values on the host: all per-request quantities are
-computed on the device from ``qsl`` / ``seq_lens``.
+computed on the device from ``qsl`` / ``seq_lens`` (the FlashAttention prefill
+plan takes the sequence lengths on the host, as vLLM's builder has them).
 """
 
 from __future__ import annotations
@@ -447,6 +452,12 @@ class StepPlan:
     bound), allocated on first use and reused by every layer of the step.
     No host reads of device values.  :meth:`decode` builds the plan of a batch
     of one-token requests from :class:`DecodeBuffers` (CUDA-graph safe).
+
+    With ``flash_attn`` and ``seq_lens_cpu`` (a batch with a row of more than one
+    new token): ``prefill`` = the :class:`~vllm_kvmix.kernels.prefill.PrefillPlan`
+    of those rows, ``decode_attn`` = query blocks of the one-token rows,
+    ``rest_attn`` = query blocks of the rows past ``max_prefill_pages`` (each None
+    when empty); ``attn`` (every row) stays for models FlashAttention cannot take.
     """
 
     def __init__(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, max_query_len: int,

@@ -207,3 +207,24 @@ def test_staging_is_reserved_out_of_the_budget():
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256))
     with pytest.raises(ValueError, match="lower max_num_seqs"):
         core.get_kv_cache_configs(cfg, [specs], [64 << 20])
+
+
+def test_flash_attn_prefill_targets():
+    """The FlashAttention prefill path reads vLLM's fa_utils (kernel + version), the builder's host
+    sequence lengths, and the config of the engine whose layers are being built."""
+    import types
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.attention.backends import fa_utils
+
+    assert callable(fa_utils.is_flash_attn_varlen_func_available) and callable(fa_utils.get_flash_attn_version)
+    src = inspect.getsource(fa_utils)
+    assert "from vllm.vllm_flash_attn import" in src and "flash_attn_varlen_func," in src  # the CUDA kernel
+    assert "seq_lens_cpu_upper_bound" in CommonAttentionMetadata.__dataclass_fields__
+    assert compat.scheduler_limits() is None  # no engine being built
+    cfg = VllmConfig()
+    cfg.model_config = types.SimpleNamespace(max_model_len=4096)  # what scheduler_limits reads of it
+    with set_current_vllm_config(cfg):
+        assert compat.scheduler_limits() == (4096, cfg.scheduler_config.max_num_batched_tokens)
+    assert compat.flash_attn_prefill() is None  # no CUDA here

@@ -27,7 +27,7 @@ from test_staged import P, Seqs, _case, _oracle  # noqa: E402
 
 from vllm_kvmix.formats import parse_format  # noqa: E402
 from vllm_kvmix.kernels.page import page_step  # noqa: E402
-from vllm_kvmix.kernels.prefill import PrefillPlan, reference_flash_attn  # noqa: E402
+from vllm_kvmix.kernels.prefill import PrefillPlan, max_pages_for, plan_groups, reference_flash_attn  # noqa: E402
 from vllm_kvmix.reference.staged import read_packed  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -176,12 +176,17 @@ def test_prefill_plan_entries():
     assert pages == [[1, 0, 0, 0, 64], [1, 1, 0, 1, 64], [1, 0, 1, 2, 64], [1, 1, 1, 3, 64], [1, 2, 1, 4, 9]]
     bt = plan.block_table.tolist()
     assert bt[1][:1] == [2] and bt[2][:2] == [0, 3] and bt[3][:3] == [0, 1, 4]
-    assert plan.row_ranges == [(2, 102)] and plan.rest == []
+    assert plan.row_ranges == [(2, 102)]
     # values rotate back where there are fewer vectors: 5 pages x 64 tokens against 100 rows x 4 heads
     assert plan.rotate_pages
     assert not PrefillPlan([0, 2, 102, 103], [50, 137, 9], [1], 103, torch.device("cpu"), rep=3).rotate_pages
-    small = PrefillPlan([0, 2, 102, 103], [50, 137, 9], [1], 103, torch.device("cpu"), max_pages=4)
-    assert small.empty and small.rest == [1]
+    # groups of at most max_pages dequantized pages; a request that alone needs more goes elsewhere
+    qsl, seq = [0, 50, 150, 160, 220], [50, 137, 10, 160]  # pages needed: 1, 5, 1, 4
+    groups, rest = plan_groups(qsl, seq, [0, 1, 2, 3], 220, torch.device("cpu"), max_pages=4)
+    assert [g.reqs for g in groups] == [[0, 2], [3]] and rest == [1]
+    groups, rest = plan_groups(qsl, seq, [0, 1, 2, 3], 220, torch.device("cpu"), max_pages=6)
+    assert [g.reqs for g in groups] == [[0, 1], [2, 3]] and rest == []
+    assert max_pages_for(8192 + 256, 16384) == 132 + 256 + 1
 
 
 def _rotate_in(monkeypatch, where):
@@ -190,11 +195,11 @@ def _rotate_in(monkeypatch, where):
 
     from vllm_kvmix.kernels import page as page_mod
 
-    monkeypatch.setattr(page_mod, "PrefillPlan", functools.partial(PrefillPlan, rotate_pages=where == "pages"))
+    monkeypatch.setattr(page_mod, "plan_groups", functools.partial(plan_groups, rotate_pages=where == "pages"))
 
 
 @pytest.mark.parametrize("fa", ["torch", "vllm"])
-@pytest.mark.parametrize("max_pages, rotate", [(1 << 30, "pages"), (1 << 30, "output"), (5, "pages")])
+@pytest.mark.parametrize("max_pages, rotate", [(1 << 30, "pages"), (1 << 30, "output"), (5, "pages"), (3, "pages")])
 def test_prefill_on_flash_attn(fa, max_pages, rotate, monkeypatch):
     """Prefill rows through dequantized pages + a FlashAttention kernel, decode rows on the decode kernels,
     requests past the page bound on the Triton kernel -- one batch; same answers as the oracle."""

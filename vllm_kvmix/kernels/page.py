@@ -65,7 +65,7 @@ from vllm_kvmix.kernels.planes import (
     staged_plane,
     store_planes,
 )
-from vllm_kvmix.kernels.prefill import PrefillPlan
+from vllm_kvmix.kernels.prefill import plan_groups
 from vllm_kvmix.quant import hadamard
 
 P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
@@ -493,8 +493,8 @@ class StepPlan:
         device = self.seq.device
         qlen = [qsl[r + 1] - qsl[r] for r in range(len(qsl) - 1)]
         ones = [r for r, n in enumerate(qlen) if n == 1]
-        pre = PrefillPlan(qsl, seq, [r for r, n in enumerate(qlen) if n > 1], num_tokens, device, max_pages,
-                          rep=num_heads // num_kv_heads)
+        groups, rest = plan_groups(qsl, seq, [r for r, n in enumerate(qlen) if n > 1], num_tokens, device, max_pages,
+                                   rep=num_heads // num_kv_heads)
         rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
         max_pages_k = triton.cdiv(max_seq_len, PAGE_TOKENS)
 
@@ -511,9 +511,9 @@ class StepPlan:
             as_dev = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
             return as_dev(req), as_dev(tok), bq, rep_p, splits
 
-        self.prefill, self.flash_attn = pre, flash_attn
+        self.prefill, self.flash_attn = groups, flash_attn
         self.decode_attn = blocks(ones, 1)
-        self.rest_attn = blocks(pre.rest, max(qlen[r] for r in pre.rest) if pre.rest else 1)
+        self.rest_attn = blocks(rest, max(qlen[r] for r in rest) if rest else 1)
 
     def _set(self, qsl, seq, sbase, tok_req, num_tokens, max_query_len, scratch_pages, scratch, attn):
         self.qsl, self.seq, self.sbase, self.tok_req = qsl, seq, sbase, tok_req
@@ -585,10 +585,12 @@ class PageStep:
         if not fa:  # every row in one launch (plus the combine)
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.attn, plan.max_query_len == 1)
             return
-        if not plan.prefill.empty:  # first: it may write zeros to the rows of the other kernels
-            k, v = prefill.dequantize_pages(plan.prefill, self.cache, self.stage, self.scratch, self.block_table,
+        for group in plan.prefill:  # first: FlashAttention may write zeros to the rows of the other kernels
+            k, v = prefill.dequantize_pages(group, self.cache, self.stage, self.scratch, self.block_table,
                                             self.common, self.rot, (self.stage_consts, self.bits), self.d, query.dtype)
-            prefill.attend(plan.prefill, query, out, k, v, self.rot, scale, plan.flash_attn, sliding_window, soft_cap)
+            prefill.attend(group, query, out, k, v, self.rot, scale, plan.flash_attn, sliding_window, soft_cap,
+                           direct=len(plan.prefill) == 1)
+            del k, v
         if plan.decode_attn is not None:
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.decode_attn, True)
         if plan.rest_attn is not None:

@@ -19,10 +19,12 @@ idle.  Here the same math runs as:
    earlier pages packed, its own page at 8 bits: exactly the reference's keys.
 
 Tokens of the batch that are not in a prefill request (decode rows, padding) sit in
-entries with no keys (FlashAttention writes zeros there: run it before the kernels of those rows).  Planning is on the host (numpy) from ``query_start_loc`` and
-``seq_lens`` on the CPU: prefill batches run outside CUDA graphs.  The dequantized pages
-of one step are bounded (``max_pages``); requests past the bound are left to the Triton
-kernel (the plan lists them).
+entries with no keys.  Planning is on the host (numpy) from ``query_start_loc`` and
+``seq_lens`` on the CPU: prefill batches run outside CUDA graphs.  Requests go in groups
+of at most ``max_pages`` dequantized pages (:func:`plan_groups`), one dequant + one
+FlashAttention call each, so the memory is bounded by one group (:func:`transient_bytes`,
+which the backend takes during vLLM's memory profiling); a request that alone needs more
+is left to the Triton kernel (``max_pages_for`` sizes the bound so that none does).
 
 ``flash_attn`` is a callable with the signature of :func:`reference_flash_attn` -- vLLM's
 kernel through :func:`vllm_kvmix.vllm.compat.flash_attn_prefill` on CUDA, the
@@ -100,18 +102,52 @@ def _dequant_kernel(
             tl.store(v_out_ptr + off + d[None, :], v.to(v_out_ptr.dtype.element_ty))
 
 
+def pages_needed(qsl: list[int], seq: list[int], r: int) -> int:
+    """Dequantized pages request ``r`` needs: its packed pages before the last, and its touched pages at 8 bits."""
+    ctx = seq[r] - (qsl[r + 1] - qsl[r])
+    first, last = ctx // PAGE_TOKENS, (seq[r] - 1) // PAGE_TOKENS
+    return last + (last - first + 1)
+
+
+def max_pages_for(max_model_len: int, max_num_batched_tokens: int) -> int:
+    """Pages one request can need in a step (so a group of this many never leaves one out)."""
+    return -(-max_model_len // PAGE_TOKENS) + -(-max_num_batched_tokens // PAGE_TOKENS) + 1
+
+
+def plan_groups(qsl: list[int], seq: list[int], reqs: list[int], num_tokens: int, device,
+                max_pages: int = 1 << 30, rep: int = 1, rotate_pages: bool | None = None):
+    """``reqs`` in groups of at most ``max_pages`` dequantized pages, one :class:`PrefillPlan` each (the
+    groups run one after the other through the same memory); returns ``(plans, rest)``, ``rest`` = the
+    requests that alone need more pages (for another kernel), in batch order."""
+    groups, cur, n, rest = [], [], 0, []
+    for r in reqs:
+        if qsl[r + 1] <= qsl[r]:
+            continue
+        need = pages_needed(qsl, seq, r)
+        if need > max_pages:
+            rest.append(r)
+            continue
+        if n + need > max_pages:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(r)
+        n += need
+    if cur:
+        groups.append(cur)
+    return [PrefillPlan(qsl, seq, g, num_tokens, device, rep, rotate_pages) for g in groups], rest
+
+
 class PrefillPlan:
-    """Host plan of one step's prefill attention (shared by all layers).
+    """Host plan of one group of a step's prefill rows (shared by all layers).
 
     ``qsl`` / ``seq``: the batch's query starts ``[B + 1]`` and sequence lengths ``[B]``
     (host lists); ``reqs``: the requests to attend here (the others' rows get no keys);
-    at most ``max_pages`` dequantized pages -- requests that would pass it are in
-    ``self.rest`` (for another kernel) in batch order.
+    ``rep``: query heads per KV head.
     """
 
     def __init__(self, qsl: list[int], seq: list[int], reqs: list[int], num_tokens: int, device,
-                 max_pages: int = 1 << 30, rep: int = 1, rotate_pages: bool | None = None):
-        pages, cu, used, ents, self.reqs, self.rest = [], [np.zeros(1, np.int64)], [], [], [], []
+                 rep: int = 1, rotate_pages: bool | None = None):
+        pages, cu, used, ents, self.reqs = [], [np.zeros(1, np.int64)], [], [], []
         n = 0  # dequantized pages so far
         end = 0  # batch rows covered so far
         for r in reqs:
@@ -119,9 +155,6 @@ class PrefillPlan:
             ctx = s - (q1 - q0)
             first, last = ctx // PAGE_TOKENS, (s - 1) // PAGE_TOKENS
             if q1 <= q0:
-                continue
-            if n + last + (last - first + 1) > max_pages:
-                self.rest.append(r)
                 continue
             self.reqs.append(r)
             if q0 > end:  # rows before this request (decode rows, other kernels' requests): no keys
@@ -173,11 +206,6 @@ class PrefillPlan:
         self.seqused_k = dev(used_np)
         self.block_table = dev(table)
 
-    @property
-    def empty(self) -> bool:
-        return not self.reqs
-
-
 def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, common, rot, fmt_consts, d: int, dtype):
     """The plan's pages as ``(k, v)``, each ``dtype[num_pages, 64, H, D]`` (values rotated back by ``rot``
     when ``plan.rotate_pages``, else left rotated for :func:`attend` to rotate the output)."""
@@ -194,24 +222,42 @@ def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, comm
     return k, v
 
 
-def attend(plan: PrefillPlan, query, out, k, v, rot, scale: float, flash_attn, sliding_window=None, soft_cap=None):
+ROT_ROWS = 4096  # output rows rotated per fp32 pass (bounds its temporaries)
+
+
+def attend(plan: PrefillPlan, query, out, k, v, rot, scale: float, flash_attn, sliding_window=None, soft_cap=None,
+           direct: bool = True):
     """Attention of the plan's rows into ``out``.
 
-    Values rotated back in the pages (``plan.rotate_pages``): FlashAttention writes ``out``, and every
-    other row of ``out`` gets zeros (entries without keys: run this before the kernels of those rows).
-    Otherwise it writes a scratch tensor and the plan's rows go to ``out`` times H, in fp32: ``H = S / sqrt(D)``
-    with ``S`` the +-1 Sylvester matrix, so the products are exact and one scale follows.
+    ``direct`` and values rotated back in the pages (``plan.rotate_pages``): FlashAttention writes ``out``,
+    and every other row of ``out`` gets zeros (entries without keys: run this before the kernels of those
+    rows, and with one group per step).  Otherwise it writes a scratch tensor and the plan's rows are copied
+    to ``out`` -- times H when the pages stayed rotated, in fp32: ``H = S / sqrt(D)`` with ``S`` the +-1
+    Sylvester matrix, so the products are exact and one scale follows.
     """
-    if plan.rotate_pages:
+    if direct and plan.rotate_pages:
         flash_attn(query, k, v, out, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
                    plan.block_table, scale, sliding_window, soft_cap)
         return
     o = torch.empty_like(query)
     flash_attn(query, k, v, o, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
                plan.block_table, scale, sliding_window, soft_cap)
-    signs = _signs(rot)
+    signs = None if plan.rotate_pages else _signs(rot)
     for t0, t1 in _merged(plan.row_ranges):
-        out[t0:t1] = ((o[t0:t1].float() @ signs) * (1.0 / rot.shape[0] ** 0.5)).to(out.dtype)
+        for c0 in range(t0, t1, ROT_ROWS):
+            c1 = min(t1, c0 + ROT_ROWS)
+            if signs is None:
+                out[c0:c1] = o[c0:c1]
+            else:
+                out[c0:c1] = ((o[c0:c1].float() @ signs) * (1.0 / rot.shape[0] ** 0.5)).to(out.dtype)
+
+
+def transient_bytes(max_pages: int, num_tokens: int, num_heads: int, num_kv_heads: int, head_size: int,
+                    dtype_bytes: int = 2) -> int:
+    """Memory one layer's prefill attention takes for ``num_tokens`` rows: the dequantized pages of a
+    group, FlashAttention's scratch output and one fp32 rotation pass."""
+    pages = max_pages * 2 * PAGE_TOKENS * num_kv_heads * head_size * dtype_bytes
+    return pages + num_tokens * num_heads * head_size * dtype_bytes + 2 * ROT_ROWS * num_heads * head_size * 4
 
 
 def _merged(ranges):

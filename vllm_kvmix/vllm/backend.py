@@ -40,10 +40,6 @@ from vllm_kvmix.staging import SLOTS, stage_rows
 from vllm_kvmix.vllm import compat
 
 _CLASS_PREFIX = "KvmixAttentionBackend_"
-# Prefill rows attend through vLLM's FlashAttention over pages dequantized per step
-# (kernels/prefill.py); this bounds those pages (K + V, 16-bit) per layer call, and requests past it
-# use the Triton page kernel.  1 GiB = 4096 pages of Llama-3.1-8B (8 KV heads x 128): 262k tokens.
-PREFILL_DEQ_BYTES = 1 << 30
 
 
 @dataclass
@@ -110,12 +106,13 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             self.heads = (num_heads, kv_cache_spec.num_kv_heads)
             if self.fmt.staged:
                 from vllm_kvmix.kernels.page import DecodeBuffers
+                from vllm_kvmix.kernels.prefill import max_pages_for
 
                 # the staging tensor has one more slot than max_num_seqs: the padded rows' (stage_rows)
                 self._decode_bufs = DecodeBuffers(self.stage_slots, self.stage_slots, device)
-                # prefill on FlashAttention: dequantized pages of one step at most PREFILL_DEQ_BYTES
-                page_bytes = 2 * 64 * kv_cache_spec.num_kv_heads * kv_cache_spec.head_size * 2
-                self._prefill_pages = max(1, PREFILL_DEQ_BYTES // page_bytes)
+                # prefill on FlashAttention: groups of at most this many dequantized pages (one request's most)
+                self._prefill_pages = max_pages_for(self.max_model_len,
+                                                    vllm_config.scheduler_config.max_num_batched_tokens)
 
     def build(
         self,
@@ -253,6 +250,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
         self.stage: torch.Tensor | None = None  # page scheme: this layer's staging slots
+        self._prefill_limits = compat.scheduler_limits()  # (max_model_len, max_num_batched_tokens) or None
 
     def do_kv_cache_update(
         self,
@@ -281,6 +279,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("kvmix: fused output quantization")
         if attn_metadata is None or attn_metadata.dummy:  # profiling / warm-up: leave caches alone
+            self._take_prefill_memory(query)
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         if self.fmt.staged and query.is_cuda:
@@ -316,6 +315,20 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
             out=output[:n],
         )
         return output
+
+    def _take_prefill_memory(self, query: torch.Tensor) -> None:
+        """During vLLM's memory profiling (a dummy step of max_num_batched_tokens rows), allocate what the
+        FlashAttention prefill path takes per layer call, so the KV cache is sized around it."""
+        limits = self._prefill_limits
+        if limits is None or query.shape[0] <= 1 or not query.is_cuda or torch.cuda.is_current_stream_capturing():
+            return
+        if not getattr(self.fmt, "staged", False) or compat.flash_attn_prefill() is None:
+            return
+        from vllm_kvmix.kernels.prefill import max_pages_for, transient_bytes
+
+        nbytes = transient_bytes(max_pages_for(*limits), query.shape[0], self.num_heads, self.num_kv_heads,
+                                 self.head_size, query.element_size())
+        torch.empty(nbytes, dtype=torch.uint8, device=query.device)
 
     def _stage(self, kv_cache: torch.Tensor, slots: int) -> torch.Tensor:
         """This layer's staging slots, ``slots`` + 1 (the last: padded rows'); allocated on first use."""

@@ -402,6 +402,17 @@ def register_custom_backend() -> None:
     register_backend(AttentionBackendEnum.CUSTOM, "vllm_kvmix.vllm.backend.KvmixAttentionBackend")
 
 
+def scheduler_limits() -> tuple[int, int] | None:
+    """(max_model_len, max_num_batched_tokens) of the engine being built (vLLM sets its config as current
+    while it constructs the model's layers), or None outside one."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    if cfg is None or cfg.model_config is None:
+        return None
+    return cfg.model_config.max_model_len, cfg.scheduler_config.max_num_batched_tokens
+
+
 FA_PREFILL_ENV = "KVMIX_FA_PREFILL"  # "0": prefill rows on the Triton page kernel
 
 

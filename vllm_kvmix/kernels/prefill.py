@@ -162,7 +162,8 @@ class PrefillPlan:
                 used.append(np.zeros(1, np.int64))
                 ents.append((np.zeros(1, np.int64), np.full(1, -1), 0))
             p = np.arange(last, dtype=np.int64)  # packed pages 0 .. last-1 -> n + p
-            pages.append(np.stack([np.full(last, r), p, np.zeros(last, np.int64), n + p, np.full(last, PAGE_TOKENS)], 1))
+            pages.append(np.stack([np.full(last, r), p, np.zeros(last, np.int64), n + p,
+                                   np.full(last, PAGE_TOKENS)], 1))
             j = np.arange(first, last + 1, dtype=np.int64)  # touched pages: 8-bit copies -> n + last + (j - first)
             sid = n + last + j - first
             pages.append(np.stack([np.full(j.size, r), j, np.ones(j.size, np.int64), sid,
@@ -205,6 +206,7 @@ class PrefillPlan:
         self.cu_seqlens_q = dev(cu_np)
         self.seqused_k = dev(used_np)
         self.block_table = dev(table)
+
 
 def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, common, rot, fmt_consts, d: int, dtype):
     """The plan's pages as ``(k, v)``, each ``dtype[num_pages, 64, H, D]`` (values rotated back by ``rot``

@@ -193,9 +193,9 @@ def _rotate_in(monkeypatch, where):
     """Force where prefill rotates values back: in the dequantized pages or in the output."""
     import functools
 
-    from vllm_kvmix.kernels import page as page_mod
+    from vllm_kvmix.kernels import prefill as prefill_mod
 
-    monkeypatch.setattr(page_mod, "plan_groups", functools.partial(plan_groups, rotate_pages=where == "pages"))
+    monkeypatch.setattr(prefill_mod, "plan_groups", functools.partial(plan_groups, rotate_pages=where == "pages"))
 
 
 @pytest.mark.parametrize("fa", ["torch", "vllm"])

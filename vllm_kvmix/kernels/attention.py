@@ -196,13 +196,17 @@ MIN_PAGE = 32
 LAUNCH = {"num_warps": 4, "num_stages": 2}
 
 
-def plan_query_blocks(query_start_loc, block_q: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per query block: its request and its first token, plus BLOCK_Q (CPU planning, once per batch)."""
+def plan_query_blocks(query_start_loc, block_q: int, device, reqs=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per query block: its request and its first token, plus BLOCK_Q (CPU planning, once per batch);
+    ``reqs``: only these requests' rows (default: all)."""
     qsl = torch.as_tensor(query_start_loc, dtype=torch.int64, device="cpu")
-    n_blk = (qsl[1:] - qsl[:-1] + block_q - 1) // block_q
-    req = torch.repeat_interleave(torch.arange(n_blk.numel()), n_blk)
+    ids = torch.arange(qsl.numel() - 1) if reqs is None else torch.as_tensor(reqs, dtype=torch.int64)
+    starts = qsl[:-1][ids]
+    n_blk = (qsl[1:][ids] - starts + block_q - 1) // block_q
+    blk = torch.repeat_interleave(torch.arange(ids.numel()), n_blk)
     first = torch.cumsum(n_blk, 0) - n_blk
-    tok = qsl[:-1][req] + (torch.arange(req.numel()) - first[req]) * block_q
+    req = ids[blk]
+    tok = starts[blk] + (torch.arange(blk.numel()) - first[blk]) * block_q
     return (req.to(torch.int32).to(device, non_blocking=True),
             tok.to(torch.int32).to(device, non_blocking=True), block_q)
 

@@ -65,7 +65,6 @@ from vllm_kvmix.kernels.planes import (
     staged_plane,
     store_planes,
 )
-from vllm_kvmix.kernels.prefill import plan_groups
 from vllm_kvmix.quant import hadamard
 
 P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
@@ -493,23 +492,16 @@ class StepPlan:
         device = self.seq.device
         qlen = [qsl[r + 1] - qsl[r] for r in range(len(qsl) - 1)]
         ones = [r for r, n in enumerate(qlen) if n == 1]
-        groups, rest = plan_groups(qsl, seq, [r for r, n in enumerate(qlen) if n > 1], num_tokens, device, max_pages,
-                                   rep=num_heads // num_kv_heads)
+        groups, rest = prefill.plan_groups(qsl, seq, [r for r, n in enumerate(qlen) if n > 1], num_tokens, device,
+                                           max_pages, rep=num_heads // num_kv_heads)
         rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
-        max_pages_k = triton.cdiv(max_seq_len, PAGE_TOKENS)
 
         def blocks(reqs, max_q):
             if not reqs:
                 return None
-            bq = block_q_for(num_heads, num_kv_heads, max_q)
-            req, tok = [], []
-            for r in reqs:
-                for t in range(qsl[r], qsl[r + 1], bq):
-                    req.append(r)
-                    tok.append(t)
-            splits = num_splits_for(len(req) * num_kv_heads, max_pages_k, device)
-            as_dev = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
-            return as_dev(req), as_dev(tok), bq, rep_p, splits
+            req, tok, bq = plan_query_blocks(qsl, block_q_for(num_heads, num_kv_heads, max_q), device, reqs)
+            splits = num_splits_for(req.numel() * num_kv_heads, triton.cdiv(max_seq_len, PAGE_TOKENS), device)
+            return req, tok, bq, rep_p, splits
 
         self.prefill, self.flash_attn = groups, flash_attn
         self.decode_attn = blocks(ones, 1)

@@ -33,6 +33,8 @@ pure-PyTorch stand-in in tests on CPU.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import triton
@@ -40,6 +42,7 @@ import triton.language as tl
 
 from vllm_kvmix.formats import PAGE_TOKENS
 from vllm_kvmix.kernels.codec import ROT_PRECISION, _unpack, code_f32, decode_tile
+from vllm_kvmix.quant import hadamard
 
 P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
 FIELDS = 5  # per dequantized page: request, page, staged (0 packed / 1 the 8-bit copy), destination, valid tokens
@@ -244,7 +247,7 @@ def attend(plan: PrefillPlan, query, out, k, v, rot, scale: float, flash_attn, s
     o = torch.empty_like(query)
     flash_attn(query, k, v, o, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
                plan.block_table, scale, sliding_window, soft_cap)
-    signs = None if plan.rotate_pages else _signs(rot)
+    signs = None if plan.rotate_pages else _sign_matrix(rot.shape[0], rot.device)
     for t0, t1 in _merged(plan.row_ranges):
         for c0 in range(t0, t1, ROT_ROWS):
             c1 = min(t1, c0 + ROT_ROWS)
@@ -272,14 +275,10 @@ def _merged(ranges):
     return runs
 
 
-_SIGNS: dict = {}
-
-
-def _signs(rot: torch.Tensor) -> torch.Tensor:
-    key = (rot.shape[0], rot.device)
-    if key not in _SIGNS:
-        _SIGNS[key] = torch.sign(rot).float()
-    return _SIGNS[key]
+@functools.cache
+def _sign_matrix(d: int, device) -> torch.Tensor:
+    """The +-1 Sylvester matrix S of the rotation H = S / sqrt(d)."""
+    return torch.sign(hadamard(d, torch.float32, device))
 
 
 def reference_flash_attn(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, block_table, scale,

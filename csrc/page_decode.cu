@@ -1,5 +1,5 @@
 // Decode attention of the kvmix page scheme (one query token per request): packed pages and the
-// request's own 8-bit staged page.
+// request's own 8-bit staged page, in one launch per layer.
 //
 // Reads the page layouts of vllm_kvmix.formats (64-token pages, head size 128) as they are:
 //   packed keys   [64 tokens][128 * KB / 8 bytes], channel 2j / 2j+1 in the low / high bits of byte j
@@ -9,9 +9,14 @@
 //   staged page   keys and rotated values at 8 bits per token, (scale, minimum) per token and group.
 // Grid: (query block = one request's token, KV head, split); NW warps per block, each warp walks its own
 // pages (p = first + warp, + NW, ...) with its own online softmax, merged in shared memory at the end.
-// Pages [0, own) come from the cache, page `own` from the request's staging slot.  The result is one
-// split-K partial per block -- (max, sum, acc) in the workspace layout of vllm_kvmix.kernels.attention's
-// _combine_kernel, max in natural-log units, acc unrotated; the combine merges and rotates back.
+// Pages [0, own) come from the cache, page `own` from the request's staging slot.
+//   Staging (`stage_new`): the block whose split holds page `own` first quantizes the step's new key and
+//   value (the value Hadamard-rotated by a fast Walsh-Hadamard transform across the warp) to 8 bits into
+//   the staging slot -- what page.py's _stage_kernel does for a general batch -- and then reads the page.
+//   Split-K: each block writes its (max, sum, acc) partial to the workspace; the last block of a (row, KV
+//   head) to finish (a counter per pair, reset by that block) merges them.  With one split the block
+//   merges its warps only.  The merged output is rotated back (x H, the same transform) and stored in
+//   the query's dtype.
 //
 // Tensor cores (mma.sync m16n8k16, fp16 operands, fp32 accumulation) with the roles chosen so the codes
 // reach the operand registers as whole 32-bit words:
@@ -98,6 +103,80 @@ __device__ __forceinline__ float ex2(float x) {
   return r;
 }
 
+__device__ __forceinline__ u16 f32_to_f16_bits(float x) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return h;
+}
+
+template <bool BF16>
+__device__ __forceinline__ u16 f32_to_out(float x) {
+  u16 h;
+  if (BF16)
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return h;
+}
+
+template <bool BF16>
+__device__ __forceinline__ float in_to_f32(u16 h) {
+  if (BF16) return __uint_as_float(((u32)h) << 16);
+  return f16_to_f32(h);
+}
+
+// x H for the normalized 128-point Sylvester Hadamard matrix (vllm_kvmix.quant.hadamard, symmetric) of a
+// vector spread over one warp, lane l holding channels 4 l .. 4 l + 3: butterflies of stride 1 and 2 in
+// registers, 4 .. 64 across lanes.  Exact fp32 adds; one rounding of the 1/sqrt(128) scale at the end.
+__device__ __forceinline__ void fwht128(float (&x)[4], int lane) {
+  const float a = x[0] + x[1], b = x[0] - x[1], c = x[2] + x[3], d = x[2] - x[3];
+  x[0] = a + c; x[1] = b + d; x[2] = a - c; x[3] = b - d;
+#pragma unroll
+  for (int s = 0; s < 5; ++s) {
+    const bool upper = (lane >> s) & 1;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float y = __shfl_xor_sync(0xffffffffu, x[i], 1 << s);
+      x[i] = upper ? y - x[i] : x[i] + y;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) x[i] *= 0.08838834764831845f;
+}
+
+// One token's 128 channels (lane l holds 4 l .. 4 l + 3) at 8 bits per 64-channel group into a staged
+// page at token `off`: codes at codes_off + off * 128, fp16 (scale, minimum) at meta_off + off * 8 + 4 g.
+// The arithmetic of vllm_kvmix.quant.quantize (codec.minmax_meta / quant_rows in the Triton kernels).
+__device__ __forceinline__ void stage_row(u8* page, int off, float (&x)[4], int lane, int codes_off, int meta_off) {
+  float mn = 65504.f, mx = -65504.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[i] = fminf(fmaxf(x[i], -65504.f), 65504.f);
+    mn = fminf(mn, x[i]);
+    mx = fmaxf(mx, x[i]);
+  }
+#pragma unroll
+  for (int s = 1; s < 16; s <<= 1) {  // the 16 lanes of the group
+    mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, s));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, s));
+  }
+  const u16 mn16 = f32_to_f16_bits(mn);
+  const float mnf = f16_to_f32(mn16);
+  u16 sc16 = f32_to_f16_bits(fminf(__fdiv_rn(mx - mnf, 255.f), 65504.f));
+  if (mnf + 255.f * f16_to_f32(sc16) > 65504.f) sc16 -= 1;  // one ulp toward zero keeps the top level finite
+  const float sc = f16_to_f32(sc16);
+  const float inv = sc > 0.f ? __fdiv_rn(1.f, sc) : 0.f;
+  u32 word = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float y = fminf(fmaxf(floorf((x[i] - mnf) * inv + 0.5f), 0.f), 255.f);
+    word |= ((u32)y) << (8 * i);
+  }
+  *reinterpret_cast<u32*>(page + codes_off + off * KVMIX_D + 4 * lane) = word;
+  if ((lane & 15) == 0)
+    *reinterpret_cast<u32*>(page + meta_off + off * 8 + 4 * (lane >> 4)) = (u32)sc16 | ((u32)mn16 << 16);
+}
+
 // 16-bit halves of `w` hold codes at bit `shift` -> (1024 + code_lo, 1024 + code_hi) as fp16x2.
 template <int BITS>
 __device__ __forceinline__ u32 code_pair(u32 w, int shift) {
@@ -129,7 +208,7 @@ __device__ __forceinline__ int key_channel(int qd, int pi, int e) {
 // token and 64-channel group (dequantized on the B operand in fp16), tokens >= n_valid masked (their
 // bytes may be stale); otherwise a full packed page (keys per channel, scale folded into the query).
 template <int QKB, int CKB, int VB, bool STAGED>
-__device__ __forceinline__ void attend_page(const u8* __restrict__ page, int n_valid, const u32 (&qs)[16],
+__device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u32 (&qs)[16],
                                             float& m_run, float& l_run, float (&acc)[8][4], int g, int qd,
                                             int k_meta_off, int v_codes_off, int v_meta_off) {
   constexpr int CBK = KVMIX_D * CKB / 8;  // key code bytes per token
@@ -291,12 +370,12 @@ __device__ __forceinline__ void attend_page(const u8* __restrict__ page, int n_v
 
 template <int KB, int VB, int NW, bool BF16>
 __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
-    const u16* __restrict__ q, const u8* __restrict__ cache, const u8* __restrict__ stage,
-    const int* __restrict__ slots, const int* __restrict__ block_table,
+    const u16* __restrict__ q, const u16* __restrict__ key, const u16* __restrict__ value,
+    const u8* __restrict__ cache, u8* stage, const int* __restrict__ slots, const int* __restrict__ block_table,
     const int* __restrict__ qsl, const int* __restrict__ seq_lens, const int* __restrict__ qb_req,
-    float* __restrict__ ws_acc,
-    float* __restrict__ ws_ml, int num_splits, double scale_log2e_d,
-    int stride_qt, int stride_qh, int stride_cb, int stride_ch, int stride_bt, int rep, int block_m,
+    float* ws_acc, float* ws_ml, int* counters, u16* __restrict__ out, int num_splits, int stage_new,
+    double scale_log2e_d, int stride_qt, int stride_qh, int stride_kt, int stride_kh, int stride_vt, int stride_vh,
+    int stride_ot, int stride_oh, int stride_cb, int stride_ch, int stride_bt, int rep,
     int k_meta_off, int v_codes_off, int v_meta_off, int stride_ss, int stride_sh, int sk_meta_off,
     int sv_codes_off, int sv_meta_off) {
   // Integer arguments are 32-bit (the launcher passes C ints); offsets are formed in 64 bits.
@@ -309,20 +388,42 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
 
   __shared__ float sm_m[NW][8], sm_l[NW][8];
   __shared__ float sm_acc[NW][8][KVMIX_D + 4];
+  __shared__ float sm_w[64][8];  // last block of a split row: per (split, head) weights
+  __shared__ int sm_last;
 
   const int q0 = qsl[b], q1 = qsl[b + 1];
+  if (q1 == q0) return;  // a padded row (CUDA-graph batch): no token, nothing to read or write
   const int seq = seq_lens[b];
-  // pages [0, own) packed, page `own` from the staging slot; padded rows (no token) read nothing
+  // pages [0, own) packed, page `own` from the staging slot
   const int own = (seq - 1) / KVMIX_P;
-  const int n_pages = (q1 > q0) ? own + 1 : 0;
+  const int n_pages = own + 1;
   const int per = (n_pages + num_splits - 1) / num_splits;
   const int p_begin = split * per;
   const int p_end = min(n_pages, p_begin + per);
+  u8* own_page = stage + (long long)slots[b] * stride_ss + (long long)kvh * stride_sh;
+
+  // ---- the new token into the staging slot (warp 0: key, warp 1: value), before any warp reads the page
+  if (stage_new && own >= p_begin && own < p_end) {
+    if (warp < 2) {
+      const u16* src = warp == 0 ? key + (long long)q0 * stride_kt + (long long)kvh * stride_kh
+                                 : value + (long long)q0 * stride_vt + (long long)kvh * stride_vh;
+      float x[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[i] = in_to_f32<BF16>(src[4 * lane + i]);
+      if (warp == 1) fwht128(x, lane);
+      const int off = seq - 1 - own * KVMIX_P;
+      if (warp == 0)
+        stage_row(own_page, off, x, lane, 0, sk_meta_off);
+      else
+        stage_row(own_page, off, x, lane, sv_codes_off, sv_meta_off);
+    }
+    __syncthreads();
+  }
 
   // ---- the query as A fragments (row g = head kvh * rep + g), scaled by softmax scale * log2(e)
   u32 qs[16];
   {
-    const bool row_ok = g < rep && q1 > q0;
+    const bool row_ok = g < rep;
     const long long qoff = (long long)q0 * stride_qt + (long long)(kvh * rep + g) * stride_qh;
 #pragma unroll
     for (int pi = 0; pi < 16; ++pi) {
@@ -342,7 +443,6 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
 #pragma unroll
   for (int mt = 0; mt < 8; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
-  const u8* own_page = stage + (long long)slots[b] * stride_ss + (long long)kvh * stride_sh;
   for (int p = p_begin + warp; p < p_end; p += NW) {
     if (p == own) {  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64)
       attend_page<KB, 8, 8, true>(own_page, seq - own * KVMIX_P, qs, m_run, l_run, acc, g, qd, sk_meta_off,
@@ -370,8 +470,8 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
     sm_acc[warp][2 * qd + 1][c + 1] = acc[mt][3];
   }
   __syncthreads();
-  const long long base = ((long long)qb * num_kv + kvh) * num_splits + split;
-  const float LN2 = 0.6931471805599453f;
+  // this block's (max, sum, acc) per (head r, channel c); acc lands in sm_acc[0] (each thread its own cells)
+  const long long base = ((long long)qb * num_kv + kvh) * num_splits;  // + split: the workspace row block
   for (int i = threadIdx.x; i < rep * KVMIX_D; i += NW * 32) {
     const int r = i / KVMIX_D, c = i % KVMIX_D;
     float M = KVMIX_NEG_INF;
@@ -386,12 +486,70 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
         L += sm_l[w][r] * f;
       }
     }
-    const long long row = base * block_m + r;
-    ws_acc[row * KVMIX_D + c] = A;
-    if (c == 0) {
-      ws_ml[row * 2] = M * LN2;  // -inf stays -inf
-      ws_ml[row * 2 + 1] = L;
+    if (num_splits == 1) {
+      sm_acc[0][r][c] = L > 0.f ? A / L : 0.f;
+    } else {
+      const long long row = (base + split) * 8 + r;
+      ws_acc[row * KVMIX_D + c] = A;
+      if (c == 0) {
+        ws_ml[row * 2] = M;  // base-2 units; -inf stays -inf
+        ws_ml[row * 2 + 1] = L;
+      }
     }
+  }
+
+  if (num_splits > 1) {
+    // ---- the last block of (row, KV head) to finish merges every split's partial
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) sm_last = atomicAdd(counters + (long long)qb * num_kv + kvh, 1) == num_splits - 1;
+    __syncthreads();
+    if (!sm_last) return;
+    __threadfence();
+    // warp w: heads w, w + NW; lanes over splits -> the global max, each split's weight, the sum
+    for (int r = warp; r < rep; r += NW) {
+      float M = KVMIX_NEG_INF;
+      for (int sp = lane; sp < num_splits; sp += 32) M = fmaxf(M, __ldcg(ws_ml + ((base + sp) * 8 + r) * 2));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+      float L = 0.f;
+      for (int sp = lane; sp < num_splits; sp += 32) {
+        const float f = M == KVMIX_NEG_INF ? 0.f : ex2(__ldcg(ws_ml + ((base + sp) * 8 + r) * 2) - M);
+        sm_w[sp][r] = f;
+        L += f * __ldcg(ws_ml + ((base + sp) * 8 + r) * 2 + 1);
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+      if (lane == 0) sm_l[0][r] = L > 0.f ? 1.f / L : 0.f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rep * (KVMIX_D / 4); i += NW * 32) {  // 4 channels per thread
+      const int r = i / (KVMIX_D / 4), c = 4 * (i % (KVMIX_D / 4));
+      float4 A;
+      A.x = A.y = A.z = A.w = 0.f;
+#pragma unroll 8
+      for (int sp = 0; sp < num_splits; ++sp) {
+        const float f = sm_w[sp][r];
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(ws_acc + ((base + sp) * 8 + r) * KVMIX_D + c));
+        A.x += f * v.x; A.y += f * v.y; A.z += f * v.z; A.w += f * v.w;
+      }
+      const float inv = sm_l[0][r];
+      sm_acc[0][r][c] = A.x * inv; sm_acc[0][r][c + 1] = A.y * inv;
+      sm_acc[0][r][c + 2] = A.z * inv; sm_acc[0][r][c + 3] = A.w * inv;
+    }
+    if (threadIdx.x == 0) counters[(long long)qb * num_kv + kvh] = 0;  // ready for the next launch
+  }
+  __syncthreads();
+
+  // ---- rotate back (values were stored rotated) and store: warp w, heads w, w + NW
+  for (int r = warp; r < rep; r += NW) {
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = sm_acc[0][r][4 * lane + i];
+    fwht128(x, lane);
+    u32* dst = reinterpret_cast<u32*>(out + (long long)q0 * stride_ot + (long long)(kvh * rep + r) * stride_oh + 4 * lane);
+    dst[0] = (u32)f32_to_out<BF16>(x[0]) | ((u32)f32_to_out<BF16>(x[1]) << 16);
+    dst[1] = (u32)f32_to_out<BF16>(x[2]) | ((u32)f32_to_out<BF16>(x[3]) << 16);
   }
 }
 
@@ -399,8 +557,9 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
 #ifdef KVMIX_INSTANTIATE
 #define KVMIX_VARIANT(KB, VB, BF16)                                                                           \
   template __global__ void kvmix_page_decode<KB, VB, 4, BF16>(                                                \
-      const u16*, const u8*, const u8*, const int*, const int*, const int*, const int*, const int*, float*,   \
-      float*, int, double, int, int, int, int, int, int, int, int, int, int, int, int, int, int, int);
+      const u16*, const u16*, const u16*, const u8*, u8*, const int*, const int*, const int*, const int*,     \
+      const int*, float*, float*, int*, u16*, int, int, double, int, int, int, int, int, int, int, int, int, \
+      int, int, int, int, int, int, int, int, int, int, int);
 KVMIX_VARIANT(4, 2, false)
 KVMIX_VARIANT(4, 2, true)
 KVMIX_VARIANT(4, 4, true)

@@ -5,8 +5,9 @@
 Llama-3.1-8B heads (32 q / 8 kv / d=128), one query token per sequence, batch x context in
 {1, 16, 64, 256} x {1k, 8k, 32k}.  kvmix: ``PageStep.attend`` alone (packed pages + the 8-bit own
 page, output rotated back) -- as served (packed pages in CUDA, ``cuda_decode``) and on the Triton
-kernel alone (rows `` triton``) -- and the whole step (stage + pack + attend + keep; `` step graph``:
-replayed from a CUDA graph, with each kernel's GPU time printed for k4v2).  Peers
+kernel alone (rows `` triton``) -- and the whole step (``PageStep.run``: one CUDA launch that stages,
+attends and merges splits, then the pack kernel; `` step graph``: replayed from a CUDA graph, with each
+kernel's GPU time printed for k4v2).  Peers
 (need vLLM 0.26.0 on the device): FA3 bf16 / fp8 (vllm_flash_attn, block 16, shuffled blocks)
 and vLLM's int4_per_token_head Triton kernel (block 16), through the same entry points vLLM
 calls.  GB/s counts the K/V bytes each kernel must read; the device copy bandwidth is measured
@@ -159,10 +160,7 @@ def main():
                         res[f"{fname} split{ns}"] = (bench(lambda: st_ns.attend(q, out, D**-0.5)), res[fname][1])
 
             def full_step(cache=cache, stage=stage):  # one layer's share of a step (plan built once per step)
-                s2 = PageStep(k, cache, stage, fmt, slots, bt, plan)
-                s2.write(k, v)
-                s2.attend(q, out, D**-0.5)
-                s2.keep()
+                PageStep(k, cache, stage, fmt, slots, bt, plan).run(q, k, v, out, D**-0.5)
 
             res[fname + " step"] = (bench(full_step), kvmix_bytes(fmt, B, seq_len))
             # the whole step as vLLM replays a decode batch (one CUDA graph), and each kernel's GPU time in it

@@ -7,10 +7,12 @@ LOP3 per fp16 pair) -- ``benchmarks/kernels/NOTES.md`` has the counts and timing
 
 Scope: decode steps (one query token per request: ``StepPlan.decode`` and any batch whose
 ``max_query_len`` is 1), head size 128, GQA groups of at most 8, fp16 / bf16 queries, no sliding window
-or soft cap, keys 4 / 8 bits, values 2 / 4 bits.  It writes split-K partials for the packed pages
-and the request's own page (its 8-bit staging slot); ``_combine_kernel`` merges the splits and rotates
-the output back -- :meth:`vllm_kvmix.kernels.page.PageStep.attend`.
-Everything else runs the Triton kernel, which is the reference-tested path for all shapes.
+or soft cap, keys 4 / 8 bits, values 2 / 4 bits.  One launch per layer does what the Triton path does in
+three: stage the new token (``stage=(key, value)``: 8-bit, value rotated, into the staging slot; what
+``page._stage_kernel`` does), attend over the packed pages and the own page, merge the split-K partials in
+the last block of each (row, KV head) and rotate the output back
+(:meth:`vllm_kvmix.kernels.page.PageStep.run`).  Pages that fill are packed after it (``page._pack_kernel``).
+Everything else runs the Triton kernels, the reference-tested path for all shapes.
 
 NVRTC ships with PyTorch's CUDA wheels (``nvidia-cuda-nvrtc``), so nothing is built at install time;
 the one private PyTorch entry point used (``torch.cuda._compile_kernel``) is wrapped in
@@ -31,6 +33,8 @@ import torch
 from vllm_kvmix.formats import KVFormat
 
 WARPS = 4  # warps per block (each walks its own pages); 4 blocks per SM at <= 128 registers
+MAX_SPLITS = 64  # split-K partials one block merges (shared memory of the kernel: sm_w)
+ROWS = 8  # workspace rows per (query block, KV head, split): the GQA group, padded
 SOURCE_NAME = "page_decode.cu"
 HEAD_SIZE = 128
 DISABLE_ENV = "KVMIX_CUDA_DECODE"  # "0": always the Triton kernel (benchmarks compare the two)
@@ -107,10 +111,29 @@ def supports(fmt: KVFormat, query: torch.Tensor, head_size: int, num_kv_heads: i
     )
 
 
-def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, ws_acc, ws_ml, num_splits: int,
-           scale: float, fmt: KVFormat, block_m: int, bits: dict, stage_consts: dict) -> None:
-    """Split-K partials of every page of each decode row (packed pages and the staged own page) into the
-    workspace of ``attention._combine_kernel`` (``num_splits`` per (query block, KV head)).
+@functools.cache
+def _counters_for(device: torch.device) -> list:
+    return [torch.zeros(0, dtype=torch.int32, device=device)]
+
+
+def counters(n: int, device: torch.device) -> torch.Tensor:
+    """The split-K arrival counters of ``n`` (row, KV head) pairs: zero between launches (the last block of
+    each pair resets its own), one buffer per device, grown outside CUDA-graph capture.  Launches on one
+    stream run in order, so layers share it; two streams running decode at once would not."""
+    held = _counters_for(device)
+    if held[-1].numel() < n:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("kvmix: decode split-K counters grown during CUDA-graph capture (warm up first)")
+        # the smaller buffers stay allocated: graphs captured earlier replay their addresses
+        held.append(torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, num_splits: int, scale: float,
+           fmt: KVFormat, bits: dict, stage_consts: dict, new_kv=None) -> None:
+    """Attention of each decode row over its packed pages and staged own page into ``out`` (rotated back),
+    split-K merged in the kernel.  ``new_kv = (key, value)``: first stage the step's new tokens (else they
+    are already staged).
 
     ``bits`` / ``stage_consts``: the byte offsets of the packed and staged page
     (:func:`vllm_kvmix.kernels.page._constants`, the Triton kernels' constexprs); key codes start each
@@ -119,22 +142,38 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, ws_ac
     rep = query.shape[1] // h
     if bits["K_CODES"] != 0:
         raise ValueError("kvmix: the CUDA decode kernel expects key codes at the start of a head page")
+    if not 1 <= num_splits <= MAX_SPLITS or rep > ROWS:
+        raise ValueError(f"kvmix: CUDA decode takes 1..{MAX_SPLITS} splits and GQA groups of <= {ROWS}")
+    key, value = new_kv if new_kv is not None else (query, query)  # unread without new_kv
     named = (("cache", cache), ("stage", stage), ("block_table", block_table), ("query_start_loc", qsl),
-             ("seq_lens", seq_lens), ("slots", slots), ("query", query))
+             ("seq_lens", seq_lens), ("slots", slots), ("query", query), ("key", key), ("value", value), ("out", out))
     for name, x in named:
         if x.stride(-1) != 1:
             raise ValueError(f"kvmix: CUDA decode needs a contiguous last axis of {name}")
     for x in (cache, stage):
         if x.data_ptr() % 16 or x.stride(0) % 16 or x.stride(1) % 16:
             raise ValueError("kvmix: CUDA decode needs 16-byte aligned head pages")
+    if out.data_ptr() % 4 or out.stride(0) % 2 or out.stride(1) % 2:
+        raise ValueError("kvmix: CUDA decode stores the output in 4-byte words (even strides)")
+    if any(x.dtype != query.dtype for x in (key, value, out)):
+        raise ValueError("kvmix: CUDA decode takes query, new keys / values and output of one dtype")
     if any(x.dtype != torch.int32 for x in (block_table, qsl, seq_lens, slots, qb_req)):
         raise ValueError("kvmix: CUDA decode takes int32 block tables, lengths and slots")
+    nqb = qb_req.numel()
+    if num_splits > 1:
+        ws_acc = torch.empty(nqb * h * num_splits * ROWS * HEAD_SIZE, dtype=torch.float32, device=query.device)
+        ws_ml = torch.empty(nqb * h * num_splits * ROWS * 2, dtype=torch.float32, device=query.device)
+        arrivals = counters(nqb * h, query.device)
+    else:
+        ws_acc = ws_ml = arrivals = out  # unread with one split
     kernel = _kernel(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16)
     kernel(
-        (qb_req.numel(), h, num_splits), (WARPS * 32, 1, 1), "pppppppppp" "id" "iiiiiiiiii" "iiiii",
-        [query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, ws_acc, ws_ml,
-         num_splits, float(scale) * math.log2(math.e),
-         query.stride(0), query.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0), rep, block_m,
+        (nqb, h, num_splits), (WARPS * 32, 1, 1), "pppppppppp" "pppp" "iid" "iiiiiiiiiiii" "iiiiiiii",
+        [query, key, value, cache, stage, slots, block_table, qsl, seq_lens, qb_req,
+         ws_acc, ws_ml, arrivals, out,
+         num_splits, int(new_kv is not None), float(scale) * math.log2(math.e),
+         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+         out.stride(0), out.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0), rep,
          bits["K_META"], bits["V_CODES"], bits["V_META"],
          stage.stride(0), stage.stride(1), stage_consts["SK_META"], stage_consts["SV_CODES"], stage_consts["SV_META"]],
     )

@@ -24,8 +24,9 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
    output accumulates per value plane); it is rotated back (``o @ H``) at the end;
    (split-K partials merged by ``attention._combine_kernel`` with ``ROTATE``).
    Rows of one new token run instead on the CUDA kernel (``cuda_decode``, where
-   it supports the format), always split + combine; when the step plan has a
-   FlashAttention kernel (:class:`StepPlan` ``flash_attn``), rows of more new
+   it supports the format), which merges its splits itself; a step of only such
+   rows is one CUDA launch that also stages the new tokens (1 and 3 together),
+   then 2 (:meth:`PageStep.run`); when the step plan has a FlashAttention kernel (:class:`StepPlan` ``flash_attn``), rows of more new
    tokens run on it over dequantized pages (:mod:`vllm_kvmix.kernels.prefill`);
 4. ``_keep_partial_kernel`` (requests x KV heads): a last page that is still
    partial and lives in scratch is copied into the slot for the next step
@@ -541,7 +542,8 @@ class StepPlan:
 
 
 class PageStep:
-    """One layer's step of the page scheme, in launches that can be timed apart: ``write``, ``attend``, ``keep``."""
+    """One layer's step of the page scheme (:meth:`run`), in launches that can be timed apart: ``write``
+    (``stage`` + ``pack``), ``attend``, ``keep``."""
 
     def __init__(self, key, cache, stage, fmt: KVFormat, slots, block_table, plan: StepPlan):
         t, h, d = key.shape
@@ -555,15 +557,37 @@ class PageStep:
         self.slots = slots[: self.n_req]
         self.common = (plan.qsl, plan.seq, self.slots, plan.sbase)
 
+    def run(self, query, key, value, out, scale: float, sliding_window=None, soft_cap=None) -> None:
+        """The layer's step: ``write``, ``attend``, ``keep``.  A step of one-token rows that the CUDA decode
+        kernel takes is one launch (stage the new tokens, attend, merge the splits, rotate back) and then
+        ``pack`` (the kernel writes the 8-bit copy that packing reads)."""
+        if self._fused_decode(query, key, sliding_window, soft_cap):
+            self._attend_blocks(query, out, scale, None, None, self.plan.attn, True, new_kv=(key, value))
+            self.pack()
+            return
+        self.write(key, value)
+        self.attend(query, out, scale, sliding_window, soft_cap)
+        self.keep()
+
+    def _fused_decode(self, query, key, sliding_window, soft_cap) -> bool:
+        plan = self.plan
+        return (plan.max_query_len == 1 and plan.prefill is None and key.dtype == query.dtype
+                and cuda_decode.supports(self.fmt, query, self.d, self.h, sliding_window, soft_cap))
+
     def write(self, key, value) -> None:
         """Stage the new tokens at 8 bits, then pack every page that is full after the step."""
-        stage, scratch, cache = self.stage, self.scratch, self.cache
+        stage, scratch = self.stage, self.scratch
         _stage_kernel[(triton.cdiv(self.t, STAGE_TOKENS), self.h)](
             key, value, self.rot, self.plan.tok_req, *self.common, stage, scratch, self.t,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
             D=self.d, TB=STAGE_TOKENS, **self.stage_consts,
         )
+        self.pack()
+
+    def pack(self) -> None:
+        """Every page that is full after the step, from its 8-bit copy into the cache."""
+        stage, scratch, cache = self.stage, self.scratch, self.cache
         _pack_kernel[(self.n_req, max_touched_pages(self.plan.max_query_len), self.h)](
             *self.common, self.block_table, stage, scratch, cache,
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
@@ -588,38 +612,40 @@ class PageStep:
         if plan.rest_attn is not None:
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.rest_attn, False)
 
-    def _attend_blocks(self, query, out, scale, sliding_window, soft_cap, attn, one_token: bool) -> None:
-        """The page kernels over query blocks ``attn`` (``one_token``: each block is one request's single token)."""
+    def _attend_blocks(self, query, out, scale, sliding_window, soft_cap, attn, one_token: bool, new_kv=None) -> None:
+        """The page kernels over query blocks ``attn`` (``one_token``: each block is one request's single token;
+        ``new_kv``: the CUDA kernel stages the step's keys and values first, :meth:`run`)."""
         qb_req, qb_tok, bq, rep_p, num_splits = attn
         hq, d, h = query.shape[1], self.d, self.h
         nqb = qb_req.numel()
+        stage, scratch, cache = self.stage, self.scratch, self.cache
+        # one-token rows: every page (packed + the staged own page) in CUDA (csrc/page_decode.cu), split-K
+        # merged and the output rotated back in the same launch
+        if one_token and cuda_decode.supports(self.fmt, query, d, h, sliding_window, soft_cap):
+            cuda_decode.launch(query, cache, stage, self.slots, self.block_table, self.plan.qsl, self.plan.seq, qb_req,
+                               out, num_splits, scale, self.fmt, self.bits, self.stage_consts, new_kv)
+            return
+        if new_kv is not None:
+            raise ValueError("kvmix: only the CUDA decode kernel stages new tokens in its launch")
         block_m = bq * rep_p
-        # one-token rows: every page (packed + the staged own page) in CUDA (csrc/page_decode.cu), which
-        # always writes split partials; the combine merges them and rotates the output back
-        cuda = one_token and cuda_decode.supports(self.fmt, query, d, h, sliding_window, soft_cap)
-        if num_splits > 1 or cuda:
+        if num_splits > 1:
             ws_acc = torch.empty(nqb * h * num_splits * block_m * d, dtype=torch.float32, device=query.device)
             ws_ml = torch.empty(nqb * h * num_splits * block_m * 2, dtype=torch.float32, device=query.device)
         else:
             ws_acc = ws_ml = out  # unused
-        stage, scratch, cache = self.stage, self.scratch, self.cache
-        if cuda:
-            cuda_decode.launch(query, cache, stage, self.slots, self.block_table, self.plan.qsl, self.plan.seq, qb_req,
-                               ws_acc, ws_ml, num_splits, scale, self.fmt, block_m, self.bits, self.stage_consts)
-        else:
-            _page_attention_kernel[(nqb, h, num_splits)](
-                query, out, cache, stage, scratch, self.rot, self.block_table,
-                *self.common, qb_req, qb_tok,
-                ws_acc, ws_ml, num_splits,
-                float(scale), float(soft_cap or 0.0), int(sliding_window or 0),
-                query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-                cache.stride(0), cache.stride(1), self.block_table.stride(0),
-                stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
-                D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, **self.bits, **self.stage_consts,
-                USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(soft_cap),
-                IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **launch_for(block_m),
-            )
-        if num_splits > 1 or cuda:
+        _page_attention_kernel[(nqb, h, num_splits)](
+            query, out, cache, stage, scratch, self.rot, self.block_table,
+            *self.common, qb_req, qb_tok,
+            ws_acc, ws_ml, num_splits,
+            float(scale), float(soft_cap or 0.0), int(sliding_window or 0),
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            cache.stride(0), cache.stride(1), self.block_table.stride(0),
+            stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
+            D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, **self.bits, **self.stage_consts,
+            USE_WINDOW=sliding_window is not None, USE_SOFTCAP=bool(soft_cap),
+            IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **launch_for(block_m),
+        )
+        if num_splits > 1:
             _combine_kernel[(nqb, h)](
                 out, ws_acc, ws_ml, self.plan.qsl, qb_req, qb_tok, num_splits, self.rot,
                 out.stride(0), out.stride(1), D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, ROTATE=True,
@@ -662,7 +688,5 @@ def page_step(
         plan = StepPlan(query_start_loc, seq_lens, query.shape[0], max_query_len, qsl_cpu, msl,
                         query.shape[1], key.shape[1], num_splits, seq_lens_cpu, flash_attn, max_prefill_pages)
     st = PageStep(key, cache, stage, fmt, slots.to(torch.int32), block_table, plan)
-    st.write(key, value)
-    st.attend(query, out, scale, sliding_window, soft_cap)
-    st.keep()
+    st.run(query, key, value, out, scale, sliding_window, soft_cap)
     return out

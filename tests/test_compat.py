@@ -227,4 +227,8 @@ def test_flash_attn_prefill_targets():
     cfg.model_config = types.SimpleNamespace(max_model_len=4096)  # what scheduler_limits reads of it
     with set_current_vllm_config(cfg):
         assert compat.scheduler_limits() == (4096, cfg.scheduler_config.max_num_batched_tokens)
-    assert compat.flash_attn_prefill() is None  # no CUDA here
+    fa = compat.flash_attn_prefill()
+    if torch.cuda.is_available():  # vLLM's FA varlen kernel, or None only where vLLM has none for this GPU
+        assert fa is None or callable(fa)
+    else:
+        assert fa is None  # no CUDA here

@@ -598,7 +598,7 @@ class PageStep:
     def attend(self, query, out, scale: float, sliding_window=None, soft_cap=None) -> None:
         plan = self.plan
         fa = plan.prefill is not None and query.dtype in getattr(plan.flash_attn, "dtypes", FA_DTYPES)
-        if not fa:  # every row in one launch (plus the combine)
+        if not fa:  # every row in one launch (plus the combine of the Triton kernel's splits)
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.attn, plan.max_query_len == 1)
             return
         for group in plan.prefill:  # first: FlashAttention may write zeros to the rows of the other kernels

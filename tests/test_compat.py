@@ -232,3 +232,26 @@ def test_flash_attn_prefill_targets():
         assert fa is None or callable(fa)
     else:
         assert fa is None  # no CUDA here
+
+
+def test_page_formats_refuse_what_they_cannot_serve():
+    """Speculative decoding and micro-batching (DBO) stop the engine at startup with the reason; the
+    attribute read for micro-batching is vLLM's (fails here if it moves)."""
+    import types
+
+    from vllm.config import ParallelConfig
+
+    from vllm_kvmix.formats import parse_format
+    from vllm_kvmix.vllm.backend import refuse_unsupported
+
+    assert isinstance(ParallelConfig.use_ubatching, property)
+    cfg = types.SimpleNamespace(speculative_config=None, parallel_config=ParallelConfig())
+    page, tok = parse_format("kvmix-k4v2"), parse_format("kvmix-k4v2-tok")
+    refuse_unsupported(page, cfg, torch.device("cpu"))  # the defaults serve
+    dbo = types.SimpleNamespace(speculative_config=None, parallel_config=types.SimpleNamespace(use_ubatching=True))
+    with pytest.raises(NotImplementedError, match="micro-batching"):
+        refuse_unsupported(page, dbo, torch.device("cuda"))
+    refuse_unsupported(tok, dbo, torch.device("cuda"))  # the -tok scheme has neither counters nor staging
+    spec = types.SimpleNamespace(speculative_config=object(), parallel_config=ParallelConfig())
+    with pytest.raises(NotImplementedError, match="speculative"):
+        refuse_unsupported(page, spec, torch.device("cpu"))

@@ -42,6 +42,20 @@ from vllm_kvmix.vllm import compat
 _CLASS_PREFIX = "KvmixAttentionBackend_"
 
 
+def refuse_unsupported(fmt, vllm_config, device) -> None:
+    """Engine settings the page scheme cannot serve correctly: a clear error at startup, not wrong tokens."""
+    if not fmt.staged:
+        return
+    if device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"{fmt.name}: runs on CPU and CUDA, not {device.type}")
+    if vllm_config.speculative_config is not None:
+        raise NotImplementedError(f"{fmt.name}: speculative decoding (rejected tokens would be packed)")
+    if getattr(vllm_config.parallel_config, "use_ubatching", False):
+        # two micro-batches run their layers on two streams at once; the decode kernel's split-K arrival
+        # counters (kernels.cuda_decode.counters) and the staging slots are one per device
+        raise NotImplementedError(f"{fmt.name}: micro-batching (--enable-dbo / ubatch_size > 1)")
+
+
 @dataclass
 class KvmixMetadata:
     num_actual_tokens: int
@@ -97,10 +111,7 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         # builds before the first announced step (profiling, warm-up, graph capture) are dummies
         self._generation = SLOTS.generation
         self._decode_bufs = None
-        if self.fmt.staged and device.type not in ("cpu", "cuda"):
-            raise NotImplementedError(f"{self.fmt.name}: runs on CPU and CUDA, not {device.type}")
-        if self.fmt.staged and vllm_config.speculative_config is not None:
-            raise NotImplementedError(f"{self.fmt.name}: speculative decoding (rejected tokens would be packed)")
+        refuse_unsupported(self.fmt, vllm_config, device)
         if device.type == "cuda":
             num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
             self.heads = (num_heads, kv_cache_spec.num_kv_heads)

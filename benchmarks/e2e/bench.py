@@ -7,7 +7,12 @@ by it in the same session):
     tpot = 0.85 GPU memory,  1 x (8192 in + 256 out)      (batch-1 decode latency)
 
 usage: python3 benchmarks/e2e/bench.py MODEL_DIR BACKEND KV_DTYPE WORKLOAD [--out FILE] [--max-num-seqs N]
-Prints one RESULT line (JSON) and appends it to FILE if given.
+                                      [--steps] [--eager]
+Prints one RESULT line (JSON) and appends it to FILE if given.  --steps: the engine in-process and each
+model-runner step timed (synchronized before and after, so the run itself is slower): the row gets
+"steps" = {kind: [steps, tokens, seconds]} for steps with a prompt chunk ("prefill": chunked prefill
+may carry decode rows too) and decode-only steps -- where the generate time goes.  --eager: no
+torch.compile / CUDA graphs (a fresh machine starts in a fraction of the time).
 
 Page-scheme kvmix formats keep one 8-bit staging page per running sequence and layer (17 KiB per
 KV head at d=128), reserved for max_num_seqs sequences out of the KV budget.  vLLM's H100 default
@@ -23,8 +28,50 @@ import time
 WORKLOADS = {"cap": (256, 1024, 256), "long": (64, 8192, 512), "tpot": (1, 8192, 256)}
 
 
+def _time_steps() -> dict:
+    """Wrap both of vLLM's GPU model runners' execute_model: synchronized wall time per step, by kind."""
+    import torch
+
+    kinds = {"prefill": [0, 0, 0.0], "decode": [0, 0, 0.0]}
+
+    def wrap(cls):
+        orig = cls.execute_model
+
+        def execute_model(self, scheduler_output, *a, **kw):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            res = orig(self, scheduler_output, *a, **kw)
+            torch.cuda.synchronize()
+            n, reqs = scheduler_output.total_num_scheduled_tokens, len(scheduler_output.num_scheduled_tokens)
+            if n:
+                row = kinds["prefill" if n > reqs else "decode"]
+                row[0] += 1
+                row[1] += n
+                row[2] += time.perf_counter() - t
+            return res
+
+        cls.execute_model = execute_model
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    wrap(GPUModelRunner)
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+    except ImportError:
+        RunnerV2 = None
+    if RunnerV2 is not None and RunnerV2 is not GPUModelRunner:
+        wrap(RunnerV2)
+    return kinds
+
+
 def main():
     model, backend, kvd, wl = sys.argv[1:5]
+    steps = None
+    if "--steps" in sys.argv:
+        import os
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process
+        steps = _time_steps()
     out_file = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     from vllm import LLM, SamplingParams
 
@@ -35,6 +82,8 @@ def main():
         kw["max_num_seqs"] = int(sys.argv[sys.argv.index("--max-num-seqs") + 1])
     elif kvd.startswith("kvmix-") and "-tok" not in kvd:  # page scheme: staging per max_num_seqs (above)
         kw["max_num_seqs"] = 128 if wl == "cap" else n
+    if "--eager" in sys.argv:
+        kw["enforce_eager"] = True
     if wl == "cap":
         kw["kv_cache_memory_bytes"] = 4 << 30
     else:
@@ -50,6 +99,9 @@ def main():
     # again: the prefix-cached shape of the same prompts (Triton formats JIT-compile each new kernel
     # variant on first use; without this the timed run below paid ~12 s of compiles for kvmix)
     llm.generate(prompts[:2], warm, use_tqdm=False)
+    if steps is not None:
+        for row in steps.values():
+            row[:] = [0, 0, 0.0]
     t2 = time.time()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     t3 = time.time()
@@ -60,6 +112,9 @@ def main():
                max_num_seqs=llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
                block_size=cfg.block_size, out_tok_s=round(ntok / (t3 - t2), 1), init_s=round(t1 - t0, 1),
                gen_s=round(t3 - t2, 2))
+    if steps is not None:
+        row["steps"] = {k: [c, n, round(sec, 2)] for k, (c, n, sec) in steps.items()}
+        row["eager"] = "--eager" in sys.argv
     if wl == "tpot":  # one request: generation time over its decode tokens (prefill included once)
         row["tpot_ms"] = round(1000 * (t3 - t2) / lout, 2)
     print("RESULT", json.dumps(row), flush=True)

@@ -564,3 +564,29 @@ def test_prefill_dequant_fits_hopper_shared_memory(d):
     assert res.returncode == 0, res.stderr[-2000:]
     shared = int(next(ln for ln in res.stdout.splitlines() if ln.startswith("SHARED")).split()[1])
     assert shared <= 227 * 1024
+
+
+def test_prefill_kernels_compile_before_the_first_prompt(monkeypatch):
+    """``compile_prefill_kernels`` (the backend calls it during vLLM's profiling step) runs the dequant
+    kernel in both rotation variants on blank pages with the real tensors' strides: a cache page and a
+    staging page of the format's layout and a block table of max_model_len pages."""
+    from vllm_kvmix.formats import PAGE_TOKENS
+    from vllm_kvmix.kernels import prefill
+    from vllm_kvmix.kernels.page import compile_prefill_kernels
+
+    real, seen = prefill._dequant_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["ROTATE"], args[6].stride(0), args[7].stride(0), args[5].stride(0), args[10].dtype))
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(prefill, "_dequant_kernel", Recorder())
+    fmt, d, h = parse_format("kvmix-k4v2"), 64, 2
+    compile_prefill_kernels(fmt, d, h, torch.float16, 1000, DEV)
+    page_bytes = fmt.layout(d, PAGE_TOKENS).head_page_bytes
+    stage_bytes = fmt.stage_format.layout(d, PAGE_TOKENS).head_page_bytes
+    assert sorted(seen) == [(r, h * page_bytes, h * stage_bytes, 16, torch.float16) for r in (False, True)]

@@ -18,6 +18,7 @@ taken out of the KV-cache budget at sizing, ``compat.patch_kv_cache_config_loggi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,6 +39,8 @@ from vllm_kvmix.formats import AutoFormat, KVFormat, all_format_names, parse_any
 from vllm_kvmix.reference.staged import RequestStep
 from vllm_kvmix.staging import SLOTS, stage_rows
 from vllm_kvmix.vllm import compat
+
+logger = logging.getLogger("vllm_kvmix")
 
 _CLASS_PREFIX = "KvmixAttentionBackend_"
 
@@ -262,6 +265,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         self.kv_sharing_target_layer_name = None
         self.stage: torch.Tensor | None = None  # page scheme: this layer's staging slots
         self._prefill_limits = compat.scheduler_limits()  # (max_model_len, max_num_batched_tokens) or None
+        self._prefill_compiled = False
 
     def do_kv_cache_update(
         self,
@@ -329,17 +333,27 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
 
     def _take_prefill_memory(self, query: torch.Tensor) -> None:
         """During vLLM's memory profiling (a dummy step of max_num_batched_tokens rows), allocate what the
-        FlashAttention prefill path takes per layer call, so the KV cache is sized around it."""
+        FlashAttention prefill path takes per layer call, so the KV cache is sized around it; and compile its
+        dequant kernel for this layer once (``page.compile_prefill_kernels``)."""
         limits = self._prefill_limits
         if limits is None or query.shape[0] <= 1 or not query.is_cuda or torch.cuda.is_current_stream_capturing():
             return
         if not getattr(self.fmt, "staged", False) or compat.flash_attn_prefill() is None:
             return
+        from vllm_kvmix.kernels.page import FA_DTYPES, compile_prefill_kernels
         from vllm_kvmix.kernels.prefill import max_pages_for, transient_bytes
 
         nbytes = transient_bytes(max_pages_for(*limits), query.shape[0], self.num_heads, self.num_kv_heads,
                                  self.head_size, query.element_size())
         torch.empty(nbytes, dtype=torch.uint8, device=query.device)
+        if not self._prefill_compiled and query.dtype in FA_DTYPES:  # else the first prompt compiles (seconds)
+            self._prefill_compiled = True
+            try:
+                compile_prefill_kernels(self.fmt, self.head_size, self.num_kv_heads, query.dtype, limits[0],
+                                        query.device)
+            except Exception as e:  # noqa: BLE001 -- a warm-up: the kernels still compile on first use
+                logger.warning("kvmix: compiling the prefill kernels at startup failed (%r); the first prompt "
+                               "compiles them", e)
 
     def _stage(self, kv_cache: torch.Tensor, slots: int) -> torch.Tensor:
         """This layer's staging slots, ``slots`` + 1 (the last: padded rows'); allocated on first use."""

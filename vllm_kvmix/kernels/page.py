@@ -26,8 +26,9 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
    Rows of one new token run instead on the CUDA kernel (``cuda_decode``, where
    it supports the format), which merges its splits itself; a step of only such
    rows is one CUDA launch that also stages the new tokens (1 and 3 together),
-   then 2 (:meth:`PageStep.run`); when the step plan has a FlashAttention kernel (:class:`StepPlan` ``flash_attn``), rows of more new
-   tokens run on it over dequantized pages (:mod:`vllm_kvmix.kernels.prefill`);
+   then 2 (:meth:`PageStep.run`); when the step plan has a FlashAttention
+   kernel (:class:`StepPlan` ``flash_attn``), rows of more new tokens run on it
+   over dequantized pages (:mod:`vllm_kvmix.kernels.prefill`);
 4. ``_keep_partial_kernel`` (requests x KV heads): a last page that is still
    partial and lives in scratch is copied into the slot for the next step
    (after attention, which may still read the slot's old page).

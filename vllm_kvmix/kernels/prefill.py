@@ -46,6 +46,7 @@ from vllm_kvmix.quant import hadamard
 
 P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
 FIELDS = 5  # per dequantized page: request, page, staged (0 packed / 1 the 8-bit copy), destination, valid tokens
+NF: tl.constexpr = tl.constexpr(FIELDS)  # the same, as the kernel reads its page list
 
 
 @triton.jit
@@ -60,11 +61,11 @@ def _dequant_kernel(
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
-    req = tl.load(list_ptr + i * 5)
-    page = tl.load(list_ptr + i * 5 + 1)
-    staged = tl.load(list_ptr + i * 5 + 2)
-    dst = tl.load(list_ptr + i * 5 + 3).to(tl.int64)
-    n_valid = tl.load(list_ptr + i * 5 + 4)
+    req = tl.load(list_ptr + i * NF)
+    page = tl.load(list_ptr + i * NF + 1)
+    staged = tl.load(list_ptr + i * NF + 2)
+    dst = tl.load(list_ptr + i * NF + 3).to(tl.int64)
+    n_valid = tl.load(list_ptr + i * NF + 4)
     d = tl.arange(0, D)
     c = tl.arange(0, 64)
     # rows per pass: the rotation's fp32 operands stay within shared memory (D=256: 32 rows)

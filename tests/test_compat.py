@@ -255,3 +255,16 @@ def test_page_formats_refuse_what_they_cannot_serve():
     spec = types.SimpleNamespace(speculative_config=object(), parallel_config=ParallelConfig())
     with pytest.raises(NotImplementedError, match="speculative"):
         refuse_unsupported(page, spec, torch.device("cpu"))
+
+
+def test_block_table_width_is_the_model_runners():
+    """compat.block_table_width mirrors vLLM 0.26's GPU model runner (the prefill kernels compile at
+    startup against a block table of that width); fails if the runner's sizing changes."""
+    from vllm.v1.worker.gpu import model_runner
+
+    src = inspect.getsource(model_runner.GPUModelRunner.initialize_kv_cache)
+    assert "cdiv(\n                block_table_max_model_len, spec.block_size * self.dcp_size\n            )" in src
+    assert "alignment = 128 // spec.block_size" in src
+    assert "max_num_blocks = cdiv(max_num_blocks, alignment) * alignment" in src
+    assert compat.block_table_width(1000, 64) == 16 and compat.block_table_width(8720, 64) == 138
+    assert compat.block_table_width(8720, 16) == 552 and compat.block_table_width(100, 256) == 1

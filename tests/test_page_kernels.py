@@ -569,7 +569,8 @@ def test_prefill_dequant_fits_hopper_shared_memory(d):
 def test_prefill_kernels_compile_before_the_first_prompt(monkeypatch):
     """``compile_prefill_kernels`` (the backend calls it during vLLM's profiling step) runs the dequant
     kernel in both rotation variants on blank pages with the real tensors' strides: a cache page and a
-    staging page of the format's layout and a block table of max_model_len pages."""
+    staging page of the format's layout and a block table of the width given (vLLM's:
+    ``compat.block_table_width``)."""
     from vllm_kvmix.formats import PAGE_TOKENS
     from vllm_kvmix.kernels import prefill
     from vllm_kvmix.kernels.page import compile_prefill_kernels
@@ -586,7 +587,7 @@ def test_prefill_kernels_compile_before_the_first_prompt(monkeypatch):
 
     monkeypatch.setattr(prefill, "_dequant_kernel", Recorder())
     fmt, d, h = parse_format("kvmix-k4v2"), 64, 2
-    compile_prefill_kernels(fmt, d, h, torch.float16, 1000, DEV)
+    compile_prefill_kernels(fmt, d, h, torch.float16, 16, DEV)
     page_bytes = fmt.layout(d, PAGE_TOKENS).head_page_bytes
     stage_bytes = fmt.stage_format.layout(d, PAGE_TOKENS).head_page_bytes
     assert sorted(seen) == [(r, h * page_bytes, h * stage_bytes, 16, torch.float16) for r in (False, True)]

@@ -664,21 +664,19 @@ class PageStep:
         )
 
 
-def compile_prefill_kernels(fmt: KVFormat, d: int, h: int, dtype: torch.dtype, max_model_len: int,
+def compile_prefill_kernels(fmt: KVFormat, d: int, h: int, dtype: torch.dtype, block_table_width: int,
                             device) -> None:
     """Compile the prefill dequant kernel for one layer (format, head size, KV heads, model dtype) in both
     variants -- values rotated in the pages or left rotated -- before the first prompt: vLLM's warm-up runs
     no prompt through it, and a compile on the first request is a latency spike of seconds.  Runs it on a
     one-page plan over blank tensors with the strides the real ones have (cache and staging pages of this
-    layout, a block table of ``max_model_len`` pages), which is what Triton specializes on."""
+    layout, a block table of ``block_table_width`` columns), which is what Triton specializes on."""
     device = torch.device(device)
     stage_consts, bits = _constants(fmt, d)
     lay, slay = fmt.layout(d, PAGE_TOKENS), fmt.stage_format.layout(d, PAGE_TOKENS)
     cache = torch.zeros((1, h, lay.head_page_bytes), dtype=torch.uint8, device=device)
     stage = torch.zeros((1, h, slay.head_page_bytes), dtype=torch.uint8, device=device)
-    # vLLM's block-table width: max_model_len in pages, rounded up to a multiple of 128 / block size
-    width = triton.cdiv(triton.cdiv(max_model_len, PAGE_TOKENS), 128 // PAGE_TOKENS) * (128 // PAGE_TOKENS)
-    block_table = torch.zeros((1, width), dtype=torch.int32, device=device)
+    block_table = torch.zeros((1, block_table_width), dtype=torch.int32, device=device)
     common = tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in ([0, PAGE_TOKENS], [PAGE_TOKENS], [0], [0]))
     for rotate in (True, False):
         plan = prefill.PrefillPlan([0, PAGE_TOKENS], [PAGE_TOKENS], [0], PAGE_TOKENS, device, rotate_pages=rotate)

@@ -35,7 +35,7 @@ from vllm.v1.attention.backend import (
 )
 
 from vllm_kvmix import ops
-from vllm_kvmix.formats import AutoFormat, KVFormat, all_format_names, parse_any, parse_format
+from vllm_kvmix.formats import PAGE_TOKENS, AutoFormat, KVFormat, all_format_names, parse_any, parse_format
 from vllm_kvmix.reference.staged import RequestStep
 from vllm_kvmix.staging import SLOTS, stage_rows
 from vllm_kvmix.vllm import compat
@@ -294,7 +294,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("kvmix: fused output quantization")
         if attn_metadata is None or attn_metadata.dummy:  # profiling / warm-up: leave caches alone
-            self._take_prefill_memory(query)
+            self._prepare_prefill(query)
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         if self.fmt.staged and query.is_cuda:
@@ -331,7 +331,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         )
         return output
 
-    def _take_prefill_memory(self, query: torch.Tensor) -> None:
+    def _prepare_prefill(self, query: torch.Tensor) -> None:
         """During vLLM's memory profiling (a dummy step of max_num_batched_tokens rows), allocate what the
         FlashAttention prefill path takes per layer call, so the KV cache is sized around it; and compile its
         dequant kernel for this layer once (``page.compile_prefill_kernels``)."""
@@ -349,8 +349,8 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         if not self._prefill_compiled and query.dtype in FA_DTYPES:  # else the first prompt compiles (seconds)
             self._prefill_compiled = True
             try:
-                compile_prefill_kernels(self.fmt, self.head_size, self.num_kv_heads, query.dtype, limits[0],
-                                        query.device)
+                compile_prefill_kernels(self.fmt, self.head_size, self.num_kv_heads, query.dtype,
+                                        compat.block_table_width(limits[0], PAGE_TOKENS), query.device)
             except Exception as e:  # noqa: BLE001 -- a warm-up: the kernels still compile on first use
                 logger.warning("kvmix: compiling the prefill kernels at startup failed (%r); the first prompt "
                                "compiles them", e)

@@ -413,6 +413,17 @@ def scheduler_limits() -> tuple[int, int] | None:
     return cfg.model_config.max_model_len, cfg.scheduler_config.max_num_batched_tokens
 
 
+def block_table_width(max_model_len: int, block_size: int) -> int:
+    """Columns of the block table vLLM's GPU model runner hands attention (0.26,
+    ``v1/worker/gpu/model_runner.py`` ``initialize_kv_cache``; no DCP, decoder-only): max_model_len in
+    blocks, rounded up to a multiple of 128 // block_size."""
+    blocks = -(-max_model_len // block_size)
+    if block_size <= 128:
+        align = 128 // block_size
+        blocks = -(-blocks // align) * align
+    return blocks
+
+
 FA_PREFILL_ENV = "KVMIX_FA_PREFILL"  # "0": prefill rows on the Triton page kernel
 
 

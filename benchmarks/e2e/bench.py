@@ -5,6 +5,9 @@ by it in the same session):
     cap  = 4 GiB KV budget, 256 x (1024 in + 256 out)   (capacity-bound)
     long = 0.85 GPU memory,  64 x (8192 in + 512 out)     (attention-bound decode)
     tpot = 0.85 GPU memory,  1 x (8192 in + 256 out)      (batch-1 decode latency)
+    long-h100 = long with the KV budget bf16 gets on an 80 GB H100 (25756 blocks of 16 tokens, 50.3 GiB;
+           ../shared/gpu/README.md): on a 141 GB H200, 0.85 of memory holds all 64 bf16 sequences, so `long`
+           there times speed alone; this keeps the H100's capacity pressure (47 bf16 sequences fit) on an H200.
 
 usage: python3 benchmarks/e2e/bench.py MODEL_DIR BACKEND KV_DTYPE WORKLOAD [--out FILE] [--max-num-seqs N]
                                       [--steps] [--eager]
@@ -25,29 +28,76 @@ import random
 import sys
 import time
 
-WORKLOADS = {"cap": (256, 1024, 256), "long": (64, 8192, 512), "tpot": (1, 8192, 256)}
+WORKLOADS = {"cap": (256, 1024, 256), "long": (64, 8192, 512), "tpot": (1, 8192, 256), "long-h100": (64, 8192, 512)}
+# fixed KV budgets in bytes (the others take 0.85 of GPU memory)
+KV_BYTES = {"cap": 4 << 30, "long-h100": 25756 * 16 * 32 * 2 * 8 * 128 * 2}
 
 
-def _time_steps() -> dict:
-    """Wrap both of vLLM's GPU model runners' execute_model: synchronized wall time per step, by kind."""
+# kernel-name fragments -> category, first match wins (vLLM 0.26 / FA3 / cuBLAS / our kernels on Hopper)
+_KERNEL_KINDS = (
+    ("attention", ("flash", "fwd_", "kvmix", "page_decode", "_page", "_dequant", "_stage", "_pack", "_combine",
+                   "unified_attention", "reshape_and_cache", "concat_and_cache")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_", "splitk")),
+)
+PROFILE_STEPS = {"prefill": (4, 8), "decode": (40, 56)}  # per kind, [first, last) step index traced
+
+
+def _kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, frags in _KERNEL_KINDS:
+        if any(f in low for f in frags):
+            return kind
+    return "other"
+
+
+def _time_steps() -> tuple[dict, dict]:
+    """Wrap both of vLLM's GPU model runners' execute_model: synchronized wall time per step, by kind, and
+    for a few steps of each kind (PROFILE_STEPS) the GPU kernel time by category and by kernel
+    (torch.profiler, CUDA activity; kernels replayed from CUDA graphs are traced too)."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     kinds = {"prefill": [0, 0, 0.0], "decode": [0, 0, 0.0]}
+    traced = {k: {"steps": 0, "tokens": 0, "wall_s": 0.0, "by_kind": {}, "by_kernel": {}} for k in kinds}
+
+    def record(kind, prof, n, wall):
+        row = traced[kind]
+        row["steps"] += 1
+        row["tokens"] += n
+        row["wall_s"] += wall
+        for ev in prof.key_averages():
+            us = getattr(ev, "device_time_total", 0.0) or 0.0
+            if us <= 0 or ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            cat = _kernel_kind(ev.key)
+            row["by_kind"][cat] = row["by_kind"].get(cat, 0.0) + us / 1e6
+            row["by_kernel"][ev.key[:80]] = row["by_kernel"].get(ev.key[:80], 0.0) + us / 1e6
 
     def wrap(cls):
         orig = cls.execute_model
 
         def execute_model(self, scheduler_output, *a, **kw):
+            n, reqs = scheduler_output.total_num_scheduled_tokens, len(scheduler_output.num_scheduled_tokens)
+            kind = "prefill" if n > reqs else "decode"
+            lo, hi = PROFILE_STEPS[kind]
+            trace = n and lo <= kinds[kind][0] < hi
             torch.cuda.synchronize()
             t = time.perf_counter()
-            res = orig(self, scheduler_output, *a, **kw)
-            torch.cuda.synchronize()
-            n, reqs = scheduler_output.total_num_scheduled_tokens, len(scheduler_output.num_scheduled_tokens)
+            if trace:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    res = orig(self, scheduler_output, *a, **kw)
+                    torch.cuda.synchronize()
+            else:
+                res = orig(self, scheduler_output, *a, **kw)
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
             if n:
-                row = kinds["prefill" if n > reqs else "decode"]
+                row = kinds[kind]
                 row[0] += 1
                 row[1] += n
-                row[2] += time.perf_counter() - t
+                row[2] += wall
+                if trace:
+                    record(kind, prof, n, wall)
             return res
 
         cls.execute_model = execute_model
@@ -61,7 +111,22 @@ def _time_steps() -> dict:
         RunnerV2 = None
     if RunnerV2 is not None and RunnerV2 is not GPUModelRunner:
         wrap(RunnerV2)
-    return kinds
+    return kinds, traced
+
+
+def _traced_summary(traced: dict) -> dict:
+    """Per kind: traced steps' mean wall and GPU time by category (ms per step) and the top kernels."""
+    out = {}
+    for kind, row in traced.items():
+        s = row["steps"]
+        if not s:
+            continue
+        top = sorted(row["by_kernel"].items(), key=lambda kv: -kv[1])[:12]
+        out[kind] = {"steps": s, "tokens_per_step": round(row["tokens"] / s, 1),
+                     "wall_ms": round(1e3 * row["wall_s"] / s, 3),
+                     "gpu_ms": {k: round(1e3 * v / s, 3) for k, v in sorted(row["by_kind"].items())},
+                     "top_kernels_ms": {k: round(1e3 * v / s, 3) for k, v in top}}
+    return out
 
 
 def main():
@@ -71,7 +136,7 @@ def main():
         import os
 
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process
-        steps = _time_steps()
+        steps, traced = _time_steps()
     out_file = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     from vllm import LLM, SamplingParams
 
@@ -84,8 +149,8 @@ def main():
         kw["max_num_seqs"] = 128 if wl == "cap" else n
     if "--eager" in sys.argv:
         kw["enforce_eager"] = True
-    if wl == "cap":
-        kw["kv_cache_memory_bytes"] = 4 << 30
+    if wl in KV_BYTES:
+        kw["kv_cache_memory_bytes"] = KV_BYTES[wl]
     else:
         kw["gpu_memory_utilization"] = 0.85
     t0 = time.time()
@@ -102,6 +167,8 @@ def main():
     if steps is not None:
         for row in steps.values():
             row[:] = [0, 0, 0.0]
+        for row in traced.values():
+            row.update(steps=0, tokens=0, wall_s=0.0, by_kind={}, by_kernel={})
     t2 = time.time()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     t3 = time.time()
@@ -115,6 +182,7 @@ def main():
     if steps is not None:
         row["steps"] = {k: [c, n, round(sec, 2)] for k, (c, n, sec) in steps.items()}
         row["eager"] = "--eager" in sys.argv
+        row["traced"] = _traced_summary(traced)
     if wl == "tpot":  # one request: generation time over its decode tokens (prefill included once)
         row["tpot_ms"] = round(1000 * (t3 - t2) / lout, 2)
     print("RESULT", json.dumps(row), flush=True)

@@ -169,7 +169,7 @@ def _flash_attn(kind):
 
 def test_prefill_plan_entries():
     """One request, 37 tokens cached, 100 new: three entries (pages 0, 1, 2), each query sees keys <= itself."""
-    plan = PrefillPlan([0, 2, 102, 103], [50, 137, 9], [1], 103, torch.device("cpu"), rep=4)
+    plan = PrefillPlan([0, 2, 102, 103], [50, 137, 9], [1], 103, torch.device("cpu"))
     assert plan.cu_seqlens_q.tolist() == [0, 2, 29, 93, 102, 103]  # rows 0-1 and 102: another kernel's
     assert plan.seqused_k.tolist() == [0, 64, 128, 137, 0]
     pages = plan.pages.tolist()  # (request, page, staged, destination, valid tokens)
@@ -177,9 +177,6 @@ def test_prefill_plan_entries():
     bt = plan.block_table.tolist()
     assert bt[1][:1] == [2] and bt[2][:2] == [0, 3] and bt[3][:3] == [0, 1, 4]
     assert plan.row_ranges == [(2, 102)]
-    # values rotate back where there are fewer vectors: 5 pages x 64 tokens against 100 rows x 4 heads
-    assert plan.rotate_pages
-    assert not PrefillPlan([0, 2, 102, 103], [50, 137, 9], [1], 103, torch.device("cpu"), rep=3).rotate_pages
     # groups of at most max_pages dequantized pages; a request that alone needs more goes elsewhere
     qsl, seq = [0, 50, 150, 160, 220], [50, 137, 10, 160]  # pages needed: 1, 5, 1, 4
     groups, rest = plan_groups(qsl, seq, [0, 1, 2, 3], 220, torch.device("cpu"), max_pages=4)
@@ -189,22 +186,12 @@ def test_prefill_plan_entries():
     assert max_pages_for(8192 + 256, 16384) == 132 + 256 + 1
 
 
-def _rotate_in(monkeypatch, where):
-    """Force where prefill rotates values back: in the dequantized pages or in the output."""
-    import functools
-
-    from vllm_kvmix.kernels import prefill as prefill_mod
-
-    monkeypatch.setattr(prefill_mod, "plan_groups", functools.partial(plan_groups, rotate_pages=where == "pages"))
-
-
 @pytest.mark.parametrize("fa", ["torch", "vllm"])
-@pytest.mark.parametrize("max_pages, rotate", [(1 << 30, "pages"), (1 << 30, "output"), (5, "pages"), (3, "pages")])
-def test_prefill_on_flash_attn(fa, max_pages, rotate, monkeypatch):
+@pytest.mark.parametrize("max_pages", [1 << 30, 5, 3])
+def test_prefill_on_flash_attn(fa, max_pages):
     """Prefill rows through dequantized pages + a FlashAttention kernel, decode rows on the decode kernels,
     requests past the page bound on the Triton kernel -- one batch; same answers as the oracle."""
     flash = _flash_attn(fa)
-    _rotate_in(monkeypatch, rotate)
     fmt = parse_format("kvmix-k4v2")
     cases = [_case(20 + i, 200) for i in range(3)]
     q, k, v = ([c[j] for c in cases] for j in range(3))
@@ -224,10 +211,8 @@ def test_prefill_on_flash_attn(fa, max_pages, rotate, monkeypatch):
 
 
 @pytest.mark.parametrize("fa", ["torch", "vllm"])
-@pytest.mark.parametrize("rotate", ["pages", "output"])
-def test_prefill_on_flash_attn_window_and_head_size(fa, rotate, monkeypatch):
+def test_prefill_on_flash_attn_window_and_head_size(fa):
     flash = _flash_attn(fa)
-    _rotate_in(monkeypatch, rotate)
     fmt = parse_format("kvmix-k4v2")
     q, k, v = _case(3, 160, h=1, rep=3, d=256)
     dtype = torch.float32 if fa == "torch" else torch.float16
@@ -537,11 +522,11 @@ from vllm_kvmix.kernels import page
 from vllm_kvmix.kernels.prefill import _dequant_kernel as fn
 d = int(sys.argv[1])
 stage, bits = page._constants(parse_format("kvmix-k4v2"), d)
-consts = dict(D=d, **bits, **stage, ROTATE=True)  # the rotation is what takes shared memory
-ptrs = {"rot_ptr": "*fp32", "k_out_ptr": "*bf16", "v_out_ptr": "*bf16"}
+consts = dict(D=d, **bits, **stage)
+ptrs = {"k_out_ptr": "*bf16", "v_out_ptr": "*bf16"}
 u8 = ("cache_ptr", "stage_ptr", "scratch_ptr")
-sig = {n: "constexpr" if n in consts else "*u8" if n in u8 else ptrs.get(n, "*i32") if n.endswith("_ptr") else "i32"
-       for n in fn.arg_names}
+sig = {n: "constexpr" if n in consts else "*u8" if n in u8 else ptrs.get(n, "*i32") if n.endswith("_ptr")
+       else "fp32" if n == "v_scale" else "i32" for n in fn.arg_names}
 k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 print("SHARED", k.metadata.shared)
 """
@@ -550,8 +535,8 @@ print("SHARED", k.metadata.shared)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_prefill_dequant_fits_hopper_shared_memory(d):
     """The dequant kernel compiles for sm_90 (Triton's own ptxas, no GPU needed; a subprocess, outside the
-    interpreter) within a block's 227 KiB of shared memory: its fp32 rotation operands at d=256 once
-    needed 256 KiB, and the launch failed on an H200."""
+    interpreter) within a block's 227 KiB of shared memory: a version that rotated values with fp32 dots
+    needed 256 KiB at d=256, and the launch failed on an H200."""
     import subprocess
     import sys
 
@@ -568,7 +553,7 @@ def test_prefill_dequant_fits_hopper_shared_memory(d):
 
 def test_prefill_kernels_compile_before_the_first_prompt(monkeypatch):
     """``compile_prefill_kernels`` (the backend calls it during vLLM's profiling step) runs the dequant
-    kernel in both rotation variants on blank pages with the real tensors' strides: a cache page and a
+    kernel on blank pages with the real tensors' strides: a cache page and a
     staging page of the format's layout and a block table of the width given (vLLM's:
     ``compat.block_table_width``)."""
     from vllm_kvmix.formats import PAGE_TOKENS
@@ -580,7 +565,7 @@ def test_prefill_kernels_compile_before_the_first_prompt(monkeypatch):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                seen.append((kw["ROTATE"], args[6].stride(0), args[7].stride(0), args[5].stride(0), args[10].dtype))
+                seen.append((args[6].stride(0), args[7].stride(0), args[5].stride(0), args[9].dtype))
                 return real[grid](*args, **kw)
 
             return launch
@@ -590,4 +575,4 @@ def test_prefill_kernels_compile_before_the_first_prompt(monkeypatch):
     compile_prefill_kernels(fmt, d, h, torch.float16, 16, DEV)
     page_bytes = fmt.layout(d, PAGE_TOKENS).head_page_bytes
     stage_bytes = fmt.stage_format.layout(d, PAGE_TOKENS).head_page_bytes
-    assert sorted(seen) == [(r, h * page_bytes, h * stage_bytes, 16, torch.float16) for r in (False, True)]
+    assert seen == [(h * page_bytes, h * stage_bytes, 16, torch.float16)]

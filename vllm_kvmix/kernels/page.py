@@ -388,7 +388,10 @@ def _page_attention_kernel(
 # accumulators) spill on 2 warps, which also makes ptxas slow.
 LAUNCH = {"num_warps": 4, "num_stages": 2, "maxnreg": 128}
 LAUNCH_PREFILL = {"num_warps": 4, "num_stages": 2}
-STAGE_TOKENS = 16  # tokens per _stage_kernel program (tl.dot needs >= 16 rows)
+STAGE_TOKENS = 16  # tokens per _stage_kernel program (tl.dot needs >= 16 rows) in a step of one-token rows
+# ... and in a step with a prompt: each program loads the 64 KiB fp32 rotation once for 64 tokens (H200,
+# 16k-token step: 0.17 ms against 0.26 ms at 16, benchmarks/kernels/prefill_parts.py)
+STAGE_TOKENS_PREFILL = 64
 FA_DTYPES = (torch.float16, torch.bfloat16)  # FlashAttention's inputs (prefill path)
 
 
@@ -495,7 +498,7 @@ class StepPlan:
         qlen = [qsl[r + 1] - qsl[r] for r in range(len(qsl) - 1)]
         ones = [r for r, n in enumerate(qlen) if n == 1]
         groups, rest = prefill.plan_groups(qsl, seq, [r for r, n in enumerate(qlen) if n > 1], num_tokens, device,
-                                           max_pages, rep=num_heads // num_kv_heads)
+                                           max_pages)
         rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
 
         def blocks(reqs, max_q):
@@ -578,11 +581,12 @@ class PageStep:
     def write(self, key, value) -> None:
         """Stage the new tokens at 8 bits, then pack every page that is full after the step."""
         stage, scratch = self.stage, self.scratch
-        _stage_kernel[(triton.cdiv(self.t, STAGE_TOKENS), self.h)](
+        tb = STAGE_TOKENS if self.plan.max_query_len == 1 else STAGE_TOKENS_PREFILL
+        _stage_kernel[(triton.cdiv(self.t, tb), self.h)](
             key, value, self.rot, self.plan.tok_req, *self.common, stage, scratch, self.t,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
-            D=self.d, TB=STAGE_TOKENS, **self.stage_consts,
+            D=self.d, TB=tb, **self.stage_consts,
         )
         self.pack()
 
@@ -602,11 +606,10 @@ class PageStep:
         if not fa:  # every row in one launch (plus the combine of the Triton kernel's splits)
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.attn, plan.max_query_len == 1)
             return
-        for group in plan.prefill:  # first: FlashAttention may write zeros to the rows of the other kernels
+        for group in plan.prefill:  # each group writes its own rows of out, the kernels below the others
             k, v = prefill.dequantize_pages(group, self.cache, self.stage, self.scratch, self.block_table,
-                                            self.common, self.rot, (self.stage_consts, self.bits), self.d, query.dtype)
-            prefill.attend(group, query, out, k, v, self.rot, scale, plan.flash_attn, sliding_window, soft_cap,
-                           direct=len(plan.prefill) == 1)
+                                            self.common, (self.stage_consts, self.bits), self.d, query.dtype)
+            prefill.attend(group, query, out, k, v, scale, plan.flash_attn, sliding_window, soft_cap)
             del k, v
         if plan.decode_attn is not None:
             self._attend_blocks(query, out, scale, sliding_window, soft_cap, plan.decode_attn, True)
@@ -666,11 +669,11 @@ class PageStep:
 
 def compile_prefill_kernels(fmt: KVFormat, d: int, h: int, dtype: torch.dtype, block_table_width: int,
                             device) -> None:
-    """Compile the prefill dequant kernel for one layer (format, head size, KV heads, model dtype) in both
-    variants -- values rotated in the pages or left rotated -- before the first prompt: vLLM's warm-up runs
-    no prompt through it, and a compile on the first request is a latency spike of seconds.  Runs it on a
-    one-page plan over blank tensors with the strides the real ones have (cache and staging pages of this
-    layout, a block table of ``block_table_width`` columns), which is what Triton specializes on."""
+    """Compile the prefill dequant kernel for one layer (format, head size, KV heads, model dtype) before the
+    first prompt: vLLM's warm-up runs no prompt through it, and a compile on the first request is a latency
+    spike of seconds.  Runs it on a one-page plan over blank tensors with the strides the real ones have
+    (cache and staging pages of this layout, a block table of ``block_table_width`` columns), which is what
+    Triton specializes on."""
     device = torch.device(device)
     stage_consts, bits = _constants(fmt, d)
     lay, slay = fmt.layout(d, PAGE_TOKENS), fmt.stage_format.layout(d, PAGE_TOKENS)
@@ -678,10 +681,8 @@ def compile_prefill_kernels(fmt: KVFormat, d: int, h: int, dtype: torch.dtype, b
     stage = torch.zeros((1, h, slay.head_page_bytes), dtype=torch.uint8, device=device)
     block_table = torch.zeros((1, block_table_width), dtype=torch.int32, device=device)
     common = tuple(torch.tensor(x, dtype=torch.int32, device=device) for x in ([0, PAGE_TOKENS], [PAGE_TOKENS], [0], [0]))
-    for rotate in (True, False):
-        plan = prefill.PrefillPlan([0, PAGE_TOKENS], [PAGE_TOKENS], [0], PAGE_TOKENS, device, rotate_pages=rotate)
-        prefill.dequantize_pages(plan, cache, stage, stage, block_table, common, _rotation(d, device),
-                                 (stage_consts, bits), d, dtype)
+    plan = prefill.PrefillPlan([0, PAGE_TOKENS], [PAGE_TOKENS], [0], PAGE_TOKENS, device)
+    prefill.dequantize_pages(plan, cache, stage, stage, block_table, common, (stage_consts, bits), d, dtype)
 
 
 def page_step(

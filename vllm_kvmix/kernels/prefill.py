@@ -8,15 +8,19 @@ idle.  Here the same math runs as:
 
 1. ``_dequant_kernel`` writes each prefill request's packed pages ``0 .. last - 1`` and
    the 8-bit copies of its touched pages (``first .. last``) as ``dtype`` pages
-   ``[n, 64, H, D]``; tokens past a page's valid count are zero.  Values are rotated back
-   either here (``v @ H``: attention is linear in V, so this is the reference's "attend, then
-   rotate the output" with one rounding of V to ``dtype``, as the attention kernels round it
-   for their dots) or in the output after step 2, whichever touches fewer vectors;
+   ``[n, 64, H, D]``; tokens past a page's valid count are zero.  Values stay in the
+   rotated basis, scaled by ``1 / sqrt(D)`` (one rounding to ``dtype``, as the attention
+   kernels round V for their dots);
 2. one ``flash_attn_varlen_func`` call (vLLM's FlashAttention, paged K/V) over
    *entries*: the new tokens of request ``r`` that sit in page ``j`` form one entry whose
    block-table row is ``[packed 0 .. j-1, 8-bit j]`` with ``seqused_k`` = the last of
    them + 1 and bottom-right-aligned causal masking -- each query sees keys ``<= p``,
-   earlier pages packed, its own page at 8 bits: exactly the reference's keys.
+   earlier pages packed, its own page at 8 bits: exactly the reference's keys;
+3. the output back from the rotated basis: one GEMM per run of rows with the +-1 Sylvester
+   matrix ``S`` (``H = S / sqrt(D)``, the ``1 / sqrt(D)`` already in the values) -- the
+   reference's "attend, then rotate the output".  On an H200 this GEMM takes 0.08 ms for a
+   16k-token step's rows, where rotating the pages in the dequant kernel (fp32 dots) took
+   0.35 ms (``benchmarks/kernels/prefill_parts.py``).
 
 Tokens of the batch that are not in a prefill request (decode rows, padding) sit in
 entries with no keys.  Planning is on the host (numpy) from ``query_start_loc`` and
@@ -41,7 +45,7 @@ import triton
 import triton.language as tl
 
 from vllm_kvmix.formats import PAGE_TOKENS
-from vllm_kvmix.kernels.codec import ROT_PRECISION, _unpack, code_f32, decode_tile
+from vllm_kvmix.kernels.codec import _unpack, code_f32, decode_tile
 from vllm_kvmix.quant import hadamard
 
 P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
@@ -52,12 +56,12 @@ NF: tl.constexpr = tl.constexpr(FIELDS)  # the same, as the kernel reads its pag
 @triton.jit
 def _dequant_kernel(
     list_ptr, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr,
-    cache_ptr, stage_ptr, scratch_ptr, rot_ptr, k_out_ptr, v_out_ptr,
+    cache_ptr, stage_ptr, scratch_ptr, k_out_ptr, v_out_ptr, v_scale,
     stride_cb, stride_ch, stride_bt, stride_ss, stride_sh, stride_xs, stride_xh,
     stride_op, stride_ot, stride_oh,
     D: tl.constexpr, K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
     V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
-    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr, ROTATE: tl.constexpr,
+    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -67,8 +71,7 @@ def _dequant_kernel(
     dst = tl.load(list_ptr + i * NF + 3).to(tl.int64)
     n_valid = tl.load(list_ptr + i * NF + 4)
     d = tl.arange(0, D)
-    c = tl.arange(0, 64)
-    # rows per pass: the rotation's fp32 operands stay within shared memory (D=256: 32 rows)
+    # rows per pass (D=256: 32 rows, the registers of a 64-row tile at D=128)
     TR: tl.constexpr = P if D <= 128 else P * 128 // D
     for t0 in tl.static_range(0, P, TR):
         t = t0 + tl.arange(0, TR)
@@ -97,13 +100,7 @@ def _dequant_kernel(
             v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
         off = dst * stride_op + t[:, None] * stride_ot + h * stride_oh
         tl.store(k_out_ptr + off + d[None, :], k.to(k_out_ptr.dtype.element_ty))
-        if ROTATE:  # values back from the rotated basis, one 64-column block of H at a time
-            for g in tl.static_range(D // 64):
-                h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
-                vg = tl.dot(v, h_g, input_precision=ROT_PRECISION)
-                tl.store(v_out_ptr + off + g * 64 + c[None, :], vg.to(v_out_ptr.dtype.element_ty))
-        else:
-            tl.store(v_out_ptr + off + d[None, :], v.to(v_out_ptr.dtype.element_ty))
+        tl.store(v_out_ptr + off + d[None, :], (v * v_scale).to(v_out_ptr.dtype.element_ty))
 
 
 def pages_needed(qsl: list[int], seq: list[int], r: int) -> int:
@@ -119,7 +116,7 @@ def max_pages_for(max_model_len: int, max_num_batched_tokens: int) -> int:
 
 
 def plan_groups(qsl: list[int], seq: list[int], reqs: list[int], num_tokens: int, device,
-                max_pages: int = 1 << 30, rep: int = 1, rotate_pages: bool | None = None):
+                max_pages: int = 1 << 30):
     """``reqs`` in groups of at most ``max_pages`` dequantized pages, one :class:`PrefillPlan` each (the
     groups run one after the other through the same memory); returns ``(plans, rest)``, ``rest`` = the
     requests that alone need more pages (for another kernel), in batch order."""
@@ -138,19 +135,17 @@ def plan_groups(qsl: list[int], seq: list[int], reqs: list[int], num_tokens: int
         n += need
     if cur:
         groups.append(cur)
-    return [PrefillPlan(qsl, seq, g, num_tokens, device, rep, rotate_pages) for g in groups], rest
+    return [PrefillPlan(qsl, seq, g, num_tokens, device) for g in groups], rest
 
 
 class PrefillPlan:
     """Host plan of one group of a step's prefill rows (shared by all layers).
 
     ``qsl`` / ``seq``: the batch's query starts ``[B + 1]`` and sequence lengths ``[B]``
-    (host lists); ``reqs``: the requests to attend here (the others' rows get no keys);
-    ``rep``: query heads per KV head.
+    (host lists); ``reqs``: the requests to attend here (the others' rows get no keys).
     """
 
-    def __init__(self, qsl: list[int], seq: list[int], reqs: list[int], num_tokens: int, device,
-                 rep: int = 1, rotate_pages: bool | None = None):
+    def __init__(self, qsl: list[int], seq: list[int], reqs: list[int], num_tokens: int, device):
         pages, cu, used, ents, self.reqs = [], [np.zeros(1, np.int64)], [], [], []
         n = 0  # dequantized pages so far
         end = 0  # batch rows covered so far
@@ -194,12 +189,6 @@ class PrefillPlan:
         self.max_seqlen_q = int(np.diff(cu_np).max())
         self.max_seqlen_k = int(used_np.max())
         self.row_ranges = [(qsl[r], qsl[r + 1]) for r in self.reqs]
-        # Values go back from the rotated basis either in the pages (64 tokens per page and KV head) or
-        # in the output (one row per query token and head): whichever has fewer vectors.  H200
-        # (prefill_bench.py): pages won on fresh prompts (0.74x FA3 bf16 against 0.61x), the output
-        # on 2k new tokens over a 30k context (0.94x against 0.81x).
-        rows = sum(t1 - t0 for t0, t1 in self.row_ranges)
-        self.rotate_pages = n * PAGE_TOKENS <= rows * rep if rotate_pages is None else rotate_pages
         pin = device.type == "cuda"
 
         def dev(x):
@@ -212,58 +201,53 @@ class PrefillPlan:
         self.block_table = dev(table)
 
 
-def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, common, rot, fmt_consts, d: int, dtype):
-    """The plan's pages as ``(k, v)``, each ``dtype[num_pages, 64, H, D]`` (values rotated back by ``rot``
-    when ``plan.rotate_pages``, else left rotated for :func:`attend` to rotate the output)."""
+def dequantize_pages(plan: PrefillPlan, cache, stage, scratch, block_table, common, fmt_consts, d: int, dtype):
+    """The plan's pages as ``(k, v)``, each ``dtype[num_pages, 64, H, D]``; values in the rotated basis times
+    ``1 / sqrt(D)`` (:func:`attend` rotates the output back)."""
     stage_consts, bits = fmt_consts
     h = cache.shape[1]
     k = torch.empty((plan.num_pages, PAGE_TOKENS, h, d), dtype=dtype, device=cache.device)
     v = torch.empty_like(k)
     _dequant_kernel[(plan.num_pages, h)](
-        plan.pages, *common, block_table, cache, stage, scratch, rot, k, v,
+        plan.pages, *common, block_table, cache, stage, scratch, k, v, d**-0.5,
         cache.stride(0), cache.stride(1), block_table.stride(0), stage.stride(0), stage.stride(1),
         scratch.stride(0), scratch.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        D=d, **bits, **stage_consts, ROTATE=plan.rotate_pages,
+        D=d, **bits, **stage_consts,
     )
     return k, v
 
 
-ROT_ROWS = 4096  # output rows rotated per fp32 pass (bounds its temporaries)
+ROT_ROWS = 4096  # query tokens per output-rotation GEMM (bounds its temporary where ``out`` is strided)
 
 
-def attend(plan: PrefillPlan, query, out, k, v, rot, scale: float, flash_attn, sliding_window=None, soft_cap=None,
-           direct: bool = True):
-    """Attention of the plan's rows into ``out``.
+def attend(plan: PrefillPlan, query, out, k, v, scale: float, flash_attn, sliding_window=None, soft_cap=None):
+    """Attention of the plan's rows into ``out`` (no other row of ``out`` is written).
 
-    ``direct`` and values rotated back in the pages (``plan.rotate_pages``): FlashAttention writes ``out``,
-    and every other row of ``out`` gets zeros (entries without keys: run this before the kernels of those
-    rows, and with one group per step).  Otherwise it writes a scratch tensor and the plan's rows are copied
-    to ``out`` -- times H when the pages stayed rotated, in fp32: ``H = S / sqrt(D)`` with ``S`` the +-1
-    Sylvester matrix, so the products are exact and one scale follows.
+    FlashAttention writes a scratch tensor in the rotated basis; each run of the plan's rows goes to ``out``
+    times ``S``, the +-1 Sylvester matrix in the query dtype (exact products, fp32 accumulation, one
+    rounding; the ``1 / sqrt(D)`` of ``H = S / sqrt(D)`` is in the values, :func:`dequantize_pages`).
     """
-    if direct and plan.rotate_pages:
-        flash_attn(query, k, v, out, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
-                   plan.block_table, scale, sliding_window, soft_cap)
-        return
     o = torch.empty_like(query)
     flash_attn(query, k, v, o, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
                plan.block_table, scale, sliding_window, soft_cap)
-    signs = None if plan.rotate_pages else _sign_matrix(rot.shape[0], rot.device)
+    d = query.shape[-1]
+    signs = _sign_matrix(d, query.dtype, query.device)
     for t0, t1 in _merged(plan.row_ranges):
         for c0 in range(t0, t1, ROT_ROWS):
             c1 = min(t1, c0 + ROT_ROWS)
-            if signs is None:
-                out[c0:c1] = o[c0:c1]
+            dst = out[c0:c1]
+            if dst.is_contiguous():
+                torch.mm(o[c0:c1].view(-1, d), signs, out=dst.view(-1, d))
             else:
-                out[c0:c1] = ((o[c0:c1].float() @ signs) * (1.0 / rot.shape[0] ** 0.5)).to(out.dtype)
+                dst.copy_(torch.mm(o[c0:c1].view(-1, d), signs).view(dst.shape))
 
 
 def transient_bytes(max_pages: int, num_tokens: int, num_heads: int, num_kv_heads: int, head_size: int,
                     dtype_bytes: int = 2) -> int:
     """Memory one layer's prefill attention takes for ``num_tokens`` rows: the dequantized pages of a
-    group, FlashAttention's scratch output and one fp32 rotation pass."""
+    group, FlashAttention's scratch output and one rotation GEMM's output (where ``out`` is strided)."""
     pages = max_pages * 2 * PAGE_TOKENS * num_kv_heads * head_size * dtype_bytes
-    return pages + num_tokens * num_heads * head_size * dtype_bytes + 2 * ROT_ROWS * num_heads * head_size * 4
+    return pages + (num_tokens + ROT_ROWS) * num_heads * head_size * dtype_bytes
 
 
 def _merged(ranges):
@@ -277,9 +261,9 @@ def _merged(ranges):
 
 
 @functools.cache
-def _sign_matrix(d: int, device) -> torch.Tensor:
-    """The +-1 Sylvester matrix S of the rotation H = S / sqrt(d)."""
-    return torch.sign(hadamard(d, torch.float32, device))
+def _sign_matrix(d: int, dtype, device) -> torch.Tensor:
+    """The +-1 Sylvester matrix S of the rotation H = S / sqrt(d) (exact in any float dtype)."""
+    return torch.sign(hadamard(d, torch.float32, device)).to(dtype)
 
 
 def reference_flash_attn(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, block_table, scale,

@@ -186,6 +186,33 @@ def test_prefill_plan_entries():
     assert max_pages_for(8192 + 256, 16384) == 132 + 256 + 1
 
 
+@pytest.mark.parametrize("strided", [False, True])
+def test_prefill_output_rotation(strided, monkeypatch):
+    """``prefill.attend`` rotates FlashAttention's output back (times the +-1 matrix, in runs of ``ROT_ROWS``
+    tokens, into a strided ``out`` too): attention over the pages' values rotated back, and no other row of
+    ``out`` written."""
+    from vllm_kvmix.kernels import prefill
+    from vllm_kvmix.quant import hadamard
+
+    monkeypatch.setattr(prefill, "ROT_ROWS", 7)
+    g = torch.Generator().manual_seed(5)
+    d, h, rep = 64, 2, 3
+    plan = PrefillPlan([0, 5, 155], [40, 160], [1], 155, torch.device("cpu"))  # request 0's rows: not here
+    k = torch.randn(plan.num_pages, 64, h, d, generator=g)
+    v = torch.randn(plan.num_pages, 64, h, d, generator=g)  # as dequantize_pages leaves them: rotated / sqrt(d)
+    q = torch.randn(155, h * rep, d, generator=g)
+    want = torch.full_like(q, float("nan"))
+    signs = torch.sign(hadamard(d, torch.float32, "cpu"))
+    reference_flash_attn(q, k, v @ signs, want, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k,
+                         plan.max_seqlen_k, plan.block_table, 0.125)
+    big = torch.full((155, h * rep, d + 8), float("nan"))
+    out = big[..., :d] if strided else big[..., :d].contiguous()
+    assert out.is_contiguous() != strided
+    prefill.attend(plan, q, out, k, v, 0.125, reference_flash_attn)
+    assert torch.isnan(out[:5]).all()
+    torch.testing.assert_close(out[5:], want[5:], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fa", ["torch", "vllm"])
 @pytest.mark.parametrize("max_pages", [1 << 30, 5, 3])
 def test_prefill_on_flash_attn(fa, max_pages):

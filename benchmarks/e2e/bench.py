@@ -39,7 +39,9 @@ _KERNEL_KINDS = (
                    "unified_attention", "reshape_and_cache", "concat_and_cache")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_", "splitk")),
 )
-PROFILE_STEPS = {"prefill": (4, 8), "decode": (40, 56)}  # per kind, [first, last) step index traced
+# per kind: (every, offset, at most) -- step i of that kind is traced if i % every == offset, up to `at most`
+# steps (spread over the run: the first prompt-chunk steps of bf16 `cap` were small mixed ones)
+PROFILE_STEPS = {"prefill": (4, 2, 6), "decode": (48, 24, 16)}
 
 
 def _kernel_kind(name: str) -> str:
@@ -52,7 +54,7 @@ def _kernel_kind(name: str) -> str:
 
 def _time_steps() -> tuple[dict, dict]:
     """Wrap both of vLLM's GPU model runners' execute_model: synchronized wall time per step, by kind, and
-    for a few steps of each kind (PROFILE_STEPS) the GPU kernel time by category and by kernel
+    for some steps of each kind (PROFILE_STEPS) the GPU kernel time by category and by kernel
     (torch.profiler, CUDA activity; kernels replayed from CUDA graphs are traced too)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -79,8 +81,8 @@ def _time_steps() -> tuple[dict, dict]:
         def execute_model(self, scheduler_output, *a, **kw):
             n, reqs = scheduler_output.total_num_scheduled_tokens, len(scheduler_output.num_scheduled_tokens)
             kind = "prefill" if n > reqs else "decode"
-            lo, hi = PROFILE_STEPS[kind]
-            trace = n and lo <= kinds[kind][0] < hi
+            every, offset, most = PROFILE_STEPS[kind]
+            trace = n and kinds[kind][0] % every == offset and traced[kind]["steps"] < most
             torch.cuda.synchronize()
             t = time.perf_counter()
             if trace:

@@ -18,9 +18,9 @@ idle.  Here the same math runs as:
    earlier pages packed, its own page at 8 bits: exactly the reference's keys;
 3. the output back from the rotated basis: one GEMM per run of rows with the +-1 Sylvester
    matrix ``S`` (``H = S / sqrt(D)``, the ``1 / sqrt(D)`` already in the values) -- the
-   reference's "attend, then rotate the output".  On an H200 this GEMM takes 0.08 ms for a
-   16k-token step's rows, where rotating the pages in the dequant kernel (fp32 dots) took
-   0.35 ms (``benchmarks/kernels/prefill_parts.py``).
+   reference's "attend, then rotate the output".  On an H200 these GEMMs take 0.09 ms for a
+   16k-token step's rows (per layer), where rotating the pages in the dequant kernel (fp32
+   dots) took 0.35 ms (``benchmarks/kernels/prefill_parts.py``).
 
 Tokens of the batch that are not in a prefill request (decode rows, padding) sit in
 entries with no keys.  Planning is on the host (numpy) from ``query_start_loc`` and

@@ -37,6 +37,13 @@ typedef unsigned char u8;
 
 #define KVMIX_D 128
 #define KVMIX_P 64
+// Experiment (off unless the compile defines it; page_bench.py times both): each warp prefetches the
+// next packed page it will read (p + NW) into L2 (one bulk prefetch, sm_90) before attending page p --
+// the kernel is latency-bound at 64 x 8k on the H200 (43% of the issue rate, 57% of copy bandwidth;
+// benchmarks/kernels/NOTES.md).
+#ifndef KVMIX_PREFETCH
+#define KVMIX_PREFETCH 0
+#endif
 #define KVMIX_NEG_INF __int_as_float(0xff800000)
 
 struct alignas(16) u32x4 {
@@ -444,6 +451,13 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
   for (int mt = 0; mt < 8; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
   for (int p = p_begin + warp; p < p_end; p += NW) {
+#if KVMIX_PREFETCH && __CUDA_ARCH__ >= 900
+    if (lane == 0 && p + NW < p_end && p + NW != own) {  // a packed head page: stride_ch bytes, 16-aligned
+      const long long nb = block_table[(long long)b * stride_bt + p + NW];
+      const u8* nxt = cache + nb * (long long)stride_cb + (long long)kvh * stride_ch;
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(nxt), "r"(stride_ch) : "memory");
+    }
+#endif
     if (p == own) {  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64)
       attend_page<KB, 8, 8, true>(own_page, seq - own * KVMIX_P, qs, m_run, l_run, acc, g, qd, sk_meta_off,
                                   sv_codes_off, sv_meta_off);

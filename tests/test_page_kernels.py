@@ -423,12 +423,14 @@ def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
 
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA decode kernel needs a GPU")
-@pytest.mark.parametrize("name", ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"])
+@pytest.mark.parametrize("name, defines", [("kvmix-k4v2", ()), ("kvmix-k4v4", ()), ("kvmix-k8v4", ()),
+                                           ("kvmix-k4v2", ("KVMIX_PREFETCH=1",))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_decode_matches_oracle_and_triton(name, dtype, monkeypatch):
+def test_cuda_decode_matches_oracle_and_triton(name, defines, dtype, monkeypatch):
     """Decode steps through the CUDA packed-page kernel (csrc/page_decode.cu) + the Triton own-page split,
     against the fp64 oracle and against the Triton-only path on the same caches; rows padded past the
-    real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K.
+    real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K; k4v2 also
+    built with the experiment page_bench.py times (``defines``).
 
     Tolerance: both paths round q (to ``dtype`` and then fp16), K, V and P to fp16 inside their dots;
     the CUDA kernel also rounds q * key scale to fp16 (the scale is folded into the query), which is
@@ -436,6 +438,7 @@ def test_cuda_decode_matches_oracle_and_triton(name, dtype, monkeypatch):
     from vllm_kvmix.kernels import cuda_decode
     from vllm_kvmix.kernels.page import PageStep, StepPlan
 
+    monkeypatch.setattr(cuda_decode, "DEFINES", defines)
     fmt = parse_format(name)
     h, rep, d, scale = 2, 4, 128, 0.09
     seq_lens = [1, 64, 65, 700, 3000, 129]
@@ -525,14 +528,16 @@ def test_cuda_decode_stages_like_the_triton_kernel(dtype):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
-def test_cuda_decode_source_compiles_for_sm90(tmp_path):
-    """csrc/page_decode.cu builds for sm_90 in every variant the launcher names (NVRTC compiles the same
-    source on the GPU at first use; this catches a broken source on a CPU machine)."""
+@pytest.mark.parametrize("defines", [[], ["-DKVMIX_PREFETCH=1"]])
+def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):
+    """csrc/page_decode.cu builds for sm_90 in every variant the launcher names, as served and with the
+    experiment page_bench.py times (NVRTC compiles the same source on the GPU at first use; this catches a
+    broken source on a CPU machine)."""
     import subprocess
 
     from vllm_kvmix.kernels import cuda_decode
 
-    res = subprocess.run(["nvcc", "-DKVMIX_INSTANTIATE", "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
+    res = subprocess.run(["nvcc", "-DKVMIX_INSTANTIATE", *defines, "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
                           "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cuda_decode.source_path())],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

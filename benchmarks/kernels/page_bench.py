@@ -36,6 +36,8 @@ from decode_bench import peers as fa_peers  # noqa: E402
 dev = "cuda"
 HQ, HKV, D = 32, 8, 128
 FORMATS = ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"]
+# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +DEFINE")
+EXPERIMENTS = ["KVMIX_PREFETCH=1"]
 SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (16, 32768),
           (64, 1024), (64, 8192), (64, 32768), (256, 1024), (256, 8192)]
 
@@ -165,6 +167,13 @@ def main():
             res[fname + " step"] = (bench(full_step), kvmix_bytes(fmt, B, seq_len))
             # the whole step as vLLM replays a decode batch (one CUDA graph), and each kernel's GPU time in it
             res[fname + " step graph"] = (triton.testing.do_bench_cudagraph(full_step), res[fname][1])
+            # experiments of the CUDA source (csrc/page_decode.cu, off as served), against the rows above
+            for define in EXPERIMENTS:
+                cuda_decode.DEFINES = (define,)
+                res[f"{fname} graph +{define}"] = (
+                    triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
+                res[f"{fname} step graph +{define}"] = (triton.testing.do_bench_cudagraph(full_step), res[fname][1])
+                cuda_decode.DEFINES = ()
             if fname == "kvmix-k4v2":
                 print("  step kernels:", flush=True)
                 kernel_times(full_step)

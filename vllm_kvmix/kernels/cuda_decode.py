@@ -38,6 +38,9 @@ ROWS = 8  # workspace rows per (query block, KV head, split): the GQA group, pad
 SOURCE_NAME = "page_decode.cu"
 HEAD_SIZE = 128
 DISABLE_ENV = "KVMIX_CUDA_DECODE"  # "0": always the Triton kernel (benchmarks compare the two)
+# Preprocessor defines of the compile: empty as served; benchmarks set experiments of the source here
+# (``("KVMIX_PREFETCH=1",)``, page_bench.py) and time them against the served build in one run.
+DEFINES: tuple[str, ...] = ()
 
 
 def source_path() -> Path:
@@ -50,9 +53,10 @@ def source_path() -> Path:
     raise FileNotFoundError(f"kvmix: {SOURCE_NAME} not found next to the package (csrc/)")
 
 
-def compile_cuda(source: str, name: str) -> Launcher:
+def compile_cuda(source: str, name: str, defines: tuple[str, ...] = ()) -> Launcher:
     """PyTorch's NVRTC front end (private API, torch 2.11): compile ``name`` for the current GPU."""
-    return Launcher(torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"]))
+    options = ["-std=c++17", *(f"-D{d}" for d in defines)]
+    return Launcher(torch.cuda._compile_kernel(source, name, nvcc_options=options))
 
 
 class Launcher:
@@ -81,9 +85,9 @@ class Launcher:
 
 
 @functools.cache
-def _kernel(k_bits: int, v_bits: int, bf16: bool) -> Launcher:
+def _kernel(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = ()) -> Launcher:
     name = f"kvmix_page_decode<{k_bits}, {v_bits}, {WARPS}, {'true' if bf16 else 'false'}>"
-    return compile_cuda(source_path().read_text(), name)
+    return compile_cuda(source_path().read_text(), name, defines)
 
 
 def enabled() -> bool:
@@ -166,7 +170,7 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, 
         arrivals = counters(nqb * h, query.device)
     else:
         ws_acc = ws_ml = arrivals = out  # unread with one split
-    kernel = _kernel(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16)
+    kernel = _kernel(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16, DEFINES)
     kernel(
         (nqb, h, num_splits), (WARPS * 32, 1, 1), "pppppppppp" "pppp" "iid" "iiiiiiiiiiii" "iiiiiiii",
         [query, key, value, cache, stage, slots, block_table, qsl, seq_lens, qb_req,

@@ -550,12 +550,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vllm_kvmix.formats import parse_format
-from vllm_kvmix.kernels import page
-from vllm_kvmix.kernels.prefill import _dequant_kernel as fn
-d = int(sys.argv[1])
+from vllm_kvmix.kernels import page, prefill
+name, d = sys.argv[1], int(sys.argv[2])
 stage, bits = page._constants(parse_format("kvmix-k4v2"), d)
-consts = dict(D=d, **bits, **stage)
-ptrs = {"k_out_ptr": "*bf16", "v_out_ptr": "*bf16"}
+if name == "dequant":
+    fn, consts = prefill._dequant_kernel, dict(D=d, **bits, **stage)
+else:  # the stage kernel as a step with a prompt launches it (the fp32 rotation's operands in shared memory)
+    fn, consts = page._stage_kernel, dict(D=d, TB=page.STAGE_TOKENS_PREFILL, **stage)
+ptrs = {"k_out_ptr": "*bf16", "v_out_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "rot_ptr": "*fp32"}
 u8 = ("cache_ptr", "stage_ptr", "scratch_ptr")
 sig = {n: "constexpr" if n in consts else "*u8" if n in u8 else ptrs.get(n, "*i32") if n.endswith("_ptr")
        else "fp32" if n == "v_scale" else "i32" for n in fn.arg_names}
@@ -564,16 +566,18 @@ print("SHARED", k.metadata.shared)
 """
 
 
+@pytest.mark.parametrize("kernel", ["dequant", "stage"])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_prefill_dequant_fits_hopper_shared_memory(d):
-    """The dequant kernel compiles for sm_90 (Triton's own ptxas, no GPU needed; a subprocess, outside the
-    interpreter) within a block's 227 KiB of shared memory: a version that rotated values with fp32 dots
-    needed 256 KiB at d=256, and the launch failed on an H200."""
+def test_prefill_kernels_fit_hopper_shared_memory(kernel, d):
+    """The prefill dequant kernel and the stage kernel at a prompt step's 64 tokens per program compile for
+    sm_90 (Triton's own ptxas, no GPU needed; a subprocess, outside the interpreter) within a block's 227 KiB
+    of shared memory: a dequant kernel that rotated values with fp32 dots needed 256 KiB at d=256, and the
+    launch failed on an H200 (the stage kernel takes 128 KiB there)."""
     import subprocess
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run([sys.executable, "-c", _SM90_SHARED, str(d)], capture_output=True, text=True, env=env,
+    res = subprocess.run([sys.executable, "-c", _SM90_SHARED, kernel, str(d)], capture_output=True, text=True, env=env,
                          cwd=os.path.join(os.path.dirname(__file__), ".."))
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):

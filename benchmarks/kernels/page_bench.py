@@ -170,10 +170,15 @@ def main():
             # experiments of the CUDA source (csrc/page_decode.cu, off as served), against the rows above
             for define in EXPERIMENTS:
                 cuda_decode.DEFINES = (define,)
-                res[f"{fname} graph +{define}"] = (
-                    triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
-                res[f"{fname} step graph +{define}"] = (triton.testing.do_bench_cudagraph(full_step), res[fname][1])
-                cuda_decode.DEFINES = ()
+                try:
+                    res[f"{fname} graph +{define}"] = (
+                        triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
+                    res[f"{fname} step graph +{define}"] = (triton.testing.do_bench_cudagraph(full_step),
+                                                            res[fname][1])
+                except Exception as e:  # noqa: BLE001 (keep the served build's rows)
+                    print(f"  experiment {define} failed:", repr(e)[:300], flush=True)
+                finally:
+                    cuda_decode.DEFINES = ()
             if fname == "kvmix-k4v2":
                 print("  step kernels:", flush=True)
                 kernel_times(full_step)

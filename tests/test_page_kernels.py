@@ -230,7 +230,7 @@ def test_prefill_on_flash_attn(fa, max_pages):
         # rows with more than one new token went to flash_attn unless past the page bound
         want_rows = 70 + 5 + 100 + 64 + 129 + 95 + 135 if max_pages > 100 else 70 + 5 + 100 + 64
         assert counted.rows == want_rows
-        tol = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 6e-3}[dtype] if dtype == torch.float16 else 8e-3
+        tol = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 8e-3}[dtype]
         for r in range(3):
             assert torch.isfinite(out[r]).all()
             want = _oracle(*(x[r].to(dtype).float() for x in (q, k, v)), fmt, 0.125)

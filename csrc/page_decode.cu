@@ -37,6 +37,8 @@ typedef unsigned char u8;
 
 #define KVMIX_D 128
 #define KVMIX_P 64
+#define KVMIX_ROWS 8         // query heads per KV head (the mma's rows g; workspace rows per split): cuda_decode.ROWS
+#define KVMIX_MAX_SPLITS 64  // split-K partials the last block merges (sm_w): cuda_decode.MAX_SPLITS
 // Experiment (off unless the compile defines it; page_bench.py times both): each warp prefetches the
 // next packed page it will read (p + NW) into L2 (one bulk prefetch, sm_90) before attending page p --
 // the kernel is latency-bound at 64 x 8k on the H200 (43% of the issue rate, 57% of copy bandwidth;
@@ -393,9 +395,9 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
   const int num_kv = gridDim.y;
   const float scale_log2e = (float)scale_log2e_d;
 
-  __shared__ float sm_m[NW][8], sm_l[NW][8];
-  __shared__ float sm_acc[NW][8][KVMIX_D + 4];
-  __shared__ float sm_w[64][8];  // last block of a split row: per (split, head) weights
+  __shared__ float sm_m[NW][KVMIX_ROWS], sm_l[NW][KVMIX_ROWS];
+  __shared__ float sm_acc[NW][KVMIX_ROWS][KVMIX_D + 4];
+  __shared__ float sm_w[KVMIX_MAX_SPLITS][KVMIX_ROWS];  // last block of a split row: per (split, head) weights
   __shared__ int sm_last;
 
   const int q0 = qsl[b], q1 = qsl[b + 1];
@@ -503,7 +505,7 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
     if (num_splits == 1) {
       sm_acc[0][r][c] = L > 0.f ? A / L : 0.f;
     } else {
-      const long long row = (base + split) * 8 + r;
+      const long long row = (base + split) * KVMIX_ROWS + r;
       ws_acc[row * KVMIX_D + c] = A;
       if (c == 0) {
         ws_ml[row * 2] = M;  // base-2 units; -inf stays -inf
@@ -523,14 +525,14 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
     // warp w: heads w, w + NW; lanes over splits -> the global max, each split's weight, the sum
     for (int r = warp; r < rep; r += NW) {
       float M = KVMIX_NEG_INF;
-      for (int sp = lane; sp < num_splits; sp += 32) M = fmaxf(M, __ldcg(ws_ml + ((base + sp) * 8 + r) * 2));
+      for (int sp = lane; sp < num_splits; sp += 32) M = fmaxf(M, __ldcg(ws_ml + ((base + sp) * KVMIX_ROWS + r) * 2));
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
       float L = 0.f;
       for (int sp = lane; sp < num_splits; sp += 32) {
-        const float f = M == KVMIX_NEG_INF ? 0.f : ex2(__ldcg(ws_ml + ((base + sp) * 8 + r) * 2) - M);
+        const float f = M == KVMIX_NEG_INF ? 0.f : ex2(__ldcg(ws_ml + ((base + sp) * KVMIX_ROWS + r) * 2) - M);
         sm_w[sp][r] = f;
-        L += f * __ldcg(ws_ml + ((base + sp) * 8 + r) * 2 + 1);
+        L += f * __ldcg(ws_ml + ((base + sp) * KVMIX_ROWS + r) * 2 + 1);
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
@@ -544,7 +546,7 @@ __global__ void __launch_bounds__(NW * 32, 4) kvmix_page_decode(
 #pragma unroll 8
       for (int sp = 0; sp < num_splits; ++sp) {
         const float f = sm_w[sp][r];
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(ws_acc + ((base + sp) * 8 + r) * KVMIX_D + c));
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(ws_acc + ((base + sp) * KVMIX_ROWS + r) * KVMIX_D + c));
         A.x += f * v.x; A.y += f * v.y; A.z += f * v.z; A.w += f * v.w;
       }
       const float inv = sm_l[0][r];

@@ -527,6 +527,16 @@ def test_cuda_decode_stages_like_the_triton_kernel(dtype):
     assert _rel(outs["fused"], outs["triton-stage"]) < 2e-3
 
 
+def test_cuda_decode_constants_match_the_source():
+    """The launcher's bounds and workspace sizing are the kernel's shared-memory shapes (csrc/page_decode.cu)."""
+    from vllm_kvmix.kernels import cuda_decode
+
+    src = cuda_decode.source_path().read_text()
+    assert f"#define KVMIX_ROWS {cuda_decode.ROWS} " in src
+    assert f"#define KVMIX_MAX_SPLITS {cuda_decode.MAX_SPLITS} " in src
+    assert f"#define KVMIX_D {cuda_decode.HEAD_SIZE}\n" in src
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
 @pytest.mark.parametrize("defines", [[], ["-DKVMIX_PREFETCH=1"]])
 def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):

@@ -33,8 +33,8 @@ import torch
 from vllm_kvmix.formats import KVFormat
 
 WARPS = 4  # warps per block (each walks its own pages); 4 blocks per SM at <= 128 registers
-MAX_SPLITS = 64  # split-K partials one block merges (shared memory of the kernel: sm_w)
-ROWS = 8  # workspace rows per (query block, KV head, split): the GQA group, padded
+MAX_SPLITS = 64  # split-K partials one block merges (the kernel's KVMIX_MAX_SPLITS: shared memory sm_w)
+ROWS = 8  # workspace rows per (query block, KV head, split): the GQA group, padded (the kernel's KVMIX_ROWS)
 SOURCE_NAME = "page_decode.cu"
 HEAD_SIZE = 128
 DISABLE_ENV = "KVMIX_CUDA_DECODE"  # "0": always the Triton kernel (benchmarks compare the two)

@@ -36,8 +36,10 @@ from decode_bench import peers as fa_peers  # noqa: E402
 dev = "cuda"
 HQ, HKV, D = 32, 8, 128
 FORMATS = ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"]
-# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +DEFINE")
-EXPERIMENTS = ["KVMIX_PREFETCH=1"]
+# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +D1+D2"):
+# L2 prefetch 1 / 2 turns ahead, register bounds for 5 blocks per SM (96 registers, spills) or 3 (none)
+EXPERIMENTS = [("KVMIX_PREFETCH=1",), ("KVMIX_PREFETCH=2",), ("KVMIX_MIN_BLOCKS=3",), ("KVMIX_MIN_BLOCKS=5",),
+               ("KVMIX_PREFETCH=2", "KVMIX_MIN_BLOCKS=3")]
 SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (16, 32768),
           (64, 1024), (64, 8192), (64, 32768), (256, 1024), (256, 8192)]
 
@@ -111,7 +113,12 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shapes", default=None, help="e.g. 16x32768,64x8192")
     ap.add_argument("--sweep", action="store_true", help="also time launch-option variants of k4v2 attention")
+    ap.add_argument("--experiments", default=None,
+                    help="CUDA source experiments to time, ';' between builds, '+' between defines "
+                         "(default: EXPERIMENTS; 'none': the served build only)")
     args = ap.parse_args()
+    experiments = EXPERIMENTS if args.experiments is None else [
+        tuple(e.split("+")) for e in args.experiments.split(";") if e and e != "none"]
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     gen = torch.Generator(device=dev).manual_seed(0)
     bw = copy_bw()
@@ -168,15 +175,16 @@ def main():
             # the whole step as vLLM replays a decode batch (one CUDA graph), and each kernel's GPU time in it
             res[fname + " step graph"] = (triton.testing.do_bench_cudagraph(full_step), res[fname][1])
             # experiments of the CUDA source (csrc/page_decode.cu, off as served), against the rows above
-            for define in EXPERIMENTS:
-                cuda_decode.DEFINES = (define,)
+            for defines in experiments:
+                cuda_decode.DEFINES = defines
+                tag = "+" + "+".join(defines)
                 try:
-                    res[f"{fname} graph +{define}"] = (
+                    res[f"{fname} graph {tag}"] = (
                         triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
-                    res[f"{fname} step graph +{define}"] = (triton.testing.do_bench_cudagraph(full_step),
-                                                            res[fname][1])
+                    res[f"{fname} step graph {tag}"] = (triton.testing.do_bench_cudagraph(full_step),
+                                                        res[fname][1])
                 except Exception as e:  # noqa: BLE001 (keep the served build's rows)
-                    print(f"  experiment {define} failed:", repr(e)[:300], flush=True)
+                    print(f"  experiment {tag} failed:", repr(e)[:300], flush=True)
                 finally:
                     cuda_decode.DEFINES = ()
             if fname == "kvmix-k4v2":

@@ -39,16 +39,11 @@ typedef unsigned char u8;
 #define KVMIX_P 64
 #define KVMIX_ROWS 8         // query heads per KV head (the mma's rows g; workspace rows per split): cuda_decode.ROWS
 #define KVMIX_MAX_SPLITS 64  // split-K partials the last block merges (sm_w): cuda_decode.MAX_SPLITS
-// Experiments (off unless the compile defines them; page_bench.py times them beside the served build) --
-// the kernel is latency-bound at 64 x 8k on the H200 (43% of the issue rate, 57% of copy bandwidth;
-// benchmarks/kernels/NOTES.md):
-//   KVMIX_PREFETCH=n: each warp prefetches into L2 (one bulk prefetch per page, sm_90) the packed page it
-//                     will read n turns ahead (p + n NW) before attending page p; turns 1 .. n-1 of its
-//                     walk are prefetched before the loop.
-//   KVMIX_MIN_BLOCKS=b: blocks per SM the register allocation is bounded for (4 as served: 128 registers).
-#ifndef KVMIX_PREFETCH
-#define KVMIX_PREFETCH 0
-#endif
+// Blocks per SM the register allocation is bounded for: 4 (128 registers, ~72-96 bytes of spills) as served.
+// page_bench.py --experiments KVMIX_MIN_BLOCKS=3 / 5 times the others beside it (H200, session 10: 3 blocks
+// at 158-168 registers without spills and 5 at 96 with ~300 bytes of spills are both 13-26% slower at
+// 64 x 8k; an L2 prefetch of each warp's next page, 1 or 2 turns ahead, was up to 1.6x slower for k8v4:
+// benchmarks/kernels/NOTES.md).
 #ifndef KVMIX_MIN_BLOCKS
 #define KVMIX_MIN_BLOCKS 4
 #endif
@@ -458,22 +453,7 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(
 #pragma unroll
   for (int mt = 0; mt < 8; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
-#if KVMIX_PREFETCH && __CUDA_ARCH__ >= 900
-  // a packed head page (stride_ch bytes, 16-aligned) into L2; the own page is the staged copy, not cached
-  auto prefetch = [&](int pp) {
-    if (lane == 0 && pp < p_end && pp != own) {
-      const long long nb = block_table[(long long)b * stride_bt + pp];
-      const u8* nxt = cache + nb * (long long)stride_cb + (long long)kvh * stride_ch;
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(nxt), "r"(stride_ch) : "memory");
-    }
-  };
-#pragma unroll
-  for (int j = 1; j < KVMIX_PREFETCH; ++j) prefetch(p_begin + warp + j * NW);
-#endif
   for (int p = p_begin + warp; p < p_end; p += NW) {
-#if KVMIX_PREFETCH && __CUDA_ARCH__ >= 900
-    prefetch(p + KVMIX_PREFETCH * NW);
-#endif
     if (p == own) {  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64)
       attend_page<KB, 8, 8, true>(own_page, seq - own * KVMIX_P, qs, m_run, l_run, acc, g, qd, sk_meta_off,
                                   sv_codes_off, sv_meta_off);

@@ -36,10 +36,9 @@ from decode_bench import peers as fa_peers  # noqa: E402
 dev = "cuda"
 HQ, HKV, D = 32, 8, 128
 FORMATS = ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"]
-# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +D1+D2"):
-# L2 prefetch 1 / 2 turns ahead, register bounds for 5 blocks per SM (96 registers, spills) or 3 (none)
-EXPERIMENTS = [("KVMIX_PREFETCH=1",), ("KVMIX_PREFETCH=2",), ("KVMIX_MIN_BLOCKS=3",), ("KVMIX_MIN_BLOCKS=5",),
-               ("KVMIX_PREFETCH=2", "KVMIX_MIN_BLOCKS=3")]
+# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +D1+D2"); e.g.
+# ("KVMIX_MIN_BLOCKS=3",).  Session 10's (L2 prefetch, 3 / 5 blocks per SM) lost: benchmarks/kernels/NOTES.md
+EXPERIMENTS: list[tuple[str, ...]] = []
 SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (16, 32768),
           (64, 1024), (64, 8192), (64, 32768), (256, 1024), (256, 8192)]
 

@@ -39,7 +39,7 @@ SOURCE_NAME = "page_decode.cu"
 HEAD_SIZE = 128
 DISABLE_ENV = "KVMIX_CUDA_DECODE"  # "0": always the Triton kernel (benchmarks compare the two)
 # Preprocessor defines of the compile: empty as served; benchmarks set experiments of the source here
-# (``("KVMIX_PREFETCH=1",)``, page_bench.py) and time them against the served build in one run.
+# (``("KVMIX_MIN_BLOCKS=3",)``, page_bench.py --experiments) and time them against the served build in one run.
 DEFINES: tuple[str, ...] = ()
 
 

@@ -542,8 +542,8 @@ def test_cuda_decode_constants_match_the_source():
 @pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"]])
 def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):
     """csrc/page_decode.cu builds for sm_90 in every variant the launcher names, as served and with another
-    register bound (``KVMIX_MIN_BLOCKS=3``, a define page_bench.py's experiments set) (NVRTC compiles the same source on the GPU at first use; this catches a
-    broken source on a CPU machine)."""
+    register bound (``KVMIX_MIN_BLOCKS=3``, a define page_bench.py's experiments set).  NVRTC compiles the
+    same source on the GPU at first use; this catches a broken source on a CPU machine."""
     import subprocess
 
     from vllm_kvmix.kernels import cuda_decode

@@ -1,6 +1,11 @@
 """Compile the page-attention kernel for sm_90 on a machine without a GPU and summarise its SASS.
 
     python benchmarks/kernels/sass.py [--fmt kvmix-k4v2] [--warps 2] [--stages 2] [--dump DIR]
+    python benchmarks/kernels/sass.py --cuda [--source FILE] [-D NAME=VALUE ...]   (needs nvcc)
+
+``--cuda``: the CUDA decode kernel (csrc/page_decode.cu, every variant the nvcc build instantiates):
+registers and spills from ptxas, and the instructions of each arm of the page loop's ``p == own``
+branch -- the packed-page arm (112 HMMA for one 64-token page) is the per-page cost.
 
 Triton ships ptxas and nvdisasm, so registers, spills, shared memory and the instruction mix of
 the main loop can be read here; the GPU is only needed for timing.  Shapes: Llama-3.1-8B heads
@@ -113,8 +118,50 @@ def report(k, label):
     return text
 
 
+def cuda_report(source, defines=()):
+    """nvcc sm_90 build of the CUDA decode kernel; per variant: ptxas resources, then per arm of the page
+    loop's branch (packed page / own page) its instruction count and mix."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        res = subprocess.run(["nvcc", "-DKVMIX_INSTANTIATE", *(f"-D{d}" for d in defines), "-std=c++17",
+                              "-gencode=arch=compute_90,code=sm_90", "-cubin", "-Xptxas", "-v", "-o", cubin, source],
+                             capture_output=True, text=True, check=True)
+        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        text = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    usage, current = {}, None  # ptxas -v: "Compiling entry function 'NAME'", "N bytes stack frame...", "Used N registers"
+    for ln in res.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", ln)
+        if m:
+            current = m.group(1)
+            usage[current] = ""
+        elif current and ("stack frame" in ln or "Used" in ln):
+            usage[current] += ln.split(":", 1)[-1].strip().split(", used")[0] + "; "
+    chunks = re.split(r"(?m)^\s*\.section\s+\.text\.([^,\s]+),", text)
+    for i in range(1, len(chunks), 2):
+        name, body = chunks[i], chunks[i + 1]
+        m = re.search(r"kvmix_page_decodeILi(\d+)ELi(\d+)ELi(\d+)ELb(\d)", name)
+        if not m:
+            continue
+        print(f"k{m.group(1)}v{m.group(2)} warps {m.group(3)} bf16 {m.group(4)}: {usage.get(name, '?')}")
+        lines, lps = loops(body)
+        with_mma = [ab for ab in lps if opcode_mix(lines[ab[0]:ab[1] + 1])["HMMA"] > 0]
+        a, b = min(with_mma, key=lambda ab: ab[1] - ab[0])  # the page loop: the innermost loop with mma
+        seg = lines[a:b + 1]
+        br = next(j for j, ln in enumerate(seg) if re.search(r"@!?P\d+\s+BRA", ln))
+        label = re.search(r"`\(\.(L_x_\d+)\)", seg[br]).group(1)
+        mid = next(j for j, ln in enumerate(seg) if ln.strip().startswith(f".{label}:"))
+        for arm in (seg[:mid], seg[mid:]):
+            mix = opcode_mix(arm)
+            kind = "packed page" if mix["HMMA"] >= 112 else "own page"
+            print(f"  {kind}: {sum(mix.values())} instructions: "
+                  + " ".join(f"{op} {n}" for op, n in mix.most_common(14)))
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--cuda", action="store_true", help="the CUDA decode kernel (nvcc) instead of the Triton one")
+    ap.add_argument("--source", default=os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "page_decode.cu"))
+    ap.add_argument("-D", dest="defines", action="append", default=[], help="a define of the CUDA build")
     ap.add_argument("--fmt", default="kvmix-k4v2")
     ap.add_argument("--warps", type=int, default=2)
     ap.add_argument("--stages", type=int, default=2)
@@ -122,6 +169,9 @@ def main():
     ap.add_argument("--maxnreg", type=int, default=None)
     ap.add_argument("--dump", default=None)
     args = ap.parse_args()
+    if args.cuda:
+        cuda_report(args.source, tuple(args.defines))
+        return
     k = compile_attention(args.fmt, warps=args.warps, stages=args.stages, split=args.split, maxnreg=args.maxnreg)
     text = report(k, f"{args.fmt} w{args.warps} s{args.stages}")
     if args.dump:

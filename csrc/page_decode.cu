@@ -47,6 +47,12 @@ typedef unsigned char u8;
 #ifndef KVMIX_MIN_BLOCKS
 #define KVMIX_MIN_BLOCKS 4
 #endif
+// Experiment (off as served; page_bench.py --experiments KVMIX_FEW_SHIFTS=1): code fields that lie inside the
+// 10 mantissa bits of a 16-bit half are read in place (code_field), so a word of 4-bit codes needs one shift
+// instead of three and a word of 2-bit codes one instead of seven; the same numbers reach the mmas.
+#ifndef KVMIX_FEW_SHIFTS
+#define KVMIX_FEW_SHIFTS 0
+#endif
 #define KVMIX_NEG_INF __int_as_float(0xff800000)
 
 struct alignas(16) u32x4 {
@@ -196,6 +202,38 @@ __device__ __forceinline__ u32 code_pair(u32 w, int shift) {
   return r;
 }
 
+// The field at bit o of each 16-bit half of w -> (offset + code) as exact fp16x2.  Served (code_pair): the
+// field shifted to bit 0 under the exponent of 1024 (offset 1024).  KVMIX_FEW_SHIFTS: a field inside the
+// mantissa (o + BITS <= 10) stays where it is, under the exponent that makes its unit 1 (2^(25 - o) in the
+// exponent field: offset 2^(10 - o)); a field above it is read the same way from w >> 8 (one shift a word:
+// the compiler shares it).  field_offset_neg gives the matching -offset, so codes stay exact.
+__device__ __forceinline__ constexpr int field_at(int bits, int o) { return o + bits <= 10 ? o : o - 8; }
+
+template <int BITS>
+__device__ __forceinline__ u32 code_field(u32 w, int o) {
+#if KVMIX_FEW_SHIFTS
+  const int f = field_at(BITS, o);
+  const u32 x = o + BITS <= 10 ? w : w >> 8;
+  const u32 mask = (((1u << BITS) - 1) << f) * 0x00010001u;
+  const u32 expo = ((u32)(25 - f) << 10) * 0x00010001u;
+  u32 r;  // (x & mask) | expo in one LOP3
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask), "r"(expo));
+  return r;
+#else
+  return code_pair<BITS>(w, o);
+#endif
+}
+
+// -offset of code_field<BITS>(., o) as fp16x2 (-1024 as served)
+template <int BITS>
+__device__ __forceinline__ u32 field_offset_neg(int o) {
+#if KVMIX_FEW_SHIFTS
+  return (0x8000u | ((u32)(25 - field_at(BITS, o)) << 10)) * 0x00010001u;
+#else
+  return 0xE400E400u;
+#endif
+}
+
 template <bool BF16>
 __device__ __forceinline__ float load_q(const u16* q, long long off) {
   u16 h = q[off];
@@ -278,7 +316,9 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
       const u32 m0 = prmt(km[key_channel<QKB>(qd, a, 0) - 32 * qd], km[key_channel<QKB>(qd, a, 1) - 32 * qd], 0x7632);
       const u32 m1 = prmt(km[key_channel<QKB>(qd, bb, 0) - 32 * qd], km[key_channel<QKB>(qd, bb, 1) - 32 * qd], 0x7632);
       mma16816(corr, qs[a], 0u, qs[bb], 0u, m0, m1);
-      mma16816(corr, qp[a], 0u, qp[bb], 0u, NEG1024, NEG1024);
+      constexpr int per_word = 16 / CKB;  // -offset of each channel pair's code field (the codes' offsets)
+      mma16816(corr, qp[a], 0u, qp[bb], 0u, field_offset_neg<CKB>(CKB * (a % per_word)),
+               field_offset_neg<CKB>(CKB * (bb % per_word)));
     }
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
@@ -286,8 +326,8 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
       for (int kk = 0; kk < 8; ++kk) {
         constexpr int per_word = 16 / CKB;
         const int a = 2 * kk, bb = 2 * kk + 1;
-        const u32 b0 = code_pair<CKB>(kc[nt][a / per_word], CKB * (a % per_word));
-        const u32 b1 = code_pair<CKB>(kc[nt][bb / per_word], CKB * (bb % per_word));
+        const u32 b0 = code_field<CKB>(kc[nt][a / per_word], CKB * (a % per_word));
+        const u32 b1 = code_field<CKB>(kc[nt][bb / per_word], CKB * (bb % per_word));
         if (kk == 0)
           mma16816_c(s[nt], qp[a], 0u, qp[bb], 0u, b0, b1, corr);
         else
@@ -366,7 +406,7 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
 #pragma unroll
           for (int j = 0; j < per_half; ++j) {
             const int e = w * (32 / VB) + half * per_half + j;
-            va[hh][e] = hfma2(hadd2(code_pair<VB>(inter, VB * j), NEG1024), sc, mn);
+            va[hh][e] = hfma2(hadd2(code_field<VB>(inter, VB * j), field_offset_neg<VB>(VB * j)), sc, mn);
             if (STAGED) va[hh][e] &= keep;
           }
         }

@@ -424,14 +424,16 @@ def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA decode kernel needs a GPU")
 @pytest.mark.parametrize("name, defines", [("kvmix-k4v2", ()), ("kvmix-k4v4", ()), ("kvmix-k8v4", ()),
-                                           ("kvmix-k4v2", ("KVMIX_MIN_BLOCKS=3",))])
+                                           ("kvmix-k4v2", ("KVMIX_MIN_BLOCKS=3",)),
+                                           *[(f, ("KVMIX_FEW_SHIFTS=1",)) for f in ("kvmix-k4v2", "kvmix-k4v4",
+                                                                                    "kvmix-k8v4")]])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_decode_matches_oracle_and_triton(name, defines, dtype, monkeypatch):
     """Decode steps through the CUDA packed-page kernel (csrc/page_decode.cu) + the Triton own-page split,
     against the fp64 oracle and against the Triton-only path on the same caches; rows padded past the
-    real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K; k4v2
-    also built with ``KVMIX_MIN_BLOCKS=3`` (another register allocation, no spills: the define mechanism
-    ``page_bench.py --experiments`` uses).
+    real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K; also
+    built with the defines ``page_bench.py --experiments`` sets: ``KVMIX_MIN_BLOCKS=3`` (another register
+    allocation, no spills) and ``KVMIX_FEW_SHIFTS=1`` (codes read in place: other offsets, same numbers).
 
     Tolerance: both paths round q (to ``dtype`` and then fp16), K, V and P to fp16 inside their dots;
     the CUDA kernel also rounds q * key scale to fp16 (the scale is folded into the query), which is
@@ -539,11 +541,12 @@ def test_cuda_decode_constants_match_the_source():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
-@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"]])
+@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"], ["-DKVMIX_FEW_SHIFTS=1"]])
 def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):
     """csrc/page_decode.cu builds for sm_90 in every variant the launcher names, as served and with another
-    register bound (``KVMIX_MIN_BLOCKS=3``, a define page_bench.py's experiments set).  NVRTC compiles the
-    same source on the GPU at first use; this catches a broken source on a CPU machine."""
+    register bound (``KVMIX_MIN_BLOCKS=3``) and with ``KVMIX_FEW_SHIFTS=1`` (defines page_bench.py's
+    experiments set).  NVRTC compiles the same source on the GPU at first use; this catches a broken source
+    on a CPU machine."""
     import subprocess
 
     from vllm_kvmix.kernels import cuda_decode

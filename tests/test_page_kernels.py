@@ -422,11 +422,18 @@ def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
     return out
 
 
+# defines of a source experiment under trial (e.g. an applied benchmarks/kernels/experiments/*.patch), comma
+# separated: the oracle test below also runs every format built with them
+_TRIAL_DEFINES = tuple(d for d in os.environ.get("KVMIX_TEST_DEFINES", "").split(",") if d)
+
+
 @pytest.mark.skipif(not CUDA, reason="the CUDA decode kernel needs a GPU")
 @pytest.mark.parametrize("name, defines", [("kvmix-k4v2", ()), ("kvmix-k4v4", ()), ("kvmix-k8v4", ()),
                                            ("kvmix-k4v2", ("KVMIX_MIN_BLOCKS=3",)),
                                            *[(f, ("KVMIX_FEW_SHIFTS=1",)) for f in ("kvmix-k4v2", "kvmix-k4v4",
-                                                                                    "kvmix-k8v4")]])
+                                                                                    "kvmix-k8v4")],
+                                           *[(f, _TRIAL_DEFINES) for f in ("kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4")
+                                             if _TRIAL_DEFINES]])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_decode_matches_oracle_and_triton(name, defines, dtype, monkeypatch):
     """Decode steps through the CUDA packed-page kernel (csrc/page_decode.cu) + the Triton own-page split,
@@ -541,7 +548,8 @@ def test_cuda_decode_constants_match_the_source():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
-@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"], ["-DKVMIX_FEW_SHIFTS=1"]])
+@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"], ["-DKVMIX_FEW_SHIFTS=1"],
+                                     *([[f"-D{d}" for d in _TRIAL_DEFINES]] if _TRIAL_DEFINES else [])])
 def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):
     """csrc/page_decode.cu builds for sm_90 in every variant the launcher names, as served and with another
     register bound (``KVMIX_MIN_BLOCKS=3``) and with ``KVMIX_FEW_SHIFTS=1`` (defines page_bench.py's

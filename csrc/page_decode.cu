@@ -204,8 +204,8 @@ __device__ __forceinline__ u32 code_pair(u32 w, int shift) {
 
 // The field at bit o of each 16-bit half of w -> (offset + code) as exact fp16x2.  Served (code_pair): the
 // field shifted to bit 0 under the exponent of 1024 (offset 1024).  KVMIX_FEW_SHIFTS: a field inside the
-// mantissa (o + BITS <= 10) stays where it is, under the exponent that makes its unit 1 (2^(25 - o) in the
-// exponent field: offset 2^(10 - o)); a field above it is read the same way from w >> 8 (one shift a word:
+// mantissa (o + BITS <= 10) stays where it is, under the exponent that makes its unit 1 (exponent field
+// 25 - o: offset 2^(10 - o)); a field above it is read the same way from w >> 8 at o - 8 (one shift a word:
 // the compiler shares it).  field_offset_neg gives the matching -offset, so codes stay exact.
 __device__ __forceinline__ constexpr int field_at(int bits, int o) { return o + bits <= 10 ? o : o - 8; }
 

@@ -194,12 +194,17 @@ __device__ __forceinline__ void stage_row(u8* page, int off, float (&x)[4], int 
 }
 
 // 16-bit halves of `w` hold codes at bit `shift` -> (1024 + code_lo, 1024 + code_hi) as fp16x2.
+// (The code-field helpers also compile for the host: tests/test_page_kernels.py checks them on a CPU.)
 template <int BITS>
-__device__ __forceinline__ u32 code_pair(u32 w, int shift) {
+__host__ __device__ __forceinline__ u32 code_pair(u32 w, int shift) {
   const u32 mask = ((1u << BITS) - 1) * 0x00010001u;
+#ifdef __CUDA_ARCH__
   u32 r;  // (x & mask) | 0x64006400 in one LOP3
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w >> shift), "n"(mask), "n"(0x64006400u));
   return r;
+#else
+  return ((w >> shift) & mask) | 0x64006400u;
+#endif
 }
 
 // The field at bit o of each 16-bit half of w -> (offset + code) as exact fp16x2.  Served (code_pair): the
@@ -207,18 +212,22 @@ __device__ __forceinline__ u32 code_pair(u32 w, int shift) {
 // mantissa (o + BITS <= 10) stays where it is, under the exponent that makes its unit 1 (exponent field
 // 25 - o: offset 2^(10 - o)); a field above it is read the same way from w >> 8 at o - 8 (one shift a word:
 // the compiler shares it).  field_offset_neg gives the matching -offset, so codes stay exact.
-__device__ __forceinline__ constexpr int field_at(int bits, int o) { return o + bits <= 10 ? o : o - 8; }
+__host__ __device__ __forceinline__ constexpr int field_at(int bits, int o) { return o + bits <= 10 ? o : o - 8; }
 
 template <int BITS>
-__device__ __forceinline__ u32 code_field(u32 w, int o) {
+__host__ __device__ __forceinline__ u32 code_field(u32 w, int o) {
 #if KVMIX_FEW_SHIFTS
   const int f = field_at(BITS, o);
   const u32 x = o + BITS <= 10 ? w : w >> 8;
   const u32 mask = (((1u << BITS) - 1) << f) * 0x00010001u;
   const u32 expo = ((u32)(25 - f) << 10) * 0x00010001u;
+#ifdef __CUDA_ARCH__
   u32 r;  // (x & mask) | expo in one LOP3
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask), "r"(expo));
   return r;
+#else
+  return (x & mask) | expo;
+#endif
 #else
   return code_pair<BITS>(w, o);
 #endif
@@ -226,7 +235,7 @@ __device__ __forceinline__ u32 code_field(u32 w, int o) {
 
 // -offset of code_field<BITS>(., o) as fp16x2 (-1024 as served)
 template <int BITS>
-__device__ __forceinline__ u32 field_offset_neg(int o) {
+__host__ __device__ __forceinline__ u32 field_offset_neg(int o) {
 #if KVMIX_FEW_SHIFTS
   return (0x8000u | ((u32)(25 - field_at(BITS, o)) << 10)) * 0x00010001u;
 #else

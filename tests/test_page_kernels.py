@@ -566,6 +566,74 @@ def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):
     assert res.stderr.count("Compiling entry function") == 4  # k4v2 fp16/bf16, k4v4, k8v4
 
 
+_CODE_FIELDS_MAIN = r"""
+#include <cmath>
+#include <cstdio>
+#include "page_decode.cu"
+
+static double half_value(u32 h) {
+  const int e = (h >> 10) & 31, m = h & 1023;
+  const double v = e ? std::ldexp(1.0 + m / 1024.0, e - 15) : std::ldexp(m / 1024.0, -14);
+  return (h & 0x8000u) ? -v : v;
+}
+
+static u32 rng = 12345u;
+static u32 next() { rng = rng * 1664525u + 1013904223u; return rng; }
+
+// every field position o of a BITS-bit code in both 16-bit halves, every code pair, random neighbouring bits:
+// code_field + field_offset_neg must give the code exactly
+template <int BITS>
+static long check(long& n) {
+  long bad = 0;
+  for (int o = 0; o + BITS <= 16; o += BITS)
+    for (u32 lo = 0; lo < (1u << BITS); ++lo)
+      for (u32 hi = 0; hi < (1u << BITS); ++hi)
+        for (int rep = 0; rep < 4; ++rep) {
+          const u32 field = ((1u << BITS) - 1) << o;
+          u32 w = next() & ~(field | (field << 16));
+          w |= (lo << o) | (hi << (16 + o));
+          const u32 r = code_field<BITS>(w, o), neg = field_offset_neg<BITS>(o);
+          const double off_lo = -half_value(neg & 0xffffu), off_hi = -half_value(neg >> 16);
+          ++n;
+          if (half_value(r & 0xffffu) - off_lo != (double)lo || half_value(r >> 16) - off_hi != (double)hi ||
+              off_lo != off_hi || off_lo <= 0) {
+            if (bad < 5) printf("BITS %d o %d lo %u hi %u: %08x offset %g\n", BITS, o, lo, hi, r, off_lo);
+            ++bad;
+          }
+        }
+  return bad;
+}
+
+int main() {
+  long n = 0;
+  const long bad = check<2>(n) + check<4>(n) + check<8>(n);
+  printf("checked %ld, wrong %ld\n", n, bad);
+  return bad != 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("c++") is None, reason="no nvcc / host C++ compiler")
+@pytest.mark.parametrize("defines", [[], ["-DKVMIX_FEW_SHIFTS=1"]])
+def test_cuda_decode_code_fields_are_exact(tmp_path, defines):
+    """The CUDA kernel's code-field helpers (code_field / field_offset_neg of csrc/page_decode.cu, compiled for the
+    host): for 2-, 4- and 8-bit codes at every field position of both 16-bit halves, with random neighbouring
+    bits, the fp16 pair read back minus the offset is the code exactly -- as served (shift to bit 0, offset
+    1024) and with KVMIX_FEW_SHIFTS (fields read in place, offsets 2^(10 - o)).  Fails if a mask takes a
+    neighbour's bit or an exponent gives a unit other than 1."""
+    import subprocess
+
+    from vllm_kvmix.kernels import cuda_decode
+
+    (tmp_path / "main.cu").write_text(_CODE_FIELDS_MAIN)
+    exe = tmp_path / "fields"
+    res = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", *defines, f"-I{cuda_decode.source_path().parent}",
+                          "-o", str(exe), str(tmp_path / "main.cu")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "wrong 0" in run.stdout, run.stdout[-2000:]
+
+
 _SM90_SHARED = """
 import sys
 import triton

@@ -49,7 +49,8 @@ typedef unsigned char u8;
 #endif
 // Experiment (off as served; page_bench.py --experiments KVMIX_FEW_SHIFTS=1): code fields that lie inside the
 // 10 mantissa bits of a 16-bit half are read in place (code_field), so a word of 4-bit codes needs one shift
-// instead of three and a word of 2-bit codes one instead of seven; the same numbers reach the mmas.
+// instead of three and a word of 2-bit codes one instead of seven; value operands are unchanged, key operands
+// carry smaller offsets that the correction mma removes.
 #ifndef KVMIX_FEW_SHIFTS
 #define KVMIX_FEW_SHIFTS 0
 #endif

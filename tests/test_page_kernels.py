@@ -368,6 +368,29 @@ def test_cuda_decode_entry_point_exists():
     assert cuda_decode.source_path().read_text().count("kvmix_page_decode(") == 1
 
 
+@pytest.mark.parametrize("defines", [(), ("KVMIX_FEW_SHIFTS=1",)])
+def test_cuda_decode_compiles_with_nvrtc(defines):
+    """The runtime compile path on a CPU: torch's NVRTC step (the one ``torch.cuda._compile_kernel`` runs before
+    loading the module; libnvrtc ships in torch's CUDA wheels and needs no GPU) builds every instantiation the
+    launcher names for sm_90 with the launcher's options -- as served and with the experiment page_bench.py
+    times.  nvcc accepting the source does not prove NVRTC does (another front end, no host compiler)."""
+    from torch.cuda import _utils
+
+    from vllm_kvmix.kernels import cuda_decode
+
+    try:
+        _utils._get_gpu_rtc_library()
+    except OSError as e:  # a CPU-only torch wheel: no libnvrtc
+        pytest.skip(f"no NVRTC library: {e}")
+    src = cuda_decode.source_path().read_text()
+    for k_bits, v_bits in ((4, 2), (4, 4), (8, 4)):
+        for bf16 in ((True, False) if not defines else (True,)):
+            name = cuda_decode.kernel_name(k_bits, v_bits, bf16)
+            cubin, mangled = _utils._nvrtc_compile(src, name, compute_capability="90",
+                                                   nvcc_options=cuda_decode.nvrtc_options(defines))
+            assert len(cubin) > 10_000 and mangled.startswith("_Z17kvmix_page_decodeI"), name
+
+
 def _decode_pages(fmt, seq_lens, h, d, gen):
     """A cache of packed pages (reference packer, outlier channels) and one staged page per request."""
     from vllm_kvmix.quant import quantize

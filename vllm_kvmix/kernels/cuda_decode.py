@@ -53,10 +53,19 @@ def source_path() -> Path:
     raise FileNotFoundError(f"kvmix: {SOURCE_NAME} not found next to the package (csrc/)")
 
 
+def nvrtc_options(defines: tuple[str, ...] = ()) -> list[str]:
+    """The NVRTC options of every compile (tests compile with them on a CPU: NVRTC needs no GPU)."""
+    return ["-std=c++17", *(f"-D{d}" for d in defines)]
+
+
+def kernel_name(k_bits: int, v_bits: int, bf16: bool) -> str:
+    """The template instantiation NVRTC compiles by name for a format and query dtype."""
+    return f"kvmix_page_decode<{k_bits}, {v_bits}, {WARPS}, {'true' if bf16 else 'false'}>"
+
+
 def compile_cuda(source: str, name: str, defines: tuple[str, ...] = ()) -> Launcher:
     """PyTorch's NVRTC front end (private API, torch 2.11): compile ``name`` for the current GPU."""
-    options = ["-std=c++17", *(f"-D{d}" for d in defines)]
-    return Launcher(torch.cuda._compile_kernel(source, name, nvcc_options=options))
+    return Launcher(torch.cuda._compile_kernel(source, name, nvcc_options=nvrtc_options(defines)))
 
 
 class Launcher:
@@ -86,8 +95,7 @@ class Launcher:
 
 @functools.cache
 def _kernel(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = ()) -> Launcher:
-    name = f"kvmix_page_decode<{k_bits}, {v_bits}, {WARPS}, {'true' if bf16 else 'false'}>"
-    return compile_cuda(source_path().read_text(), name, defines)
+    return compile_cuda(source_path().read_text(), kernel_name(k_bits, v_bits, bf16), defines)
 
 
 def enabled() -> bool:

@@ -1,11 +1,12 @@
 """Compile the page-attention kernel for sm_90 on a machine without a GPU and summarise its SASS.
 
     python benchmarks/kernels/sass.py [--fmt kvmix-k4v2] [--warps 2] [--stages 2] [--dump DIR]
-    python benchmarks/kernels/sass.py --cuda [--source FILE] [-D NAME=VALUE ...]   (needs nvcc)
+    python benchmarks/kernels/sass.py --cuda [--source FILE] [-D NAME=VALUE ...]
 
-``--cuda``: the CUDA decode kernel (csrc/page_decode.cu, every variant the nvcc build instantiates):
-registers and spills from ptxas, and the instructions of each arm of the page loop's ``p == own``
-branch -- the packed-page arm (the one with more mmas) is the per-page cost.
+``--cuda``: the CUDA decode kernel (csrc/page_decode.cu) built as it runs -- by NVRTC with the launcher's
+options (libnvrtc ships in torch's CUDA wheels; no GPU needed) -- registers and stack, and the instructions
+of each arm of the page loop's ``p == own`` branch: the packed-page arm (more mmas) is the per-page cost.
+(nvcc's build of the same source differs: 1,250 instead of 1,380 instructions per k4v2 page.)
 
 Triton ships ptxas and nvdisasm, so registers, spills, shared memory and the instruction mix of
 the main loop can be read here; the GPU is only needed for timing.  Shapes: Llama-3.1-8B heads
@@ -119,31 +120,29 @@ def report(k, label):
 
 
 def cuda_report(source, defines=()):
-    """nvcc sm_90 build of the CUDA decode kernel; per variant: ptxas resources, then per arm of the page
-    loop's branch (packed page / own page) its instruction count and mix."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        res = subprocess.run(["nvcc", "-DKVMIX_INSTANTIATE", *(f"-D{d}" for d in defines), "-std=c++17",
-                              "-gencode=arch=compute_90,code=sm_90", "-cubin", "-Xptxas", "-v", "-o", cubin, source],
-                             capture_output=True, text=True, check=True)
-        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-        text = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
-    usage, current = {}, None  # ptxas -v: "Compiling entry function 'NAME'", "N bytes stack frame...", "Used N registers"
-    for ln in res.stderr.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)'", ln)
-        if m:
-            current = m.group(1)
-            usage[current] = ""
-        elif current and ("stack frame" in ln or "Used" in ln):
-            usage[current] += ln.split(":", 1)[-1].strip().split(", used")[0] + "; "
-    chunks = re.split(r"(?m)^\s*\.section\s+\.text\.([^,\s]+),", text)
-    for i in range(1, len(chunks), 2):
-        name, body = chunks[i], chunks[i + 1]
-        m = re.search(r"kvmix_page_decodeILi(\d+)ELi(\d+)ELi(\d+)ELb(\d)", name)
-        if not m:
-            continue
-        print(f"k{m.group(1)}v{m.group(2)} warps {m.group(3)} bf16 {m.group(4)}: {usage.get(name, '?')}")
-        lines, lps = loops(body)
+    """The CUDA decode kernel as it runs: NVRTC (torch's private wrapper, the launcher's options; no GPU needed)
+    builds each instantiation the launcher names for sm_90.  Per variant: registers and spills (cuobjdump),
+    then per arm of the page loop's branch (packed page / own page) its instruction count and mix."""
+    from torch.cuda import _utils
+
+    from vllm_kvmix.kernels import cuda_decode
+
+    src = open(source).read()
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for k_bits, v_bits, bf16 in ((4, 2, True), (4, 4, True), (8, 4, True)):
+        name = cuda_decode.kernel_name(k_bits, v_bits, bf16)
+        cubin, _ = _utils._nvrtc_compile(src, name, compute_capability="90",
+                                         nvcc_options=cuda_decode.nvrtc_options(tuple(defines)))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            text = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+            res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                                 text=True, check=True).stdout
+        m = re.search(r"REG:\d+ STACK:\d+", res)
+        print(f"k{k_bits}v{v_bits} bf16 {bf16}: {m.group(0) if m else res.strip()}")
+        lines, lps = loops(text)
         with_mma = [ab for ab in lps if opcode_mix(lines[ab[0]:ab[1] + 1])["HMMA"] > 0]
         a, b = min(with_mma, key=lambda ab: ab[1] - ab[0])  # the page loop: the innermost loop with mma
         seg = lines[a:b + 1]
@@ -154,8 +153,8 @@ def cuda_report(source, defines=()):
         packed = max(arms, key=lambda mix: mix["HMMA"])  # the 8-bit own page's keys need fewer S mmas
         for mix in arms:
             kind = "packed page" if mix is packed else "own page"
-            print(f"  {kind}: {sum(mix.values())} instructions: "
-                  + " ".join(f"{op} {n}" for op, n in mix.most_common(14)))
+            print(f"  {kind}: {sum(mix.values())} instructions (local memory: LDL {mix['LDL']}, STL {mix['STL']}): "
+                  + " ".join(f"{op} {n}" for op, n in mix.most_common(12)))
 
 
 def main():

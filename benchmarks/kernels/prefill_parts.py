@@ -122,9 +122,7 @@ def main():
         rot_bytes = 2 * o.numel() * 2
 
         def rot_served():
-            for c0 in range(0, T, prefill.ROT_ROWS):
-                c1 = min(T, c0 + prefill.ROT_ROWS)
-                torch.mm(o[c0:c1].view(-1, D), s16, out=out[c0:c1].view(-1, D))
+            prefill.rotate_rows(o, out, [(0, T)])
 
         def rot_fp32():
             for c0 in range(0, T, prefill.ROT_ROWS):

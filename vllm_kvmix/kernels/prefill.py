@@ -230,9 +230,15 @@ def attend(plan: PrefillPlan, query, out, k, v, scale: float, flash_attn, slidin
     o = torch.empty_like(query)
     flash_attn(query, k, v, o, plan.cu_seqlens_q, plan.max_seqlen_q, plan.seqused_k, plan.max_seqlen_k,
                plan.block_table, scale, sliding_window, soft_cap)
-    d = query.shape[-1]
-    signs = _sign_matrix(d, query.dtype, query.device)
-    for t0, t1 in _merged(plan.row_ranges):
+    rotate_rows(o, out, plan.row_ranges)
+
+
+def rotate_rows(o, out, row_ranges) -> None:
+    """``out[t0:t1] = o[t0:t1] @ S`` for each ``(t0, t1)`` of ``row_ranges``, in GEMMs of at most ``ROT_ROWS``
+    tokens in ``o``'s dtype (``S``: the +-1 Sylvester matrix; ``out`` may be strided)."""
+    d = o.shape[-1]
+    signs = _sign_matrix(d, o.dtype, o.device)
+    for t0, t1 in _merged(row_ranges):
         for c0 in range(t0, t1, ROT_ROWS):
             c1 = min(t1, c0 + ROT_ROWS)
             dst = out[c0:c1]

@@ -159,7 +159,7 @@ def cuda_report(source, defines=()):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cuda", action="store_true", help="the CUDA decode kernel (nvcc) instead of the Triton one")
+    ap.add_argument("--cuda", action="store_true", help="the CUDA decode kernel (as NVRTC builds it) instead of the Triton one")
     ap.add_argument("--source", default=os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "page_decode.cu"))
     ap.add_argument("-D", dest="defines", action="append", default=[], help="a define of the CUDA build")
     ap.add_argument("--fmt", default="kvmix-k4v2")

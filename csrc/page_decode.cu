@@ -20,15 +20,20 @@
 //
 // Tensor cores (mma.sync m16n8k16, fp16 operands, fp32 accumulation) with the roles chosen so the codes
 // reach the operand registers as whole 32-bit words:
-//   S  = Q K^T:   A = query (rows = the REP heads of the KV head, padded to 16), B = key codes, n = token.
-//                 A thread's B registers hold channels (c, c + 16 / KB) of one token: one word of codes,
-//                 shifted and masked, OR-ed into the bits of 1024.0 (the exact fp16 number 1024 + code).
-//                 The per-channel scale goes to the query (Q' = Q * scale, per page) and the minimum and
-//                 the 1024 offset into a per-page correction computed by the tensor cores
-//                 (sum_c Q m - 1024 sum_c Q'), which seeds the S accumulators.
+//   S  = Q K^T:   A = query (rows = the REP heads of the KV head, padded to 16), B = key codes, n = token
+//                 (8-bit keys, attend_page).  A thread's B registers hold channels (c, c + 16 / KB) of one
+//                 token: one word of codes, each field read in place under the exponent that makes its unit 1
+//                 (code_field: the exact fp16 number 2^(10 - o) + code).  The per-channel scale goes to the
+//                 query (Q' = Q * scale, per page) and the minimum and the fields' offsets into a per-page
+//                 correction computed by the tensor cores (sum_c Q m - sum_c offset Q'), which seeds the S
+//                 accumulators.
+//   S^T = K Q'^T: the same with the roles swapped (4-bit keys, attend_page_st): the codes of two tokens fill
+//                 an A quad, the query is the B pair, so no zero-padded A registers and half the S mmas; P^T
+//                 reaches the value mma's B layout by movmatrix.
 //   O^T = V^T P^T: A = value codes (rows = channels, k = tokens: two tokens' words interleaved with one
-//                 PRMT), dequantized in fp16 (subtract 1024 exactly, FMA per-token scale / minimum);
-//                 B = P straight from the S accumulators (their layout is the B layout of the next mma).
+//                 PRMT), dequantized in fp16 (subtract the field's offset exactly, FMA per-token scale /
+//                 minimum); B = P (with S = Q K^T straight from the S accumulators, whose layout is the B
+//                 layout of the next mma).
 // The softmax runs in base 2 (log2(e) folded into the query scale).
 
 typedef unsigned int u32;
@@ -47,13 +52,10 @@ typedef unsigned char u8;
 #ifndef KVMIX_MIN_BLOCKS
 #define KVMIX_MIN_BLOCKS 4
 #endif
-// Experiment (off as served; page_bench.py --experiments KVMIX_FEW_SHIFTS=1): code fields that lie inside the
-// 10 mantissa bits of a 16-bit half are read in place (code_field), so a word of 4-bit codes needs one shift
-// instead of three and a word of 2-bit codes one instead of seven; value operands are unchanged, key operands
-// carry smaller offsets that the correction mma removes.
-#ifndef KVMIX_FEW_SHIFTS
-#define KVMIX_FEW_SHIFTS 0
-#endif
+// S layout per key width (kvmix_page_decode): 4-bit keys compute S transposed (attend_page_st), 8-bit keys
+// S = Q K^T (attend_page).  Timed on the H200 (session 11, benchmarks/kernels/NOTES.md): the transposed S is
+// 0.88 / 0.90 of the step time for k4v2 / k4v4 at 64 x 8k, 1.02-1.05 for k8v4, whose wider key words take
+// its stack from 80 to 128 bytes.
 #define KVMIX_NEG_INF __int_as_float(0xff800000)
 
 struct alignas(16) u32x4 {
@@ -208,16 +210,16 @@ __host__ __device__ __forceinline__ u32 code_pair(u32 w, int shift) {
 #endif
 }
 
-// The field at bit o of each 16-bit half of w -> (offset + code) as exact fp16x2.  Served (code_pair): the
-// field shifted to bit 0 under the exponent of 1024 (offset 1024).  KVMIX_FEW_SHIFTS: a field inside the
-// mantissa (o + BITS <= 10) stays where it is, under the exponent that makes its unit 1 (exponent field
-// 25 - o: offset 2^(10 - o)); a field above it is read the same way from w >> 8 at o - 8 (one shift a word:
-// the compiler shares it).  field_offset_neg gives the matching -offset, so codes stay exact.
+// The field at bit o of each 16-bit half of w -> (offset + code) as exact fp16x2, with one shift a word at
+// most: a field inside the mantissa (o + BITS <= 10) stays where it is, under the exponent that makes its unit
+// 1 (exponent field 25 - o: offset 2^(10 - o)); a field above it is read the same way from w >> 8 at o - 8
+// (the compiler shares that shift across the word).  field_offset_neg gives the matching -offset, which the
+// keys' correction mma and the values' HADD2 remove, so codes stay exact.  (code_pair, shifting every field
+// to bit 0 under the exponent of 1024, was 208 of k4v2's 1,380 instructions per packed page: session 10.)
 __host__ __device__ __forceinline__ constexpr int field_at(int bits, int o) { return o + bits <= 10 ? o : o - 8; }
 
 template <int BITS>
 __host__ __device__ __forceinline__ u32 code_field(u32 w, int o) {
-#if KVMIX_FEW_SHIFTS
   const int f = field_at(BITS, o);
   const u32 x = o + BITS <= 10 ? w : w >> 8;
   const u32 mask = (((1u << BITS) - 1) << f) * 0x00010001u;
@@ -229,19 +231,12 @@ __host__ __device__ __forceinline__ u32 code_field(u32 w, int o) {
 #else
   return (x & mask) | expo;
 #endif
-#else
-  return code_pair<BITS>(w, o);
-#endif
 }
 
-// -offset of code_field<BITS>(., o) as fp16x2 (-1024 as served)
+// -offset of code_field<BITS>(., o) as fp16x2
 template <int BITS>
 __host__ __device__ __forceinline__ u32 field_offset_neg(int o) {
-#if KVMIX_FEW_SHIFTS
   return (0x8000u | ((u32)(25 - field_at(BITS, o)) << 10)) * 0x00010001u;
-#else
-  return 0xE400E400u;
-#endif
 }
 
 template <bool BF16>
@@ -303,7 +298,7 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
 
   float s[8][4];
   if (!STAGED) {
-    // ---- S = Q' K^T + (sum_c Q m - 1024 sum_c Q'), Q' = Q * per-channel scale
+    // ---- S = Q' K^T + (sum_c Q m - sum_c offset Q'), Q' = Q * per-channel scale
     u32 km[32];
     {
       const u32x4* src = reinterpret_cast<const u32x4*>(page + k_meta_off + 128 * qd);
@@ -428,6 +423,212 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
   }
 }
 
+__device__ __forceinline__ u32 movmatrix_t(u32 x) {  // 8 x 8 fp16 tile (row lane / 4, cols 2 (lane % 4), + 1) transposed
+  u32 r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+  return r;
+}
+
+// attend_page with S transposed (served for 4-bit keys): S^T = K Q'^T, A = key codes (rows = tokens 16 mt + g and
+// 16 mt + 8 + g: the thread's words of kc[2 mt] and kc[2 mt + 1]), B = the query pair of head g; the thread
+// holds heads 2 qd, 2 qd + 1 of 8 tokens, so the softmax state is per (thread, head i = 0, 1) and the maxima
+// are reduced over g (lanes 4, 8, 16 apart).  P^T tiles transposed by movmatrix are the value mma's B.
+template <int QKB, int CKB, int VB, bool STAGED>
+__device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, const u32 (&qs)[16],
+                                               float (&m_run)[2], float (&l_run)[2], float (&acc)[8][4], int g,
+                                               int qd, int k_meta_off, int v_codes_off, int v_meta_off) {
+  constexpr int CBK = KVMIX_D * CKB / 8;  // key code bytes per token
+  constexpr int KW = CBK / 16;            // key code words per thread per token (4 or 8)
+  constexpr int CBV = KVMIX_D * VB / 8;   // value code bytes per token
+  constexpr int VW = VB / 2;              // value code words per thread per token (16 channels)
+  const u32 NEG1024 = 0xE400E400u;
+
+  // ---- loads: key meta, key codes (8 tokens), value codes + meta (16 tokens)
+  u32 kc[8][KW];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const u32x4* src = reinterpret_cast<const u32x4*>(page + (8 * nt + g) * CBK + qd * (CBK / 4));
+#pragma unroll
+    for (int i = 0; i < KW / 4; ++i) {
+      u32x4 v = src[i];
+      kc[nt][4 * i] = v.x; kc[nt][4 * i + 1] = v.y; kc[nt][4 * i + 2] = v.z; kc[nt][4 * i + 3] = v.w;
+    }
+  }
+  // value tokens of this thread: 16 kt + 8 hh + 2 qd + e
+  u32 vc[4][2][2][VW], vm[4][2][2];
+#pragma unroll
+  for (int kt = 0; kt < 4; ++kt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int t = 16 * kt + 8 * hh + 2 * qd + e;
+        const u32* src = reinterpret_cast<const u32*>(page + v_codes_off + t * CBV + g * (2 * VB));
+#pragma unroll
+        for (int w = 0; w < VW; ++w) vc[kt][hh][e][w] = src[w];
+        vm[kt][hh][e] = reinterpret_cast<const u32*>(page + v_meta_off)[t * 2 + (g >> 2)];
+      }
+
+  float st[4][4];  // [mt]: (token 16 mt + g: heads 2 qd, 2 qd + 1), (token 16 mt + 8 + g: same heads)
+  if (!STAGED) {
+    // ---- S^T = K Q'^T + (sum_c Q m - sum_c offset Q') per head (all token rows alike)
+    u32 km[32];
+    {
+      const u32x4* src = reinterpret_cast<const u32x4*>(page + k_meta_off + 128 * qd);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        u32x4 v = src[i];
+        km[4 * i] = v.x; km[4 * i + 1] = v.y; km[4 * i + 2] = v.z; km[4 * i + 3] = v.w;
+      }
+    }
+    u32 qp[16];
+    float corr[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int pi = 0; pi < 16; ++pi) {
+      const int c0 = key_channel<QKB>(qd, pi, 0) - 32 * qd, c1 = key_channel<QKB>(qd, pi, 1) - 32 * qd;
+      qp[pi] = hmul2(qs[pi], prmt(km[c0], km[c1], 0x5410));
+    }
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const int a = 2 * kk, bb = 2 * kk + 1;
+      const u32 m0 = prmt(km[key_channel<QKB>(qd, a, 0) - 32 * qd], km[key_channel<QKB>(qd, a, 1) - 32 * qd], 0x7632);
+      const u32 m1 = prmt(km[key_channel<QKB>(qd, bb, 0) - 32 * qd], km[key_channel<QKB>(qd, bb, 1) - 32 * qd], 0x7632);
+      mma16816(corr, m0, m0, m1, m1, qs[a], qs[bb]);
+      constexpr int pw = 16 / CKB;
+      const u32 na = field_offset_neg<CKB>(CKB * (a % pw)), nb = field_offset_neg<CKB>(CKB * (bb % pw));
+      mma16816(corr, na, na, nb, nb, qp[a], qp[bb]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        constexpr int per_word = 16 / CKB;
+        const int a = 2 * kk, bb = 2 * kk + 1;
+        const u32 a0 = code_field<CKB>(kc[2 * mt][a / per_word], CKB * (a % per_word));
+        const u32 a1 = code_field<CKB>(kc[2 * mt + 1][a / per_word], CKB * (a % per_word));
+        const u32 a2 = code_field<CKB>(kc[2 * mt][bb / per_word], CKB * (bb % per_word));
+        const u32 a3 = code_field<CKB>(kc[2 * mt + 1][bb / per_word], CKB * (bb % per_word));
+        if (kk == 0)
+          mma16816_c(st[mt], a0, a1, a2, a3, qp[a], qp[bb], corr);
+        else
+          mma16816(st[mt], a0, a1, a2, a3, qp[a], qp[bb]);
+      }
+    }
+  } else {
+    // ---- S^T with 8-bit keys dequantized per token (rows): channels of pair pi in the query's order
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+      u32 sc[2], mn[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const u32 w = reinterpret_cast<const u32*>(page + k_meta_off)[(16 * mt + 8 * h + g) * 2 + (qd >> 1)];
+        sc[h] = prmt(w, w, 0x1010);
+        mn[h] = prmt(w, w, 0x3232);
+      }
+      st[mt][0] = st[mt][1] = st[mt][2] = st[mt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        u32 ak[2][2];  // [token row h][pair r]
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int c0 = key_channel<QKB>(qd, 2 * kk + r, 0) - 32 * qd, c1 = key_channel<QKB>(qd, 2 * kk + r, 1) - 32 * qd;
+            const u32 sel = (c0 & 3) | ((c0 & 3) << 4) | ((4 + (c1 & 3)) << 8) | ((4 + (c1 & 3)) << 12);
+            const u32 y = code_pair<8>(prmt(kc[2 * mt + h][c0 >> 2], kc[2 * mt + h][c1 >> 2], sel), 0);
+            ak[h][r] = hfma2(hadd2(y, NEG1024), sc[h], mn[h]);
+          }
+        mma16816(st[mt], ak[0][0], ak[1][0], ak[0][1], ak[1][1], qs[2 * kk], qs[2 * kk + 1]);
+      }
+      if (16 * mt + g >= n_valid) st[mt][0] = st[mt][1] = KVMIX_NEG_INF;
+      if (16 * mt + 8 + g >= n_valid) st[mt][2] = st[mt][3] = KVMIX_NEG_INF;
+    }
+  }
+
+  // ---- online softmax (base 2) for heads 2 qd + i; the 8 lanes of one qd share them
+  float mx[2] = {KVMIX_NEG_INF, KVMIX_NEG_INF};
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+    mx[0] = fmaxf(mx[0], fmaxf(st[mt][0], st[mt][2]));
+    mx[1] = fmaxf(mx[1], fmaxf(st[mt][1], st[mt][3]));
+  }
+  float alpha[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], o));
+    const float m_new = fmaxf(m_run[i], mx[i]);
+    alpha[i] = ex2(m_run[i] - m_new);
+    m_run[i] = m_new;
+  }
+  float psum[2] = {0.f, 0.f};
+  u32 pb[4][2];
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+    const float p00 = ex2(st[mt][0] - m_run[0]), p01 = ex2(st[mt][1] - m_run[1]);
+    const float p10 = ex2(st[mt][2] - m_run[0]), p11 = ex2(st[mt][3] - m_run[1]);
+    psum[0] += p00 + p10;
+    psum[1] += p01 + p11;
+    pb[mt][0] = movmatrix_t(pack_f16x2(p00, p01));  // -> head g, tokens 16 mt + 2 qd, + 1
+    pb[mt][1] = movmatrix_t(pack_f16x2(p10, p11));  // -> head g, tokens 16 mt + 8 + 2 qd, + 1
+  }
+  l_run[0] = l_run[0] * alpha[0] + psum[0];
+  l_run[1] = l_run[1] * alpha[1] + psum[1];
+#pragma unroll
+  for (int mt = 0; mt < 8; ++mt) {  // acc columns are this thread's heads 2 qd, 2 qd + 1
+    acc[mt][0] *= alpha[0]; acc[mt][1] *= alpha[1]; acc[mt][2] *= alpha[0]; acc[mt][3] *= alpha[1];
+  }
+
+  // ---- O^T += V^T P^T; A rows g / g + 8 of m-tile mt = channels 16 g + 2 mt / + 1
+#pragma unroll
+  for (int kt = 0; kt < 4; ++kt) {
+    u32 va[2][16];  // [hh][channel e = 0..15 of the thread]: fp16 pair (token 2qd, 2qd + 1)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const u32 sc = prmt(vm[kt][hh][0], vm[kt][hh][1], 0x5410);
+      const u32 mn = prmt(vm[kt][hh][0], vm[kt][hh][1], 0x7632);
+      u32 keep = 0xFFFFFFFFu;  // staged page: zero the values of tokens past n_valid (stale bytes)
+      if (STAGED) {
+        const int t = 16 * kt + 8 * hh + 2 * qd;
+        keep = (t < n_valid ? 0x0000FFFFu : 0u) | (t + 1 < n_valid ? 0xFFFF0000u : 0u);
+      }
+#pragma unroll
+      for (int w = 0; w < VW; ++w) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const u32 inter = prmt(vc[kt][hh][0][w], vc[kt][hh][1][w], half ? 0x7632 : 0x5410);
+          constexpr int per_half = 16 / VB;
+#pragma unroll
+          for (int j = 0; j < per_half; ++j) {
+            const int e = w * (32 / VB) + half * per_half + j;
+            va[hh][e] = hfma2(hadd2(code_field<VB>(inter, VB * j), field_offset_neg<VB>(VB * j)), sc, mn);
+            if (STAGED) va[hh][e] &= keep;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt)
+      mma16816(acc[mt], va[0][2 * mt], va[0][2 * mt + 1], va[1][2 * mt], va[1][2 * mt + 1], pb[kt][0], pb[kt][1]);
+  }
+}
+
+// The S layout of a format's key width: transposed for 4-bit keys (see the note at the top).
+__host__ __device__ constexpr bool s_transposed(int key_bits) { return key_bits == 4; }
+
+// One page into the softmax state (m_run, l_run per the layout: attend_page uses [0], head g).
+template <int QKB, int CKB, int VB, bool STAGED>
+__device__ __forceinline__ void attend(const u8* page, int n_valid, const u32 (&qs)[16], float (&m_run)[2],
+                                       float (&l_run)[2], float (&acc)[8][4], int g, int qd, int k_meta_off,
+                                       int v_codes_off, int v_meta_off) {
+  if constexpr (s_transposed(QKB))
+    attend_page_st<QKB, CKB, VB, STAGED>(page, n_valid, qs, m_run, l_run, acc, g, qd, k_meta_off, v_codes_off,
+                                         v_meta_off);
+  else
+    attend_page<QKB, CKB, VB, STAGED>(page, n_valid, qs, m_run[0], l_run[0], acc, g, qd, k_meta_off, v_codes_off,
+                                      v_meta_off);
+}
+
 template <int KB, int VB, int NW, bool BF16>
 __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(
     const u16* __restrict__ q, const u16* __restrict__ key, const u16* __restrict__ value,
@@ -498,28 +699,41 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(
     }
   }
 
-  float m_run = KVMIX_NEG_INF, l_run = 0.f;
+  // softmax state: heads 2 qd, 2 qd + 1 with S transposed (4-bit keys); head g in [0] with S = Q K^T
+  float m_run[2] = {KVMIX_NEG_INF, KVMIX_NEG_INF}, l_run[2] = {0.f, 0.f};
   float acc[8][4];
 #pragma unroll
   for (int mt = 0; mt < 8; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
   for (int p = p_begin + warp; p < p_end; p += NW) {
     if (p == own) {  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64)
-      attend_page<KB, 8, 8, true>(own_page, seq - own * KVMIX_P, qs, m_run, l_run, acc, g, qd, sk_meta_off,
-                                  sv_codes_off, sv_meta_off);
+      attend<KB, 8, 8, true>(own_page, seq - own * KVMIX_P, qs, m_run, l_run, acc, g, qd, sk_meta_off,
+                             sv_codes_off, sv_meta_off);
     } else {
       const long long blk = block_table[(long long)b * stride_bt + p];
-      attend_page<KB, KB, VB, false>(cache + blk * (long long)stride_cb + (long long)kvh * stride_ch, KVMIX_P, qs,
-                                     m_run, l_run, acc, g, qd, k_meta_off, v_codes_off, v_meta_off);
+      attend<KB, KB, VB, false>(cache + blk * (long long)stride_cb + (long long)kvh * stride_ch, KVMIX_P, qs, m_run,
+                                l_run, acc, g, qd, k_meta_off, v_codes_off, v_meta_off);
     }
   }
 
-  // ---- merge the warps: row g's (max, sum) and acc fragments into shared memory
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-  if (qd == 0) {
-    sm_m[warp][g] = m_run;
-    sm_l[warp][g] = l_run;
+  // ---- merge the warps: each head's (max, sum) and acc fragments into shared memory
+  if constexpr (s_transposed(KB)) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int o = 4; o < 32; o <<= 1) l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], o);
+      if (g == 0) {
+        sm_m[warp][2 * qd + i] = m_run[i];
+        sm_l[warp][2 * qd + i] = l_run[i];
+      }
+    }
+  } else {
+    l_run[0] += __shfl_xor_sync(0xffffffffu, l_run[0], 1);
+    l_run[0] += __shfl_xor_sync(0xffffffffu, l_run[0], 2);
+    if (qd == 0) {
+      sm_m[warp][g] = m_run[0];
+      sm_l[warp][g] = l_run[0];
+    }
   }
 #pragma unroll
   for (int mt = 0; mt < 8; ++mt) {

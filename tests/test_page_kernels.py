@@ -368,12 +368,18 @@ def test_cuda_decode_entry_point_exists():
     assert cuda_decode.source_path().read_text().count("kvmix_page_decode(") == 1
 
 
-@pytest.mark.parametrize("defines", [(), ("KVMIX_FEW_SHIFTS=1",)])
+# defines of a source experiment under trial (e.g. an applied benchmarks/kernels/experiments/*.patch), comma
+# separated: the NVRTC, nvcc and GPU oracle tests below also build every format built with them
+_TRIAL_DEFINES = tuple(d for d in os.environ.get("KVMIX_TEST_DEFINES", "").split(",") if d)
+
+
+@pytest.mark.parametrize("defines", [(), *([_TRIAL_DEFINES] if _TRIAL_DEFINES else [])])
 def test_cuda_decode_compiles_with_nvrtc(defines):
     """The runtime compile path on a CPU: torch's NVRTC step (the one ``torch.cuda._compile_kernel`` runs before
     loading the module; libnvrtc ships in torch's CUDA wheels and needs no GPU) builds every instantiation the
-    launcher names for sm_90 with the launcher's options -- as served and with the experiment page_bench.py
-    times.  nvcc accepting the source does not prove NVRTC does (another front end, no host compiler)."""
+    launcher names for sm_90 with the launcher's options (both S layouts: S^T for 4-bit keys, S for 8-bit),
+    and with a trial's defines when ``KVMIX_TEST_DEFINES`` is set.  nvcc accepting the source does not prove
+    NVRTC does (another front end, no host compiler)."""
     from torch.cuda import _utils
 
     from vllm_kvmix.kernels import cuda_decode
@@ -445,16 +451,9 @@ def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
     return out
 
 
-# defines of a source experiment under trial (e.g. an applied benchmarks/kernels/experiments/*.patch), comma
-# separated: the oracle test below also runs every format built with them
-_TRIAL_DEFINES = tuple(d for d in os.environ.get("KVMIX_TEST_DEFINES", "").split(",") if d)
-
-
 @pytest.mark.skipif(not CUDA, reason="the CUDA decode kernel needs a GPU")
 @pytest.mark.parametrize("name, defines", [("kvmix-k4v2", ()), ("kvmix-k4v4", ()), ("kvmix-k8v4", ()),
                                            ("kvmix-k4v2", ("KVMIX_MIN_BLOCKS=3",)),
-                                           *[(f, ("KVMIX_FEW_SHIFTS=1",)) for f in ("kvmix-k4v2", "kvmix-k4v4",
-                                                                                    "kvmix-k8v4")],
                                            *[(f, _TRIAL_DEFINES) for f in ("kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4")
                                              if _TRIAL_DEFINES]])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -462,8 +461,8 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, dtype, monkeypatch
     """Decode steps through the CUDA packed-page kernel (csrc/page_decode.cu) + the Triton own-page split,
     against the fp64 oracle and against the Triton-only path on the same caches; rows padded past the
     real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K; also
-    built with the defines ``page_bench.py --experiments`` sets: ``KVMIX_MIN_BLOCKS=3`` (another register
-    allocation, no spills) and ``KVMIX_FEW_SHIFTS=1`` (codes read in place: other offsets, same numbers).
+    built with ``KVMIX_MIN_BLOCKS=3`` (another register allocation, no spills) and with a trial's defines
+    (``KVMIX_TEST_DEFINES``).  k4v2 / k4v4 run the S-transposed page loop, k8v4 the S = Q K^T one.
 
     Tolerance: both paths round q (to ``dtype`` and then fp16), K, V and P to fp16 inside their dots;
     the CUDA kernel also rounds q * key scale to fp16 (the scale is folded into the query), which is
@@ -571,12 +570,12 @@ def test_cuda_decode_constants_match_the_source():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
-@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"], ["-DKVMIX_FEW_SHIFTS=1"],
+@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"],
                                      *([[f"-D{d}" for d in _TRIAL_DEFINES]] if _TRIAL_DEFINES else [])])
 def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):
     """csrc/page_decode.cu builds for sm_90 in every variant the launcher names, as served and with another
-    register bound (``KVMIX_MIN_BLOCKS=3``) and with ``KVMIX_FEW_SHIFTS=1`` (defines page_bench.py's
-    experiments set).  NVRTC compiles the same source on the GPU at first use; this catches a broken source
+    register bound (``KVMIX_MIN_BLOCKS=3``, a define page_bench.py's experiments set) and with a trial's
+    defines (``KVMIX_TEST_DEFINES``).  NVRTC compiles the same source on the GPU at first use; this catches a broken source
     on a CPU machine."""
     import subprocess
 
@@ -604,7 +603,7 @@ static u32 rng = 12345u;
 static u32 next() { rng = rng * 1664525u + 1013904223u; return rng; }
 
 // every field position o of a BITS-bit code in both 16-bit halves, every code pair, random neighbouring bits:
-// code_field + field_offset_neg must give the code exactly
+// code_field + field_offset_neg and code_pair - 1024 must give the code exactly
 template <int BITS>
 static long check(long& n) {
   long bad = 0;
@@ -615,11 +614,12 @@ static long check(long& n) {
           const u32 field = ((1u << BITS) - 1) << o;
           u32 w = next() & ~(field | (field << 16));
           w |= (lo << o) | (hi << (16 + o));
-          const u32 r = code_field<BITS>(w, o), neg = field_offset_neg<BITS>(o);
+          const u32 r = code_field<BITS>(w, o), neg = field_offset_neg<BITS>(o), rp = code_pair<BITS>(w, o);
           const double off_lo = -half_value(neg & 0xffffu), off_hi = -half_value(neg >> 16);
           ++n;
           if (half_value(r & 0xffffu) - off_lo != (double)lo || half_value(r >> 16) - off_hi != (double)hi ||
-              off_lo != off_hi || off_lo <= 0) {
+              off_lo != off_hi || off_lo <= 0 || half_value(rp & 0xffffu) != 1024.0 + lo ||
+              half_value(rp >> 16) != 1024.0 + hi) {
             if (bad < 5) printf("BITS %d o %d lo %u hi %u: %08x offset %g\n", BITS, o, lo, hi, r, off_lo);
             ++bad;
           }
@@ -637,20 +637,19 @@ int main() {
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("c++") is None, reason="no nvcc / host C++ compiler")
-@pytest.mark.parametrize("defines", [[], ["-DKVMIX_FEW_SHIFTS=1"]])
-def test_cuda_decode_code_fields_are_exact(tmp_path, defines):
-    """The CUDA kernel's code-field helpers (code_field / field_offset_neg of csrc/page_decode.cu, compiled for the
-    host): for 2-, 4- and 8-bit codes at every field position of both 16-bit halves, with random neighbouring
-    bits, the fp16 pair read back minus the offset is the code exactly -- as served (shift to bit 0, offset
-    1024) and with KVMIX_FEW_SHIFTS (fields read in place, offsets 2^(10 - o)).  Fails if a mask takes a
-    neighbour's bit or an exponent gives a unit other than 1."""
+def test_cuda_decode_code_fields_are_exact(tmp_path):
+    """The CUDA kernel's code-field helpers (csrc/page_decode.cu, compiled for the host): for 2-, 4- and 8-bit
+    codes at every field position of both 16-bit halves, with random neighbouring bits, the fp16 pair read
+    back minus the offset is the code exactly -- code_field / field_offset_neg (fields read in place, offsets
+    2^(10 - o)) and code_pair (shifted to bit 0, offset 1024).  Fails if a mask takes a neighbour's bit or an
+    exponent gives a unit other than 1."""
     import subprocess
 
     from vllm_kvmix.kernels import cuda_decode
 
     (tmp_path / "main.cu").write_text(_CODE_FIELDS_MAIN)
     exe = tmp_path / "fields"
-    res = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", *defines, f"-I{cuda_decode.source_path().parent}",
+    res = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", f"-I{cuda_decode.source_path().parent}",
                           "-o", str(exe), str(tmp_path / "main.cu")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)

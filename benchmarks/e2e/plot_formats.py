@@ -2,7 +2,7 @@
 
     python3 benchmarks/e2e/plot_formats.py [RESULTS_JSON] [--session TEXT] [--out PNG]
 
-Takes the plain rows (not ``--steps``) whose session tag contains ``--session`` (default "session 10"),
+Takes the plain rows (not ``--steps``) whose session tag contains ``--session`` (default "session 11"),
 one per (format, workload), and draws two panels for the ``cap`` and ``long`` workloads: KV tokens
 (blocks x block size) and output tokens/s, each as a ratio to the bf16 FLASH_ATTN row of the same
 workload and session.  A format without a row for a workload gets no bar there.
@@ -40,7 +40,7 @@ def ratios(rows: list[dict], session: str) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="?", default="benchmarks/results/e2e-h200.json")
-    ap.add_argument("--session", default="session 10")
+    ap.add_argument("--session", default="session 11")
     ap.add_argument("--out", default="benchmarks/results/e2e-formats-h200.png")
     args = ap.parse_args()
     import matplotlib

@@ -256,6 +256,116 @@ __device__ __forceinline__ int key_channel(int qd, int pi, int e) {
 }
 
 
+// A page's codes as one thread holds them: key codes of tokens 8 nt + g (the thread's quarter qd of each
+// token's row), value codes and meta of tokens 16 kt + 8 hh + 2 qd + e (channels 16 g .. 16 g + 15).
+template <int CKB, int VB>
+struct PageCodes {
+  static constexpr int CBK = KVMIX_D * CKB / 8;  // key code bytes per token
+  static constexpr int KW = CBK / 16;            // key code words per thread per token (4 or 8)
+  static constexpr int CBV = KVMIX_D * VB / 8;   // value code bytes per token
+  static constexpr int VW = VB / 2;              // value code words per thread per token (16 channels)
+  u32 kc[8][KW];
+  u32 vc[4][2][2][VW], vm[4][2][2];
+
+  __device__ __forceinline__ void load(const u8* page, int g, int qd, int v_codes_off, int v_meta_off) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const u32x4* src = reinterpret_cast<const u32x4*>(page + (8 * nt + g) * CBK + qd * (CBK / 4));
+#pragma unroll
+      for (int i = 0; i < KW / 4; ++i) {
+        u32x4 v = src[i];
+        kc[nt][4 * i] = v.x; kc[nt][4 * i + 1] = v.y; kc[nt][4 * i + 2] = v.z; kc[nt][4 * i + 3] = v.w;
+      }
+    }
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int t = 16 * kt + 8 * hh + 2 * qd + e;
+          const u32* src = reinterpret_cast<const u32*>(page + v_codes_off + t * CBV + g * (2 * VB));
+#pragma unroll
+          for (int w = 0; w < VW; ++w) vc[kt][hh][e][w] = src[w];
+          vm[kt][hh][e] = reinterpret_cast<const u32*>(page + v_meta_off)[t * 2 + (g >> 2)];
+        }
+  }
+};
+
+// A packed page's per-channel key meta (fp16 scale, minimum of the thread's 32 channels) into km, and the query
+// scaled per channel: qp = Q' = Q * scale, in the query's channel order (key_channel<QKB>).
+template <int QKB>
+__device__ __forceinline__ void scale_query(const u8* page, int k_meta_off, int qd, const u32 (&qs)[16],
+                                            u32 (&km)[32], u32 (&qp)[16]) {
+  const u32x4* src = reinterpret_cast<const u32x4*>(page + k_meta_off + 128 * qd);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    u32x4 v = src[i];
+    km[4 * i] = v.x; km[4 * i + 1] = v.y; km[4 * i + 2] = v.z; km[4 * i + 3] = v.w;
+  }
+#pragma unroll
+  for (int pi = 0; pi < 16; ++pi) {
+    const int c0 = key_channel<QKB>(qd, pi, 0) - 32 * qd, c1 = key_channel<QKB>(qd, pi, 1) - 32 * qd;
+    qp[pi] = hmul2(qs[pi], prmt(km[c0], km[c1], 0x5410));
+  }
+}
+
+// The minima of the channels of query pair pi as an fp16 pair (from scale_query's km).
+template <int QKB>
+__device__ __forceinline__ u32 key_min_pair(const u32 (&km)[32], int qd, int pi) {
+  return prmt(km[key_channel<QKB>(qd, pi, 0) - 32 * qd], km[key_channel<QKB>(qd, pi, 1) - 32 * qd], 0x7632);
+}
+
+// An 8-bit staged key token (the thread's 32 code bytes: a PageCodes kc row) dequantized for the channels of
+// query pair pi: fp16 pair code * scale + minimum, with the token's group (scale, minimum) as pairs sc / mn.
+template <int QKB, int KW>
+__device__ __forceinline__ u32 staged_key_pair(const u32 (&row)[KW], int qd, int pi, u32 sc, u32 mn) {
+  const int c0 = key_channel<QKB>(qd, pi, 0) - 32 * qd, c1 = key_channel<QKB>(qd, pi, 1) - 32 * qd;
+  const u32 sel = (c0 & 3) | ((c0 & 3) << 4) | ((4 + (c1 & 3)) << 8) | ((4 + (c1 & 3)) << 12);
+  const u32 y = code_pair<8>(prmt(row[c0 >> 2], row[c1 >> 2], sel), 0);
+  return hfma2(hadd2(y, 0xE400E400u), sc, mn);
+}
+
+// O^T += V^T P^T for one page: A rows g / g + 8 of m-tile mt = channels 16 g + 2 mt / + 1 (value codes
+// dequantized in fp16: code field - its offset, then FMA per-token scale / minimum); B = pb[kt], the P^T tile
+// of tokens 16 kt .. 16 kt + 15.  STAGED: values of tokens >= n_valid are zeroed (stale bytes).
+template <int CKB, int VB, bool STAGED>
+__device__ __forceinline__ void add_values(const PageCodes<CKB, VB>& pc, const u32 (&pb)[4][2], int n_valid, int qd,
+                                           float (&acc)[8][4]) {
+  constexpr int VW = PageCodes<CKB, VB>::VW;
+#pragma unroll
+  for (int kt = 0; kt < 4; ++kt) {
+    u32 va[2][16];  // [hh][channel e = 0..15 of the thread]: fp16 pair (token 2qd, 2qd + 1)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const u32 sc = prmt(pc.vm[kt][hh][0], pc.vm[kt][hh][1], 0x5410);
+      const u32 mn = prmt(pc.vm[kt][hh][0], pc.vm[kt][hh][1], 0x7632);
+      u32 keep = 0xFFFFFFFFu;
+      if (STAGED) {
+        const int t = 16 * kt + 8 * hh + 2 * qd;
+        keep = (t < n_valid ? 0x0000FFFFu : 0u) | (t + 1 < n_valid ? 0xFFFF0000u : 0u);
+      }
+#pragma unroll
+      for (int w = 0; w < VW; ++w) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const u32 inter = prmt(pc.vc[kt][hh][0][w], pc.vc[kt][hh][1][w], half ? 0x7632 : 0x5410);
+          constexpr int per_half = 16 / VB;
+#pragma unroll
+          for (int j = 0; j < per_half; ++j) {
+            const int e = w * (32 / VB) + half * per_half + j;
+            va[hh][e] = hfma2(hadd2(code_field<VB>(inter, VB * j), field_offset_neg<VB>(VB * j)), sc, mn);
+            if (STAGED) va[hh][e] &= keep;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 8; ++mt)
+      mma16816(acc[mt], va[0][2 * mt], va[0][2 * mt + 1], va[1][2 * mt], va[1][2 * mt + 1], pb[kt][0], pb[kt][1]);
+  }
+}
+
 // One page into the running softmax state of row g.  QKB: key bits of the format (the query's channel
 // order, key_channel<QKB>); CKB / VB: bits of this page's codes.  STAGED: the 8-bit own page -- keys per
 // token and 64-channel group (dequantized on the B operand in fp16), tokens >= n_valid masked (their
@@ -264,63 +374,19 @@ template <int QKB, int CKB, int VB, bool STAGED>
 __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u32 (&qs)[16],
                                             float& m_run, float& l_run, float (&acc)[8][4], int g, int qd,
                                             int k_meta_off, int v_codes_off, int v_meta_off) {
-  constexpr int CBK = KVMIX_D * CKB / 8;  // key code bytes per token
-  constexpr int KW = CBK / 16;            // key code words per thread per token (4 or 8)
-  constexpr int CBV = KVMIX_D * VB / 8;   // value code bytes per token
-  constexpr int VW = VB / 2;              // value code words per thread per token (16 channels)
-  const u32 NEG1024 = 0xE400E400u;
-
-  // ---- loads: key meta, key codes (8 tokens), value codes + meta (16 tokens)
-  u32 kc[8][KW];
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    const u32x4* src = reinterpret_cast<const u32x4*>(page + (8 * nt + g) * CBK + qd * (CBK / 4));
-#pragma unroll
-    for (int i = 0; i < KW / 4; ++i) {
-      u32x4 v = src[i];
-      kc[nt][4 * i] = v.x; kc[nt][4 * i + 1] = v.y; kc[nt][4 * i + 2] = v.z; kc[nt][4 * i + 3] = v.w;
-    }
-  }
-  // value tokens of this thread: 16 kt + 8 hh + 2 qd + e
-  u32 vc[4][2][2][VW], vm[4][2][2];
-#pragma unroll
-  for (int kt = 0; kt < 4; ++kt)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int t = 16 * kt + 8 * hh + 2 * qd + e;
-        const u32* src = reinterpret_cast<const u32*>(page + v_codes_off + t * CBV + g * (2 * VB));
-#pragma unroll
-        for (int w = 0; w < VW; ++w) vc[kt][hh][e][w] = src[w];
-        vm[kt][hh][e] = reinterpret_cast<const u32*>(page + v_meta_off)[t * 2 + (g >> 2)];
-      }
+  PageCodes<CKB, VB> pc;
+  pc.load(page, g, qd, v_codes_off, v_meta_off);
 
   float s[8][4];
   if (!STAGED) {
     // ---- S = Q' K^T + (sum_c Q m - sum_c offset Q'), Q' = Q * per-channel scale
-    u32 km[32];
-    {
-      const u32x4* src = reinterpret_cast<const u32x4*>(page + k_meta_off + 128 * qd);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        u32x4 v = src[i];
-        km[4 * i] = v.x; km[4 * i + 1] = v.y; km[4 * i + 2] = v.z; km[4 * i + 3] = v.w;
-      }
-    }
-    u32 qp[16];
+    u32 km[32], qp[16];
+    scale_query<QKB>(page, k_meta_off, qd, qs, km, qp);
     float corr[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int pi = 0; pi < 16; ++pi) {
-      const int c0 = key_channel<QKB>(qd, pi, 0) - 32 * qd, c1 = key_channel<QKB>(qd, pi, 1) - 32 * qd;
-      qp[pi] = hmul2(qs[pi], prmt(km[c0], km[c1], 0x5410));
-    }
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       const int a = 2 * kk, bb = 2 * kk + 1;
-      const u32 m0 = prmt(km[key_channel<QKB>(qd, a, 0) - 32 * qd], km[key_channel<QKB>(qd, a, 1) - 32 * qd], 0x7632);
-      const u32 m1 = prmt(km[key_channel<QKB>(qd, bb, 0) - 32 * qd], km[key_channel<QKB>(qd, bb, 1) - 32 * qd], 0x7632);
-      mma16816(corr, qs[a], 0u, qs[bb], 0u, m0, m1);
+      mma16816(corr, qs[a], 0u, qs[bb], 0u, key_min_pair<QKB>(km, qd, a), key_min_pair<QKB>(km, qd, bb));
       constexpr int per_word = 16 / CKB;  // -offset of each channel pair's code field (the codes' offsets)
       mma16816(corr, qp[a], 0u, qp[bb], 0u, field_offset_neg<CKB>(CKB * (a % per_word)),
                field_offset_neg<CKB>(CKB * (bb % per_word)));
@@ -331,8 +397,8 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
       for (int kk = 0; kk < 8; ++kk) {
         constexpr int per_word = 16 / CKB;
         const int a = 2 * kk, bb = 2 * kk + 1;
-        const u32 b0 = code_field<CKB>(kc[nt][a / per_word], CKB * (a % per_word));
-        const u32 b1 = code_field<CKB>(kc[nt][bb / per_word], CKB * (bb % per_word));
+        const u32 b0 = code_field<CKB>(pc.kc[nt][a / per_word], CKB * (a % per_word));
+        const u32 b1 = code_field<CKB>(pc.kc[nt][bb / per_word], CKB * (bb % per_word));
         if (kk == 0)
           mma16816_c(s[nt], qp[a], 0u, qp[bb], 0u, b0, b1, corr);
         else
@@ -347,17 +413,9 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
       const u32 sc = prmt(w, w, 0x1010), mn = prmt(w, w, 0x3232);
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
-        u32 bk[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int c0 = key_channel<QKB>(qd, 2 * kk + r, 0) - 32 * qd, c1 = key_channel<QKB>(qd, 2 * kk + r, 1) - 32 * qd;
-          const u32 sel = (c0 & 3) | ((c0 & 3) << 4) | ((4 + (c1 & 3)) << 8) | ((4 + (c1 & 3)) << 12);
-          const u32 y = code_pair<8>(prmt(kc[nt][c0 >> 2], kc[nt][c1 >> 2], sel), 0);
-          bk[r] = hfma2(hadd2(y, NEG1024), sc, mn);
-        }
-        mma16816(s[nt], qs[2 * kk], 0u, qs[2 * kk + 1], 0u, bk[0], bk[1]);
-      }
+      for (int kk = 0; kk < 8; ++kk)
+        mma16816(s[nt], qs[2 * kk], 0u, qs[2 * kk + 1], 0u, staged_key_pair<QKB>(pc.kc[nt], qd, 2 * kk, sc, mn),
+                 staged_key_pair<QKB>(pc.kc[nt], qd, 2 * kk + 1, sc, mn));
       if (8 * nt + 2 * qd >= n_valid) s[nt][0] = KVMIX_NEG_INF;
       if (8 * nt + 2 * qd + 1 >= n_valid) s[nt][1] = KVMIX_NEG_INF;
     }
@@ -389,38 +447,7 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
     acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
   }
 
-  // ---- O^T += V^T P^T; A rows g / g + 8 of m-tile mt = channels 16 g + 2 mt / + 1
-#pragma unroll
-  for (int kt = 0; kt < 4; ++kt) {
-    u32 va[2][16];  // [hh][channel e = 0..15 of the thread]: fp16 pair (token 2qd, 2qd + 1)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const u32 sc = prmt(vm[kt][hh][0], vm[kt][hh][1], 0x5410);
-      const u32 mn = prmt(vm[kt][hh][0], vm[kt][hh][1], 0x7632);
-      u32 keep = 0xFFFFFFFFu;  // staged page: zero the values of tokens past n_valid (stale bytes)
-      if (STAGED) {
-        const int t = 16 * kt + 8 * hh + 2 * qd;
-        keep = (t < n_valid ? 0x0000FFFFu : 0u) | (t + 1 < n_valid ? 0xFFFF0000u : 0u);
-      }
-#pragma unroll
-      for (int w = 0; w < VW; ++w) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const u32 inter = prmt(vc[kt][hh][0][w], vc[kt][hh][1][w], half ? 0x7632 : 0x5410);
-          constexpr int per_half = 16 / VB;
-#pragma unroll
-          for (int j = 0; j < per_half; ++j) {
-            const int e = w * (32 / VB) + half * per_half + j;
-            va[hh][e] = hfma2(hadd2(code_field<VB>(inter, VB * j), field_offset_neg<VB>(VB * j)), sc, mn);
-            if (STAGED) va[hh][e] &= keep;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int mt = 0; mt < 8; ++mt)
-      mma16816(acc[mt], va[0][2 * mt], va[0][2 * mt + 1], va[1][2 * mt], va[1][2 * mt + 1], pb[kt][0], pb[kt][1]);
-  }
+  add_values<CKB, VB, STAGED>(pc, pb, n_valid, qd, acc);
 }
 
 __device__ __forceinline__ u32 movmatrix_t(u32 x) {  // 8 x 8 fp16 tile (row lane / 4, cols 2 (lane % 4), + 1) transposed
@@ -437,62 +464,19 @@ template <int QKB, int CKB, int VB, bool STAGED>
 __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, const u32 (&qs)[16],
                                                float (&m_run)[2], float (&l_run)[2], float (&acc)[8][4], int g,
                                                int qd, int k_meta_off, int v_codes_off, int v_meta_off) {
-  constexpr int CBK = KVMIX_D * CKB / 8;  // key code bytes per token
-  constexpr int KW = CBK / 16;            // key code words per thread per token (4 or 8)
-  constexpr int CBV = KVMIX_D * VB / 8;   // value code bytes per token
-  constexpr int VW = VB / 2;              // value code words per thread per token (16 channels)
-  const u32 NEG1024 = 0xE400E400u;
-
-  // ---- loads: key meta, key codes (8 tokens), value codes + meta (16 tokens)
-  u32 kc[8][KW];
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    const u32x4* src = reinterpret_cast<const u32x4*>(page + (8 * nt + g) * CBK + qd * (CBK / 4));
-#pragma unroll
-    for (int i = 0; i < KW / 4; ++i) {
-      u32x4 v = src[i];
-      kc[nt][4 * i] = v.x; kc[nt][4 * i + 1] = v.y; kc[nt][4 * i + 2] = v.z; kc[nt][4 * i + 3] = v.w;
-    }
-  }
-  // value tokens of this thread: 16 kt + 8 hh + 2 qd + e
-  u32 vc[4][2][2][VW], vm[4][2][2];
-#pragma unroll
-  for (int kt = 0; kt < 4; ++kt)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int t = 16 * kt + 8 * hh + 2 * qd + e;
-        const u32* src = reinterpret_cast<const u32*>(page + v_codes_off + t * CBV + g * (2 * VB));
-#pragma unroll
-        for (int w = 0; w < VW; ++w) vc[kt][hh][e][w] = src[w];
-        vm[kt][hh][e] = reinterpret_cast<const u32*>(page + v_meta_off)[t * 2 + (g >> 2)];
-      }
+  PageCodes<CKB, VB> pc;
+  pc.load(page, g, qd, v_codes_off, v_meta_off);
 
   float st[4][4];  // [mt]: (token 16 mt + g: heads 2 qd, 2 qd + 1), (token 16 mt + 8 + g: same heads)
   if (!STAGED) {
     // ---- S^T = K Q'^T + (sum_c Q m - sum_c offset Q') per head (all token rows alike)
-    u32 km[32];
-    {
-      const u32x4* src = reinterpret_cast<const u32x4*>(page + k_meta_off + 128 * qd);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        u32x4 v = src[i];
-        km[4 * i] = v.x; km[4 * i + 1] = v.y; km[4 * i + 2] = v.z; km[4 * i + 3] = v.w;
-      }
-    }
-    u32 qp[16];
+    u32 km[32], qp[16];
+    scale_query<QKB>(page, k_meta_off, qd, qs, km, qp);
     float corr[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int pi = 0; pi < 16; ++pi) {
-      const int c0 = key_channel<QKB>(qd, pi, 0) - 32 * qd, c1 = key_channel<QKB>(qd, pi, 1) - 32 * qd;
-      qp[pi] = hmul2(qs[pi], prmt(km[c0], km[c1], 0x5410));
-    }
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       const int a = 2 * kk, bb = 2 * kk + 1;
-      const u32 m0 = prmt(km[key_channel<QKB>(qd, a, 0) - 32 * qd], km[key_channel<QKB>(qd, a, 1) - 32 * qd], 0x7632);
-      const u32 m1 = prmt(km[key_channel<QKB>(qd, bb, 0) - 32 * qd], km[key_channel<QKB>(qd, bb, 1) - 32 * qd], 0x7632);
+      const u32 m0 = key_min_pair<QKB>(km, qd, a), m1 = key_min_pair<QKB>(km, qd, bb);
       mma16816(corr, m0, m0, m1, m1, qs[a], qs[bb]);
       constexpr int pw = 16 / CKB;
       const u32 na = field_offset_neg<CKB>(CKB * (a % pw)), nb = field_offset_neg<CKB>(CKB * (bb % pw));
@@ -504,10 +488,10 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
       for (int kk = 0; kk < 8; ++kk) {
         constexpr int per_word = 16 / CKB;
         const int a = 2 * kk, bb = 2 * kk + 1;
-        const u32 a0 = code_field<CKB>(kc[2 * mt][a / per_word], CKB * (a % per_word));
-        const u32 a1 = code_field<CKB>(kc[2 * mt + 1][a / per_word], CKB * (a % per_word));
-        const u32 a2 = code_field<CKB>(kc[2 * mt][bb / per_word], CKB * (bb % per_word));
-        const u32 a3 = code_field<CKB>(kc[2 * mt + 1][bb / per_word], CKB * (bb % per_word));
+        const u32 a0 = code_field<CKB>(pc.kc[2 * mt][a / per_word], CKB * (a % per_word));
+        const u32 a1 = code_field<CKB>(pc.kc[2 * mt + 1][a / per_word], CKB * (a % per_word));
+        const u32 a2 = code_field<CKB>(pc.kc[2 * mt][bb / per_word], CKB * (bb % per_word));
+        const u32 a3 = code_field<CKB>(pc.kc[2 * mt + 1][bb / per_word], CKB * (bb % per_word));
         if (kk == 0)
           mma16816_c(st[mt], a0, a1, a2, a3, qp[a], qp[bb], corr);
         else
@@ -532,12 +516,7 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int c0 = key_channel<QKB>(qd, 2 * kk + r, 0) - 32 * qd, c1 = key_channel<QKB>(qd, 2 * kk + r, 1) - 32 * qd;
-            const u32 sel = (c0 & 3) | ((c0 & 3) << 4) | ((4 + (c1 & 3)) << 8) | ((4 + (c1 & 3)) << 12);
-            const u32 y = code_pair<8>(prmt(kc[2 * mt + h][c0 >> 2], kc[2 * mt + h][c1 >> 2], sel), 0);
-            ak[h][r] = hfma2(hadd2(y, NEG1024), sc[h], mn[h]);
-          }
+          for (int r = 0; r < 2; ++r) ak[h][r] = staged_key_pair<QKB>(pc.kc[2 * mt + h], qd, 2 * kk + r, sc[h], mn[h]);
         mma16816(st[mt], ak[0][0], ak[1][0], ak[0][1], ak[1][1], qs[2 * kk], qs[2 * kk + 1]);
       }
       if (16 * mt + g >= n_valid) st[mt][0] = st[mt][1] = KVMIX_NEG_INF;
@@ -579,38 +558,7 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
     acc[mt][0] *= alpha[0]; acc[mt][1] *= alpha[1]; acc[mt][2] *= alpha[0]; acc[mt][3] *= alpha[1];
   }
 
-  // ---- O^T += V^T P^T; A rows g / g + 8 of m-tile mt = channels 16 g + 2 mt / + 1
-#pragma unroll
-  for (int kt = 0; kt < 4; ++kt) {
-    u32 va[2][16];  // [hh][channel e = 0..15 of the thread]: fp16 pair (token 2qd, 2qd + 1)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const u32 sc = prmt(vm[kt][hh][0], vm[kt][hh][1], 0x5410);
-      const u32 mn = prmt(vm[kt][hh][0], vm[kt][hh][1], 0x7632);
-      u32 keep = 0xFFFFFFFFu;  // staged page: zero the values of tokens past n_valid (stale bytes)
-      if (STAGED) {
-        const int t = 16 * kt + 8 * hh + 2 * qd;
-        keep = (t < n_valid ? 0x0000FFFFu : 0u) | (t + 1 < n_valid ? 0xFFFF0000u : 0u);
-      }
-#pragma unroll
-      for (int w = 0; w < VW; ++w) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const u32 inter = prmt(vc[kt][hh][0][w], vc[kt][hh][1][w], half ? 0x7632 : 0x5410);
-          constexpr int per_half = 16 / VB;
-#pragma unroll
-          for (int j = 0; j < per_half; ++j) {
-            const int e = w * (32 / VB) + half * per_half + j;
-            va[hh][e] = hfma2(hadd2(code_field<VB>(inter, VB * j), field_offset_neg<VB>(VB * j)), sc, mn);
-            if (STAGED) va[hh][e] &= keep;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int mt = 0; mt < 8; ++mt)
-      mma16816(acc[mt], va[0][2 * mt], va[0][2 * mt + 1], va[1][2 * mt], va[1][2 * mt + 1], pb[kt][0], pb[kt][1]);
-  }
+  add_values<CKB, VB, STAGED>(pc, pb, n_valid, qd, acc);
 }
 
 // The S layout of a format's key width: transposed for 4-bit keys (see the note at the top).

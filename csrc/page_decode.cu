@@ -56,6 +56,14 @@ typedef unsigned char u8;
 // S = Q K^T (attend_page).  Timed on the H200 (session 11, benchmarks/kernels/NOTES.md): the transposed S is
 // 0.88 / 0.90 of the step time for k4v2 / k4v4 at 64 x 8k, 1.02-1.05 for k8v4, whose wider key words take
 // its stack from 80 to 128 bytes.
+// Experiment (off as served; page_bench.py --experiments KVMIX_KEYS_PER_TILE=1): with S transposed, a packed
+// page's key codes are loaded per m-tile (two tokens' rows) where they are used, not all 8 rows up front, and
+// 8-bit keys take S transposed too.  Counted with NVRTC (session 11, not yet timed): packed page k8v4 1,322 ->
+// 1,173 instructions, stack 80 -> 48 bytes; k4v2 1,086 -> 1,081, k4v4 1,127 -> 1,123 (stack 64 -> 48).  The
+// loads issue later, and the kernel is latency-bound: only a GPU can tell.
+#ifndef KVMIX_KEYS_PER_TILE
+#define KVMIX_KEYS_PER_TILE 0
+#endif
 #define KVMIX_NEG_INF __int_as_float(0xff800000)
 
 struct alignas(16) u32x4 {
@@ -267,16 +275,19 @@ struct PageCodes {
   u32 kc[8][KW];
   u32 vc[4][2][2][VW], vm[4][2][2];
 
+  // the thread's quarter qd of token t's key code row
+  static __device__ __forceinline__ void load_key_row(const u8* page, int t, int qd, u32 (&row)[KW]) {
+    const u32x4* src = reinterpret_cast<const u32x4*>(page + t * CBK + qd * (CBK / 4));
+#pragma unroll
+    for (int i = 0; i < KW / 4; ++i) {
+      u32x4 v = src[i];
+      row[4 * i] = v.x; row[4 * i + 1] = v.y; row[4 * i + 2] = v.z; row[4 * i + 3] = v.w;
+    }
+  }
+
   __device__ __forceinline__ void load(const u8* page, int g, int qd, int v_codes_off, int v_meta_off) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const u32x4* src = reinterpret_cast<const u32x4*>(page + (8 * nt + g) * CBK + qd * (CBK / 4));
-#pragma unroll
-      for (int i = 0; i < KW / 4; ++i) {
-        u32x4 v = src[i];
-        kc[nt][4 * i] = v.x; kc[nt][4 * i + 1] = v.y; kc[nt][4 * i + 2] = v.z; kc[nt][4 * i + 3] = v.w;
-      }
-    }
+    for (int nt = 0; nt < 8; ++nt) load_key_row(page, 8 * nt + g, qd, kc[nt]);
 #pragma unroll
     for (int kt = 0; kt < 4; ++kt)
 #pragma unroll
@@ -484,14 +495,25 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
     }
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) {
+      constexpr int KW = PageCodes<CKB, VB>::KW;
+      u32 kr[2][KW];  // key rows of tokens 16 mt + g, 16 mt + 8 + g
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (KVMIX_KEYS_PER_TILE) {  // pc.kc is then unused on packed pages, and its loads are dropped
+          PageCodes<CKB, VB>::load_key_row(page, 16 * mt + 8 * h + g, qd, kr[h]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < KW; ++i) kr[h][i] = pc.kc[2 * mt + h][i];
+        }
+      }
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
         constexpr int per_word = 16 / CKB;
         const int a = 2 * kk, bb = 2 * kk + 1;
-        const u32 a0 = code_field<CKB>(pc.kc[2 * mt][a / per_word], CKB * (a % per_word));
-        const u32 a1 = code_field<CKB>(pc.kc[2 * mt + 1][a / per_word], CKB * (a % per_word));
-        const u32 a2 = code_field<CKB>(pc.kc[2 * mt][bb / per_word], CKB * (bb % per_word));
-        const u32 a3 = code_field<CKB>(pc.kc[2 * mt + 1][bb / per_word], CKB * (bb % per_word));
+        const u32 a0 = code_field<CKB>(kr[0][a / per_word], CKB * (a % per_word));
+        const u32 a1 = code_field<CKB>(kr[1][a / per_word], CKB * (a % per_word));
+        const u32 a2 = code_field<CKB>(kr[0][bb / per_word], CKB * (bb % per_word));
+        const u32 a3 = code_field<CKB>(kr[1][bb / per_word], CKB * (bb % per_word));
         if (kk == 0)
           mma16816_c(st[mt], a0, a1, a2, a3, qp[a], qp[bb], corr);
         else
@@ -561,8 +583,11 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
   add_values<CKB, VB, STAGED>(pc, pb, n_valid, qd, acc);
 }
 
-// The S layout of a format's key width: transposed for 4-bit keys (see the note at the top).
-__host__ __device__ constexpr bool s_transposed(int key_bits) { return key_bits == 4; }
+// The S layout of a format's key width: transposed for 4-bit keys (see the note at the top; and for 8-bit
+// keys with the KVMIX_KEYS_PER_TILE experiment).
+__host__ __device__ constexpr bool s_transposed(int key_bits) {
+  return key_bits == 4 || (KVMIX_KEYS_PER_TILE && key_bits == 8);
+}
 
 // One page into the softmax state (m_run, l_run per the layout: attend_page uses [0], head g).
 template <int QKB, int CKB, int VB, bool STAGED>

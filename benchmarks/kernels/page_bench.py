@@ -36,10 +36,10 @@ from decode_bench import peers as fa_peers  # noqa: E402
 dev = "cuda"
 HQ, HKV, D = 32, 8, 128
 FORMATS = ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"]
-# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +D1+D2"), e.g.
-# "KVMIX_MIN_BLOCKS=3".  None by default: session 10's L2 prefetch and 3 / 5 blocks per SM lost, session 11's
-# KVMIX_FEW_SHIFTS and S transposed (4-bit keys) won and are served (benchmarks/kernels/NOTES.md).
-EXPERIMENTS: list[tuple[str, ...]] = []
+# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +D1+D2").  Session
+# 10's L2 prefetch and 3 / 5 blocks per SM lost, session 11's code fields in place and S transposed (4-bit keys)
+# won and are served (benchmarks/kernels/NOTES.md); KVMIX_KEYS_PER_TILE is counted, not yet timed.
+EXPERIMENTS: list[tuple[str, ...]] = [("KVMIX_KEYS_PER_TILE=1",)]
 SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (16, 32768),
           (64, 1024), (64, 8192), (64, 32768), (256, 1024), (256, 8192)]
 

@@ -26,6 +26,7 @@ triton = pytest.importorskip("triton")
 from test_staged import P, Seqs, _case, _oracle  # noqa: E402
 
 from vllm_kvmix.formats import parse_format  # noqa: E402
+from vllm_kvmix.kernels.cuda_decode import EXPERIMENTS  # noqa: E402
 from vllm_kvmix.kernels.page import page_step  # noqa: E402
 from vllm_kvmix.kernels.prefill import PrefillPlan, max_pages_for, plan_groups, reference_flash_attn  # noqa: E402
 from vllm_kvmix.reference.staged import read_packed  # noqa: E402
@@ -373,13 +374,13 @@ def test_cuda_decode_entry_point_exists():
 _TRIAL_DEFINES = tuple(d for d in os.environ.get("KVMIX_TEST_DEFINES", "").split(",") if d)
 
 
-@pytest.mark.parametrize("defines", [(), ("KVMIX_KEYS_PER_TILE=1",), *([_TRIAL_DEFINES] if _TRIAL_DEFINES else [])])
+@pytest.mark.parametrize("defines", [(), *EXPERIMENTS, *([_TRIAL_DEFINES] if _TRIAL_DEFINES else [])])
 def test_cuda_decode_compiles_with_nvrtc(defines):
-    """The runtime compile path on a CPU: torch's NVRTC step (the one ``torch.cuda._compile_kernel`` runs before
-    loading the module; libnvrtc ships in torch's CUDA wheels and needs no GPU) builds every instantiation the
-    launcher names for sm_90 with the launcher's options (both S layouts: S^T for 4-bit keys, S for 8-bit),
-    with page_bench.py's experiment (``KVMIX_KEYS_PER_TILE=1``) and with a trial's defines when
-    ``KVMIX_TEST_DEFINES`` is set.  nvcc accepting the source does not prove
+    """The runtime compile path on a CPU: torch's NVRTC step (``cuda_decode.nvrtc_cubin``: the one
+    ``torch.cuda._compile_kernel`` runs before loading the module; libnvrtc ships in torch's CUDA wheels and
+    needs no GPU) builds every instantiation the launcher names for sm_90 with the launcher's options (both S
+    layouts: S^T for 4-bit keys, S for 8-bit), with the source's open experiments (``cuda_decode.EXPERIMENTS``)
+    and with a trial's defines when ``KVMIX_TEST_DEFINES`` is set.  nvcc accepting the source does not prove
     NVRTC does (another front end, no host compiler)."""
     from torch.cuda import _utils
 
@@ -392,10 +393,8 @@ def test_cuda_decode_compiles_with_nvrtc(defines):
     src = cuda_decode.source_path().read_text()
     for k_bits, v_bits in ((4, 2), (4, 4), (8, 4)):
         for bf16 in ((True, False) if not defines else (True,)):
-            name = cuda_decode.kernel_name(k_bits, v_bits, bf16)
-            cubin, mangled = _utils._nvrtc_compile(src, name, compute_capability="90",
-                                                   nvcc_options=cuda_decode.nvrtc_options(defines))
-            assert len(cubin) > 10_000 and mangled.startswith("_Z17kvmix_page_decodeI"), name
+            cubin, mangled = cuda_decode.nvrtc_cubin(src, k_bits, v_bits, bf16, defines)
+            assert len(cubin) > 10_000 and mangled.startswith("_Z17kvmix_page_decodeI"), (k_bits, v_bits, bf16)
 
 
 def _decode_pages(fmt, seq_lens, h, d, gen):
@@ -455,7 +454,7 @@ def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
 @pytest.mark.skipif(not CUDA, reason="the CUDA decode kernel needs a GPU")
 @pytest.mark.parametrize("name, defines", [("kvmix-k4v2", ()), ("kvmix-k4v4", ()), ("kvmix-k8v4", ()),
                                            ("kvmix-k4v2", ("KVMIX_MIN_BLOCKS=3",)),
-                                           *[(f, ("KVMIX_KEYS_PER_TILE=1",)) for f in ("kvmix-k4v2", "kvmix-k8v4")],
+                                           *[(f, d) for d in EXPERIMENTS for f in ("kvmix-k4v2", "kvmix-k8v4")],
                                            *[(f, _TRIAL_DEFINES) for f in ("kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4")
                                              if _TRIAL_DEFINES]])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -463,9 +462,9 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, dtype, monkeypatch
     """Decode steps through the CUDA packed-page kernel (csrc/page_decode.cu) + the Triton own-page split,
     against the fp64 oracle and against the Triton-only path on the same caches; rows padded past the
     real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K; also
-    built with ``KVMIX_MIN_BLOCKS=3`` (another register allocation, no spills), with ``KVMIX_KEYS_PER_TILE=1``
-    (page_bench.py's experiment: k8v4 then runs S transposed too) and with a trial's defines
-    (``KVMIX_TEST_DEFINES``).  As served, k4v2 / k4v4 run the S-transposed page loop, k8v4 the S = Q K^T one.
+    built with ``KVMIX_MIN_BLOCKS=3`` (another register allocation, no spills), with the source's open
+    experiments (``cuda_decode.EXPERIMENTS``: with KVMIX_KEYS_PER_TILE k8v4 runs S transposed too) and with a
+    trial's defines (``KVMIX_TEST_DEFINES``).  As served, k4v2 / k4v4 run the S-transposed page loop, k8v4 the S = Q K^T one.
 
     Tolerance: both paths round q (to ``dtype`` and then fp16), K, V and P to fp16 inside their dots;
     the CUDA kernel also rounds q * key scale to fp16 (the scale is folded into the query), which is
@@ -573,13 +572,13 @@ def test_cuda_decode_constants_match_the_source():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
-@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"], ["-DKVMIX_KEYS_PER_TILE=1"],
+@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"], *[[f"-D{d}" for d in e] for e in EXPERIMENTS],
                                      *([[f"-D{d}" for d in _TRIAL_DEFINES]] if _TRIAL_DEFINES else [])])
 def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):
     """csrc/page_decode.cu builds for sm_90 in every variant the launcher names, as served and with another
-    register bound (``KVMIX_MIN_BLOCKS=3``), with page_bench.py's experiment (``KVMIX_KEYS_PER_TILE=1``) and
-    with a trial's defines (``KVMIX_TEST_DEFINES``).  NVRTC compiles the same source on the GPU at first use; this catches a broken source
-    on a CPU machine."""
+    register bound (``KVMIX_MIN_BLOCKS=3``), with the source's open experiments (``cuda_decode.EXPERIMENTS``)
+    and with a trial's defines (``KVMIX_TEST_DEFINES``).  NVRTC compiles the same source on the GPU at first
+    use; this catches a broken source on a CPU machine."""
     import subprocess
 
     from vllm_kvmix.kernels import cuda_decode

@@ -36,10 +36,9 @@ from decode_bench import peers as fa_peers  # noqa: E402
 dev = "cuda"
 HQ, HKV, D = 32, 8, 128
 FORMATS = ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"]
-# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +D1+D2").  Session
-# 10's L2 prefetch and 3 / 5 blocks per SM lost, session 11's code fields in place and S transposed (4-bit keys)
-# won and are served (benchmarks/kernels/NOTES.md); KVMIX_KEYS_PER_TILE is counted, not yet timed.
-EXPERIMENTS: list[tuple[str, ...]] = [("KVMIX_KEYS_PER_TILE=1",)]
+# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +D1+D2"): by default
+# the source's open ones (cuda_decode.EXPERIMENTS).  Session 10's L2 prefetch and 3 / 5 blocks per SM lost,
+# session 11's code fields in place and S transposed (4-bit keys) won and are served (benchmarks/kernels/NOTES.md).
 SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (16, 32768),
           (64, 1024), (64, 8192), (64, 32768), (256, 1024), (256, 8192)]
 
@@ -115,9 +114,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time launch-option variants of k4v2 attention")
     ap.add_argument("--experiments", default=None,
                     help="CUDA source experiments to time, ';' between builds, '+' between defines "
-                         "(default: EXPERIMENTS; 'none': the served build only)")
+                         "(default: cuda_decode.EXPERIMENTS; 'none': the served build only)")
     args = ap.parse_args()
-    experiments = EXPERIMENTS if args.experiments is None else [
+    experiments = cuda_decode.EXPERIMENTS if args.experiments is None else [
         tuple(e.split("+")) for e in args.experiments.split(";") if e and e != "none"]
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     gen = torch.Generator(device=dev).manual_seed(0)

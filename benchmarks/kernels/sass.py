@@ -123,16 +123,12 @@ def cuda_report(source, defines=()):
     """The CUDA decode kernel as it runs: NVRTC (torch's private wrapper, the launcher's options; no GPU needed)
     builds each instantiation the launcher names for sm_90.  Per variant: registers and spills (cuobjdump),
     then per arm of the page loop's branch (packed page / own page) its instruction count and mix."""
-    from torch.cuda import _utils
-
     from vllm_kvmix.kernels import cuda_decode
 
     src = open(source).read()
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     for k_bits, v_bits, bf16 in ((4, 2, True), (4, 4, True), (8, 4, True)):
-        name = cuda_decode.kernel_name(k_bits, v_bits, bf16)
-        cubin, _ = _utils._nvrtc_compile(src, name, compute_capability="90",
-                                         nvcc_options=cuda_decode.nvrtc_options(tuple(defines)))
+        cubin, _ = cuda_decode.nvrtc_cubin(src, k_bits, v_bits, bf16, tuple(defines))
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()

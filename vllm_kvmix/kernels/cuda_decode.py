@@ -41,6 +41,10 @@ DISABLE_ENV = "KVMIX_CUDA_DECODE"  # "0": always the Triton kernel (benchmarks c
 # Preprocessor defines of the compile: empty as served; benchmarks set experiments of the source here
 # (``("KVMIX_MIN_BLOCKS=3",)``, page_bench.py --experiments) and time them against the served build in one run.
 DEFINES: tuple[str, ...] = ()
+# The source's open experiments (off as served), one define set per build: page_bench.py times them by default,
+# and the GPU oracle, nvcc and NVRTC tests build them.  KVMIX_KEYS_PER_TILE: counted, not yet timed
+# (benchmarks/kernels/NOTES.md, session 11).
+EXPERIMENTS: tuple[tuple[str, ...], ...] = (("KVMIX_KEYS_PER_TILE=1",),)
 
 
 def source_path() -> Path:
@@ -61,6 +65,17 @@ def nvrtc_options(defines: tuple[str, ...] = ()) -> list[str]:
 def kernel_name(k_bits: int, v_bits: int, bf16: bool) -> str:
     """The template instantiation NVRTC compiles by name for a format and query dtype."""
     return f"kvmix_page_decode<{k_bits}, {v_bits}, {WARPS}, {'true' if bf16 else 'false'}>"
+
+
+def nvrtc_cubin(source: str, k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = (),
+                arch: str = "90") -> tuple[bytes, str]:
+    """(cubin, mangled name) of one instantiation as the launcher compiles it, for ``arch`` -- NVRTC alone,
+    no GPU needed (tests and benchmarks/kernels/sass.py run it on a CPU).  Private API of torch 2.11: the
+    compile step ``torch.cuda._compile_kernel`` runs before loading the module."""
+    from torch.cuda import _utils
+
+    return _utils._nvrtc_compile(source, kernel_name(k_bits, v_bits, bf16), compute_capability=arch,
+                                 nvcc_options=nvrtc_options(defines))
 
 
 def compile_cuda(source: str, name: str, defines: tuple[str, ...] = ()) -> Launcher:

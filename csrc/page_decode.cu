@@ -327,6 +327,14 @@ __device__ __forceinline__ u32 key_min_pair(const u32 (&km)[32], int qd, int pi)
   return prmt(km[key_channel<QKB>(qd, pi, 0) - 32 * qd], km[key_channel<QKB>(qd, pi, 1) - 32 * qd], 0x7632);
 }
 
+// An 8-bit staged key token's (scale, minimum) for the thread's channels (64-channel group qd / 2), each
+// broadcast to an fp16 pair.
+__device__ __forceinline__ void staged_key_meta(const u8* page, int k_meta_off, int t, int qd, u32& sc, u32& mn) {
+  const u32 w = reinterpret_cast<const u32*>(page + k_meta_off)[t * 2 + (qd >> 1)];
+  sc = prmt(w, w, 0x1010);
+  mn = prmt(w, w, 0x3232);
+}
+
 // An 8-bit staged key token (the thread's 32 code bytes: a PageCodes kc row) dequantized for the channels of
 // query pair pi: fp16 pair code * scale + minimum, with the token's group (scale, minimum) as pairs sc / mn.
 template <int QKB, int KW>
@@ -420,8 +428,8 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
     // ---- S = Q K^T with 8-bit keys dequantized per token: channels of pair pi in the query's order
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-      const u32 w = reinterpret_cast<const u32*>(page + k_meta_off)[(8 * nt + g) * 2 + (qd >> 1)];
-      const u32 sc = prmt(w, w, 0x1010), mn = prmt(w, w, 0x3232);
+      u32 sc, mn;
+      staged_key_meta(page, k_meta_off, 8 * nt + g, qd, sc, mn);
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk)
@@ -526,11 +534,7 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
     for (int mt = 0; mt < 4; ++mt) {
       u32 sc[2], mn[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const u32 w = reinterpret_cast<const u32*>(page + k_meta_off)[(16 * mt + 8 * h + g) * 2 + (qd >> 1)];
-        sc[h] = prmt(w, w, 0x1010);
-        mn[h] = prmt(w, w, 0x3232);
-      }
+      for (int h = 0; h < 2; ++h) staged_key_meta(page, k_meta_off, 16 * mt + 8 * h + g, qd, sc[h], mn[h]);
       st[mt][0] = st[mt][1] = st[mt][2] = st[mt][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {

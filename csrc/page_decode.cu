@@ -45,25 +45,16 @@ typedef unsigned char u8;
 #define KVMIX_ROWS 8         // query heads per KV head (the mma's rows g; workspace rows per split): cuda_decode.ROWS
 #define KVMIX_MAX_SPLITS 64  // split-K partials the last block merges (sm_w): cuda_decode.MAX_SPLITS
 // Blocks per SM the register allocation is bounded for: 4 (128 registers, ~72-96 bytes of spills) as served.
-// page_bench.py --experiments KVMIX_MIN_BLOCKS=3 / 5 times the others beside it (H200, session 10: 3 blocks
-// at 158-168 registers without spills and 5 at 96 with ~300 bytes of spills are both 13-26% slower at
-// 64 x 8k; an L2 prefetch of each warp's next page, 1 or 2 turns ahead, was up to 1.6x slower for k8v4:
-// benchmarks/kernels/NOTES.md).
+// page_bench.py --experiments KVMIX_MIN_BLOCKS=3 / 5 times the others beside it (H200: 3 blocks at 158-168
+// registers without spills and 5 at 96 with ~300 bytes of spills are both 13-26% slower at 64 x 8k; an L2
+// prefetch of each warp's next page, 1 or 2 turns ahead, was up to 1.6x slower for k8v4: docs/kernels.md).
 #ifndef KVMIX_MIN_BLOCKS
 #define KVMIX_MIN_BLOCKS 4
 #endif
 // S layout per key width (kvmix_page_decode): 4-bit keys compute S transposed (attend_page_st), 8-bit keys
-// S = Q K^T (attend_page).  Timed on the H200 (session 11, benchmarks/kernels/NOTES.md): the transposed S is
+// S = Q K^T (attend_page).  Timed on the H200 (commit 71fda59, docs/kernels.md): the transposed S is
 // 0.88 / 0.90 of the step time for k4v2 / k4v4 at 64 x 8k, 1.02-1.05 for k8v4, whose wider key words take
 // its stack from 80 to 128 bytes.
-// Experiment (off as served; page_bench.py --experiments KVMIX_KEYS_PER_TILE=1): with S transposed, a packed
-// page's key codes are loaded per m-tile (two tokens' rows) where they are used, not all 8 rows up front, and
-// 8-bit keys take S transposed too.  Counted with NVRTC (session 11, not yet timed): packed page k8v4 1,322 ->
-// 1,173 instructions, stack 80 -> 48 bytes; k4v2 1,086 -> 1,081, k4v4 1,127 -> 1,123 (stack 64 -> 48).  The
-// loads issue later, and the kernel is latency-bound: only a GPU can tell.
-#ifndef KVMIX_KEYS_PER_TILE
-#define KVMIX_KEYS_PER_TILE 0
-#endif
 #define KVMIX_NEG_INF __int_as_float(0xff800000)
 
 struct alignas(16) u32x4 {
@@ -223,7 +214,7 @@ __host__ __device__ __forceinline__ u32 code_pair(u32 w, int shift) {
 // 1 (exponent field 25 - o: offset 2^(10 - o)); a field above it is read the same way from w >> 8 at o - 8
 // (the compiler shares that shift across the word).  field_offset_neg gives the matching -offset, which the
 // keys' correction mma and the values' HADD2 remove, so codes stay exact.  (code_pair, shifting every field
-// to bit 0 under the exponent of 1024, was 208 of k4v2's 1,380 instructions per packed page: session 10.)
+// to bit 0 under the exponent of 1024, was 208 of k4v2's 1,380 instructions per packed page.)
 __host__ __device__ __forceinline__ constexpr int field_at(int bits, int o) { return o + bits <= 10 ? o : o - 8; }
 
 template <int BITS>
@@ -507,12 +498,8 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
       u32 kr[2][KW];  // key rows of tokens 16 mt + g, 16 mt + 8 + g
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if (KVMIX_KEYS_PER_TILE) {  // pc.kc is then unused on packed pages, and its loads are dropped
-          PageCodes<CKB, VB>::load_key_row(page, 16 * mt + 8 * h + g, qd, kr[h]);
-        } else {
 #pragma unroll
-          for (int i = 0; i < KW; ++i) kr[h][i] = pc.kc[2 * mt + h][i];
-        }
+        for (int i = 0; i < KW; ++i) kr[h][i] = pc.kc[2 * mt + h][i];
       }
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
@@ -587,11 +574,8 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
   add_values<CKB, VB, STAGED>(pc, pb, n_valid, qd, acc);
 }
 
-// The S layout of a format's key width: transposed for 4-bit keys (see the note at the top; and for 8-bit
-// keys with the KVMIX_KEYS_PER_TILE experiment).
-__host__ __device__ constexpr bool s_transposed(int key_bits) {
-  return key_bits == 4 || (KVMIX_KEYS_PER_TILE && key_bits == 8);
-}
+// The S layout of a format's key width: transposed for 4-bit keys (see the note at the top).
+__host__ __device__ constexpr bool s_transposed(int key_bits) { return key_bits == 4; }
 
 // One page into the softmax state (m_run, l_run per the layout: attend_page uses [0], head g).
 template <int QKB, int CKB, int VB, bool STAGED>
@@ -606,17 +590,73 @@ __device__ __forceinline__ void attend(const u8* page, int n_valid, const u32 (&
                                       v_meta_off);
 }
 
+// The launch's arguments, passed by value as one struct: vllm_kvmix.kernels.cuda_decode.DecodeParams mirrors
+// it field for field (tests/test_page_kernels.py compares the two).  Integers are 32-bit; offsets are formed
+// in 64 bits.
+struct DecodeParams {
+  const u16* q;
+  const u16* key;
+  const u16* value;
+  const u8* cache;
+  u8* stage;
+  const int* slots;
+  const int* block_table;
+  const int* qsl;
+  const int* seq_lens;
+  const int* qb_req;
+  float* ws_acc;
+  float* ws_ml;
+  int* counters;
+  u16* out;
+  int num_splits;
+  int stage_new;
+  double scale_log2e;
+  int stride_qt;
+  int stride_qh;
+  int stride_kt;
+  int stride_kh;
+  int stride_vt;
+  int stride_vh;
+  int stride_ot;
+  int stride_oh;
+  int stride_cb;
+  int stride_ch;
+  int stride_bt;
+  int rep;
+  int k_meta_off;
+  int v_codes_off;
+  int v_meta_off;
+  int stride_ss;
+  int stride_sh;
+  int sk_meta_off;
+  int sv_codes_off;
+  int sv_meta_off;
+};
+
 template <int KB, int VB, int NW, bool BF16>
-__global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(
-    const u16* __restrict__ q, const u16* __restrict__ key, const u16* __restrict__ value,
-    const u8* __restrict__ cache, u8* stage, const int* __restrict__ slots, const int* __restrict__ block_table,
-    const int* __restrict__ qsl, const int* __restrict__ seq_lens, const int* __restrict__ qb_req,
-    float* ws_acc, float* ws_ml, int* counters, u16* __restrict__ out, int num_splits, int stage_new,
-    double scale_log2e_d, int stride_qt, int stride_qh, int stride_kt, int stride_kh, int stride_vt, int stride_vh,
-    int stride_ot, int stride_oh, int stride_cb, int stride_ch, int stride_bt, int rep,
-    int k_meta_off, int v_codes_off, int v_meta_off, int stride_ss, int stride_sh, int sk_meta_off,
-    int sv_codes_off, int sv_meta_off) {
-  // Integer arguments are 32-bit (the launcher passes C ints); offsets are formed in 64 bits.
+__global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(const DecodeParams args) {
+  const u16* __restrict__ q = args.q;
+  const u16* __restrict__ key = args.key;
+  const u16* __restrict__ value = args.value;
+  const u8* __restrict__ cache = args.cache;
+  u8* stage = args.stage;
+  const int* __restrict__ slots = args.slots;
+  const int* __restrict__ block_table = args.block_table;
+  const int* __restrict__ qsl = args.qsl;
+  const int* __restrict__ seq_lens = args.seq_lens;
+  const int* __restrict__ qb_req = args.qb_req;
+  float* ws_acc = args.ws_acc;
+  float* ws_ml = args.ws_ml;
+  int* counters = args.counters;
+  u16* __restrict__ out = args.out;
+  const int num_splits = args.num_splits, stage_new = args.stage_new;
+  const double scale_log2e_d = args.scale_log2e;
+  const int stride_qt = args.stride_qt, stride_qh = args.stride_qh, stride_kt = args.stride_kt, stride_kh = args.stride_kh;
+  const int stride_vt = args.stride_vt, stride_vh = args.stride_vh, stride_ot = args.stride_ot, stride_oh = args.stride_oh;
+  const int stride_cb = args.stride_cb, stride_ch = args.stride_ch, stride_bt = args.stride_bt, rep = args.rep;
+  const int k_meta_off = args.k_meta_off, v_codes_off = args.v_codes_off, v_meta_off = args.v_meta_off;
+  const int stride_ss = args.stride_ss, stride_sh = args.stride_sh;
+  const int sk_meta_off = args.sk_meta_off, sv_codes_off = args.sv_codes_off, sv_meta_off = args.sv_meta_off;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, qd = lane & 3;
   const int qb = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;  // query block = one request's token
@@ -806,11 +846,7 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(
 
 // nvcc builds (tests/test_page_kernels.py, SASS inspection): the variants NVRTC instantiates by name at run time.
 #ifdef KVMIX_INSTANTIATE
-#define KVMIX_VARIANT(KB, VB, BF16)                                                                           \
-  template __global__ void kvmix_page_decode<KB, VB, 4, BF16>(                                                \
-      const u16*, const u16*, const u16*, const u8*, u8*, const int*, const int*, const int*, const int*,     \
-      const int*, float*, float*, int*, u16*, int, int, double, int, int, int, int, int, int, int, int, int, \
-      int, int, int, int, int, int, int, int, int, int, int);
+#define KVMIX_VARIANT(KB, VB, BF16) template __global__ void kvmix_page_decode<KB, VB, 4, BF16>(const DecodeParams);
 KVMIX_VARIANT(4, 2, false)
 KVMIX_VARIANT(4, 2, true)
 KVMIX_VARIANT(4, 4, true)

@@ -19,14 +19,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def smollm2_dir():
     from vllm_kvmix import models
 
     return str(models.ensure_model("smollm2-135m"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def texts():
     from vllm_kvmix import models
 

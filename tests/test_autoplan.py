@@ -125,21 +125,28 @@ def test_k_norm_layers_rank_keys_by_their_gain():
     assert [k for k, _ in plan] == [4, 4, 4, 8, 8, 8]  # by gain, not by W_K (loud in layers 0-1)
 
 
-def test_override_and_table():
+def test_plan_table():
     rows = autoplan.layer_rows(*_model(_weights()), reduce=lambda t, op: t)
-    try:
-        autoplan.OVERRIDE = [(8, 8)] * (LAYERS - 1)
-        with pytest.raises(ValueError, match="override plan"):
-            _plan(rows)
-        autoplan.OVERRIDE = [(2, 2)] * LAYERS
-        assert _plan(rows) == [(2, 2)] * LAYERS
-    finally:
-        autoplan.OVERRIDE = None
     _plan(rows, 5)
     lines = autoplan.plan_table(rows, AutoFormat(5), "var", HS)
     assert "per-layer page sizes" in lines[0] and "K->4, V->4, K->8, V->8" in lines[0]
     assert sum("| kvmix-k" in line for line in lines) == LAYERS
     assert lines[-1].endswith(f"(uniform k8v2: {LAYERS * parse_format('kvmix-k8v2').bytes_per_token_head(HS)})")
+    even = autoplan.plan_table(rows, AutoFormat(5), "even", HS)
+    assert "one page size" in even[0] and "K-first equal-byte pair" in even[0]
+
+
+def test_engine_and_inspect_share_one_planning_function(monkeypatch):
+    """autoplan.plan_rows (the engine) goes through allocation.plan_layers, the function `kvmix inspect` calls."""
+    from vllm_kvmix import allocation
+
+    rows = autoplan.layer_rows(*_model(_weights()), reduce=lambda t, op: t)
+    calls = []
+    monkeypatch.setattr(allocation, "plan_layers", lambda *a: calls.append(a) or [(2, 2)] * LAYERS)
+    assert _plan(rows, 5) == [(2, 2)] * LAYERS and len(calls) == 1
+    monkeypatch.setattr(allocation, "plan_layers", lambda *a: [(2, 2)] * (LAYERS - 1))
+    with pytest.raises(ValueError, match="a plan of 5 layers for 6"):
+        _plan(rows, 5)
 
 
 def test_modes():
@@ -162,10 +169,3 @@ def test_tiers_against_the_paper_rule():
     assert plan_tiers(k, v, 4) == [(4, 4)] * 4
     with pytest.raises(ValueError):
         plan_tiers(k, v[:3], 3)
-    try:
-        autoplan.RULE_OVERRIDE = "paper"
-        rows = autoplan.layer_rows(*_model(_weights()), reduce=lambda t, op: t)
-        assert any(kb == 8 for kb, _ in _plan(rows, 3))  # the paper's greedy: 8-bit keys for the loud layers
-        assert sum(kb + vb for kb, vb in _plan(rows, 3)) <= 6 * LAYERS
-    finally:
-        autoplan.RULE_OVERRIDE = None

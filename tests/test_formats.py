@@ -6,58 +6,47 @@ from vllm_kvmix.formats import (
     all_format_names,
     is_auto,
     is_kvmix,
+    parse_any,
     parse_format,
+    stage_layout,
 )
 
 
-@pytest.mark.parametrize(
-    "name,k,v,g,scheme",
-    [
-        ("kvmix-k4v2", 4, 2, 64, "page"),
-        ("kvmix-k8v4", 8, 4, 64, "page"),
-        ("kvmix-k2v4", 2, 4, 64, "page"),
-        ("kvmix-k4v2-tok", 4, 2, 64, "tok"),
-        ("kvmix-k4v2-tok-g32", 4, 2, 32, "tok"),
-        ("kvmix-k8v8-tok-g128", 8, 8, 128, "tok"),
-        ("kvmix-k4v2-tok-g64", 4, 2, 64, "tok"),
-    ],
-)
-def test_parse(name, k, v, g, scheme):
+@pytest.mark.parametrize("name,k,v", [("kvmix-k4v2", 4, 2), ("kvmix-k8v4", 8, 4), ("kvmix-k2v4", 2, 4),
+                                      ("kvmix-k8v8", 8, 8)])
+def test_parse(name, k, v):
     fmt = parse_format(name)
-    assert (fmt.k_bits, fmt.v_bits, fmt.group, fmt.scheme) == (k, v, g, scheme)
-    assert parse_format(fmt.name) == fmt
-    assert fmt.staged == fmt.rotates_values == (scheme == "page")
+    assert (fmt.k_bits, fmt.v_bits) == (k, v)
+    assert parse_format(fmt.name) == fmt and fmt.name == name and str(fmt) == name
 
 
 @pytest.mark.parametrize(
     "name",
     [
-        "kvmix-k5v2", "kvmix-k4", "kvmix-k4v2-tok-g7", "kvmix-k4v2-tok-g48", "kvmix-", "kvmix-k4v3",
-        "kvmixk4v2", "", "kvmix-k4v2-g32", "kvmix-k4v2-page",
+        "kvmix-k5v2", "kvmix-k4", "kvmix-k4v2-tok", "kvmix-k4v2-tok-g32", "kvmix-", "kvmix-k4v3",
+        "kvmixk4v2", "", "kvmix-k4v2-g32", "kvmix-k4v2-page", "kvmix-auto-b7",
     ],
 )
 def test_invalid_names_list_choices(name):
     with pytest.raises(KVFormatError) as e:
-        parse_format(name)
+        parse_any(name)
     msg = str(e.value)
-    assert "kvmix-k4v2" in msg and "-g{32|64|128}" in msg and "{2|4|8}" in msg
+    assert "kvmix-k4v2" in msg and "{2|4|8}" in msg and "kvmix-auto" in msg
 
 
-def test_head_size_not_divisible_by_group():
-    fmt = parse_format("kvmix-k4v2-tok-g128")
-    with pytest.raises(KVFormatError, match="head size 96 is not divisible.*-g32"):
-        fmt.bytes_per_token_head(96)
-    with pytest.raises(KVFormatError, match="no kvmix group size divides it"):
-        parse_format("kvmix-k4v2-tok").layout(40, 16)
-    with pytest.raises(KVFormatError, match="head size 96"):
+def test_head_size_must_be_a_multiple_of_the_value_group():
+    with pytest.raises(KVFormatError, match="kvmix-k4v2: head size 96 is not a multiple of 64"):
         parse_format("kvmix-k4v2").bytes_per_token_head(96)
+    with pytest.raises(KVFormatError, match="head size 40"):
+        parse_format("kvmix-k8v4").layout(40)
+    with pytest.raises(KVFormatError, match="kvmix-auto-b5: head size 80"):
+        parse_any("kvmix-auto-b5").check_head_size(80)
+    parse_format("kvmix-k4v2").check_head_size(192)
 
 
-@pytest.mark.parametrize("name", ["kvmix-k4v2", "kvmix-k4v2-tok"])
-def test_bytes_per_token_llama_8b(name):
-    # head size 128.  tok g64: K4 = 64 B codes + 2 groups * 4 B meta; V2 = 32 + 8.
-    # page: K4 = 64 B codes + 128 channels * 4 B meta / 64 tokens; V2 the same as tok.
-    fmt = parse_format(name)
+def test_bytes_per_token_llama_8b():
+    # head size 128: K4 = 64 B codes + 128 channels * 4 B meta / 64 tokens; V2 = 32 B + 2 groups * 4 B meta
+    fmt = parse_format("kvmix-k4v2")
     assert fmt.k_bytes_per_token(128) == 72
     assert fmt.v_bytes_per_token(128) == 40
     assert fmt.bits_per_element(128) == 3.5
@@ -68,49 +57,46 @@ def test_bytes_per_token_llama_8b(name):
 def test_staging_bytes():
     # 64 tokens x (K8 + V8: 2 x (128 B codes + 2 groups x 4 B meta)) per sequence, layer and head
     assert parse_format("kvmix-k4v2").stage_bytes_per_seq_head(128) == 64 * 2 * 136
-    assert parse_format("kvmix-k4v2-tok").stage_bytes_per_seq_head(128) == 0
-    assert parse_format("kvmix-k4v2").kernel_block_size == 64
-    assert parse_format("kvmix-k4v2-tok").kernel_block_size is None
+    assert stage_layout(128).head_page_bytes == 64 * 2 * 136
+    lay = stage_layout(64)
+    assert (lay.k.bits, lay.v.bits, lay.k.axis, lay.v.axis) == (8, 8, "token", "token")
 
 
 @pytest.mark.parametrize("name", [n for n in all_format_names() if not is_auto(n)])
-@pytest.mark.parametrize("head_size,block_size", [(64, 16), (128, 128), (256, 32)])
-def test_layout_regions_tile_the_page(name, head_size, block_size):
+@pytest.mark.parametrize("head_size", [64, 128, 256])
+def test_layout_regions_tile_the_page(name, head_size):
     fmt = parse_format(name)
-    if head_size % fmt.group:
-        pytest.skip("group does not divide head size")
-    if fmt.scheme == "page":
-        block_size = 64  # one page per kernel block
-    lay = fmt.layout(head_size, block_size)
-    regions = [
-        (lay.k.codes_offset, lay.k.codes_bytes),
-        (lay.k.meta_offset, lay.k.meta_bytes),
-        (lay.v.codes_offset, lay.v.codes_bytes),
-        (lay.v.meta_offset, lay.v.meta_bytes),
-    ]
-    pos = 0
-    for off, size in regions:
-        assert off == pos and off % 16 == 0
-        pos += size
-    assert lay.head_page_bytes == pos == block_size * fmt.bytes_per_token_head(head_size)
+    block_size = 64  # one page per kernel block
+    for lay, per_token in ((fmt.layout(head_size), fmt.bytes_per_token_head(head_size)),
+                           (stage_layout(head_size), fmt.stage_bytes_per_seq_head(head_size) // 64)):
+        regions = [
+            (lay.k.codes_offset, lay.k.codes_bytes),
+            (lay.k.meta_offset, lay.k.meta_bytes),
+            (lay.v.codes_offset, lay.v.codes_bytes),
+            (lay.v.meta_offset, lay.v.meta_bytes),
+        ]
+        pos = 0
+        for off, size in regions:
+            assert off == pos and off % 16 == 0
+            pos += size
+        assert lay.head_page_bytes == pos == block_size * per_token
+    assert fmt.layout(head_size).k.axis == "channel" and fmt.layout(head_size).v.axis == "token"
 
 
-def test_block_size_alignment():
-    with pytest.raises(KVFormatError, match="multiple of 16"):
-        parse_format("kvmix-k4v2-tok").layout(64, 8)
+def test_pages_hold_64_tokens():
     with pytest.raises(KVFormatError, match="pages hold 64 tokens"):
         parse_format("kvmix-k4v2").layout(64, 128)
 
 
 def test_names_and_prefix():
     names = all_format_names()
-    # page, tok x 3 group sizes, explicit -tok-g64 spellings, kvmix-auto and -b2..b8 (b3 twice)
-    assert len(set(names)) == len(names) == 9 + 9 * 3 + 9 + 7
+    # the 9 uniform formats, kvmix-auto and -b2..b8 (b3 twice)
+    assert len(set(names)) == len(names) == 9 + 7
     assert [n for n in names if is_auto(n)] == [
         "kvmix-auto-b2", "kvmix-auto", "kvmix-auto-b4", "kvmix-auto-b5", "kvmix-auto-b6", "kvmix-auto-b8",
         "kvmix-auto-b3",
     ]
-    assert "kvmix-k4v2" in names and "kvmix-k4v2-tok-g32" in names
+    assert "kvmix-k4v2" in names and not any("-tok" in n or "-g" in n for n in names)
     assert is_kvmix("kvmix-k4v2") and not is_kvmix("fp8") and not is_kvmix(None)
     with pytest.raises(KVFormatError):
         KVFormat(3, 2)
@@ -121,6 +107,16 @@ def test_formats_cli_table(capsys):
 
     assert main(["formats"]) == 0
     out = capsys.readouterr().out
-    assert "| kvmix-k4v2 | 4 | 2 | K: channel x 64 tok, V: 64 ch (rotated) | 3.50 | 28672 | 4.57x | 4352 KiB |" in out
-    assert "| kvmix-k4v2-tok | 4 | 2 | K, V: 64 ch | 3.50 | 28672 | 4.57x | - |" in out
-    assert "| auto (bf16) | 16 | 16 | - | 16.00 | 131072 | 1.00x | - |" in out
+    assert "| kvmix-k4v2 | 4 | 2 | 3.50 | 28672 | 4.57x | 4352 KiB |" in out
+    assert "| auto (bf16) | 16 | 16 | 16.00 | 131072 | 1.00x | - |" in out
+    assert out.count("| kvmix-k") == 9
+
+
+def test_version_flag(capsys):
+    from vllm_kvmix import __version__
+    from vllm_kvmix.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vllm-kvmix {__version__}"

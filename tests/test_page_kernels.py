@@ -25,8 +25,8 @@ triton = pytest.importorskip("triton")
 
 from test_staged import P, Seqs, _case, _oracle  # noqa: E402
 
-from vllm_kvmix.formats import parse_format  # noqa: E402
-from vllm_kvmix.kernels.cuda_decode import EXPERIMENTS  # noqa: E402
+from vllm_kvmix.formats import parse_format, stage_layout  # noqa: E402
+from vllm_kvmix.options import DECODE_KERNEL_ENV  # noqa: E402
 from vllm_kvmix.kernels.page import page_step  # noqa: E402
 from vllm_kvmix.kernels.prefill import PrefillPlan, max_pages_for, plan_groups, reference_flash_attn  # noqa: E402
 from vllm_kvmix.reference.staged import read_packed  # noqa: E402
@@ -161,7 +161,7 @@ def _flash_attn(kind):
     if not CUDA:
         pytest.skip("vLLM's FlashAttention needs a GPU")
     pytest.importorskip("vllm.vllm_flash_attn")
-    from vllm_kvmix.vllm.compat import flash_attn_prefill
+    from vllm_kvmix.vllm.flash_prefill import flash_attn_prefill
 
     fa = flash_attn_prefill()
     assert fa is not None, "vLLM's FlashAttention is not available on this GPU"
@@ -374,7 +374,7 @@ def test_cuda_decode_entry_point_exists():
 _TRIAL_DEFINES = tuple(d for d in os.environ.get("KVMIX_TEST_DEFINES", "").split(",") if d)
 
 
-@pytest.mark.parametrize("defines", [(), *EXPERIMENTS, *([_TRIAL_DEFINES] if _TRIAL_DEFINES else [])])
+@pytest.mark.parametrize("defines", [(), *([_TRIAL_DEFINES] if _TRIAL_DEFINES else [])])
 def test_cuda_decode_compiles_with_nvrtc(defines):
     """The runtime compile path on a CPU: torch's NVRTC step (``cuda_decode.nvrtc_cubin``: the one
     ``torch.cuda._compile_kernel`` runs before loading the module; libnvrtc ships in torch's CUDA wheels and
@@ -404,7 +404,7 @@ def _decode_pages(fmt, seq_lens, h, d, gen):
     from vllm_kvmix.reference.staged import pack_pages
 
     n_pages = sum((s + P - 1) // P for s in seq_lens) + 1
-    lay, slay = fmt.layout(d, P), fmt.stage_format.layout(d, P)
+    lay, slay = fmt.layout(d, P), stage_layout(d)
     cache = torch.full((n_pages, h, lay.head_page_bytes), 0xFF, dtype=torch.uint8)
     stage = torch.full((len(seq_lens), h, slay.head_page_bytes), 0xFF, dtype=torch.uint8)
     free = torch.randperm(n_pages, generator=gen).tolist()
@@ -442,7 +442,7 @@ def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
         if own:
             kp, vp = read_packed(cache, table[i, :own], fmt, d)
             ks.append(kp), vs.append(vp)
-        kst, vst = read_pages(stage, torch.tensor([i]), fmt.stage_format, d, P)
+        kst, vst = read_pages(stage, torch.tensor([i]), stage_layout(d))
         ks.append(kst[: s - own * P]), vs.append(vst[: s - own * P])
         k, v = torch.cat(ks).double(), torch.cat(vs).double()
         qi = q[i].double().view(h, -1, d)  # [H, rep, D]
@@ -451,10 +451,9 @@ def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
     return out
 
 
-@pytest.mark.skipif(not CUDA, reason="the CUDA decode kernel needs a GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("name, defines", [("kvmix-k4v2", ()), ("kvmix-k4v4", ()), ("kvmix-k8v4", ()),
                                            ("kvmix-k4v2", ("KVMIX_MIN_BLOCKS=3",)),
-                                           *[(f, d) for d in EXPERIMENTS for f in ("kvmix-k4v2", "kvmix-k8v4")],
                                            *[(f, _TRIAL_DEFINES) for f in ("kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4")
                                              if _TRIAL_DEFINES]])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -462,9 +461,8 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, dtype, monkeypatch
     """Decode steps through the CUDA packed-page kernel (csrc/page_decode.cu) + the Triton own-page split,
     against the fp64 oracle and against the Triton-only path on the same caches; rows padded past the
     real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K; also
-    built with ``KVMIX_MIN_BLOCKS=3`` (another register allocation, no spills), with the source's open
-    experiments (``cuda_decode.EXPERIMENTS``: with KVMIX_KEYS_PER_TILE k8v4 runs S transposed too) and with a
-    trial's defines (``KVMIX_TEST_DEFINES``).  As served, k4v2 / k4v4 run the S-transposed page loop, k8v4 the S = Q K^T one.
+    built with ``KVMIX_MIN_BLOCKS=3`` (another register allocation, no spills) and with a trial's defines
+    (``KVMIX_TEST_DEFINES``, e.g. after applying a patch of benchmarks/kernels/experiments).  As served, k4v2 / k4v4 run the S-transposed page loop, k8v4 the S = Q K^T one.
 
     Tolerance: both paths round q (to ``dtype`` and then fp16), K, V and P to fp16 inside their dots;
     the CUDA kernel also rounds q * key scale to fp16 (the scale is folded into the query), which is
@@ -472,7 +470,8 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, dtype, monkeypatch
     from vllm_kvmix.kernels import cuda_decode
     from vllm_kvmix.kernels.page import PageStep, StepPlan
 
-    monkeypatch.setattr(cuda_decode, "DEFINES", defines)
+    served = cuda_decode.compiled
+    monkeypatch.setattr(cuda_decode, "compiled", lambda k_bits, v_bits, bf16: served(k_bits, v_bits, bf16, defines))
     fmt = parse_format(name)
     h, rep, d, scale = 2, 4, 128, 0.09
     seq_lens = [1, 64, 65, 700, 3000, 129]
@@ -490,7 +489,7 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, dtype, monkeypatch
     query = q.to(DEV)
     outs = {}
     for path, splits in (("cuda", None), ("cuda", 5), ("triton", None)):
-        monkeypatch.setenv(cuda_decode.DISABLE_ENV, "1" if path == "cuda" else "0")
+        monkeypatch.setenv(DECODE_KERNEL_ENV, path)
         plan = StepPlan(qsl, seq, n_pad, 1, qsl.tolist(), max(seq_lens), h * rep, h, num_splits=splits)
         step = PageStep(query[:, :h], cache, stage, fmt, slots, table, plan)
         out = torch.full_like(query, float("nan"))
@@ -505,7 +504,7 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, dtype, monkeypatch
     assert errs["cuda-triton"] < 4e-3 and errs["split5-auto"] < 1e-4, errs
 
 
-@pytest.mark.skipif(not CUDA, reason="the CUDA decode kernel needs a GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_decode_stages_like_the_triton_kernel(dtype):
     """A decode step as one CUDA launch (``PageStep.run``: the kernel stages the new key / value itself)
@@ -543,7 +542,7 @@ def test_cuda_decode_stages_like_the_triton_kernel(dtype):
             step.attend(q, out, scale)
         twins[path], outs[path] = (c.cpu(), s_.cpu()), out[:n].float().cpu()
     (cf, sf), (ct, st) = twins["fused"], twins["triton-stage"]
-    slay = fmt.stage_format.layout(d, P)
+    slay = stage_layout(d)
     for i, s in enumerate(seq_lens):  # the staged token's bytes
         off = (s - 1) % P
         kb = slice(off * d, (off + 1) * d)
@@ -571,13 +570,30 @@ def test_cuda_decode_constants_match_the_source():
     assert f"#define KVMIX_D {cuda_decode.HEAD_SIZE}\n" in src
 
 
+def test_cuda_decode_params_struct_matches_the_source():
+    """``DecodeParams`` (ctypes) is ``struct DecodeParams`` of page_decode.cu field for field: same names, order
+    and C types, so the one struct the launcher passes lands where the kernel reads it."""
+    import ctypes
+    import re
+
+    from vllm_kvmix.kernels import cuda_decode
+
+    src = cuda_decode.source_path().read_text()
+    body = re.search(r"struct DecodeParams \{(.*?)\};", src, re.S).group(1)
+    fields = re.findall(r"^\s*([\w\s\*]+?)\s*(\w+);", body, re.M)
+    kinds = {"double": ctypes.c_double, "int": ctypes.c_int}
+    want = [(name, ctypes.c_void_p if "*" in ctype else kinds[ctype.strip()]) for ctype, name in fields]
+    assert [(n, t) for n, t in cuda_decode.DecodeParams._fields_] == want
+    assert len(want) == 37
+    assert "kvmix_page_decode(const DecodeParams args)" in src
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
-@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"], *[[f"-D{d}" for d in e] for e in EXPERIMENTS],
+@pytest.mark.parametrize("defines", [[], ["-DKVMIX_MIN_BLOCKS=3"],
                                      *([[f"-D{d}" for d in _TRIAL_DEFINES]] if _TRIAL_DEFINES else [])])
 def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):
     """csrc/page_decode.cu builds for sm_90 in every variant the launcher names, as served and with another
-    register bound (``KVMIX_MIN_BLOCKS=3``), with the source's open experiments (``cuda_decode.EXPERIMENTS``)
-    and with a trial's defines (``KVMIX_TEST_DEFINES``).  NVRTC compiles the same source on the GPU at first
+    register bound (``KVMIX_MIN_BLOCKS=3``) and with a trial's defines (``KVMIX_TEST_DEFINES``).  NVRTC compiles the same source on the GPU at first
     use; this catches a broken source on a CPU machine."""
     import subprocess
 
@@ -705,7 +721,7 @@ def test_prefill_kernels_compile_before_the_first_prompt(monkeypatch):
     """``compile_prefill_kernels`` (the backend calls it during vLLM's profiling step) runs the dequant
     kernel on blank pages with the real tensors' strides: a cache page and a
     staging page of the format's layout and a block table of the width given (vLLM's:
-    ``compat.block_table_width``)."""
+    ``flash_prefill.block_table_width``)."""
     from vllm_kvmix.formats import PAGE_TOKENS
     from vllm_kvmix.kernels import prefill
     from vllm_kvmix.kernels.page import compile_prefill_kernels
@@ -724,5 +740,5 @@ def test_prefill_kernels_compile_before_the_first_prompt(monkeypatch):
     fmt, d, h = parse_format("kvmix-k4v2"), 64, 2
     compile_prefill_kernels(fmt, d, h, torch.float16, 16, DEV)
     page_bytes = fmt.layout(d, PAGE_TOKENS).head_page_bytes
-    stage_bytes = fmt.stage_format.layout(d, PAGE_TOKENS).head_page_bytes
+    stage_bytes = stage_layout(d).head_page_bytes
     assert seen == [(h * page_bytes, h * stage_bytes, 16, torch.float16)]

@@ -12,6 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
 
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def quality(smollm2_dir):

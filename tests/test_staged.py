@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from vllm_kvmix.formats import parse_format
+from vllm_kvmix.formats import parse_format, stage_layout
 from vllm_kvmix.quant import dequantize, quantize
 from vllm_kvmix.reference.staged import RequestStep, step
 from vllm_kvmix.staging import StagingSlots, StagingSlotsExhausted
@@ -67,7 +67,7 @@ class Seqs:
         self.fmt, self.h, self.d = fmt, h, d
         lay = fmt.layout(d, P)
         self.cache = torch.full((n_pages, h, lay.head_page_bytes), 0xFF, dtype=torch.uint8)
-        stage_page = fmt.stage_format.layout(d, P).head_page_bytes
+        stage_page = stage_layout(d).head_page_bytes
         self.stage = torch.full((n_slots, h, stage_page), 0xFF, dtype=torch.uint8)
         self.free = torch.randperm(n_pages, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tables: list[list[int]] = []

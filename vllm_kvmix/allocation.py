@@ -185,3 +185,24 @@ def plan_error(k_norms, v_norms, plan) -> float:
         kn**2 * 2.0 ** (-2 * kb) + vn**2 * 2.0 ** (-2 * vb)
         for kn, vn, (kb, vb) in zip(k_norms, v_norms, plan)
     )
+
+
+VAR, EVEN = "var", "even"  # per-layer page sizes / one page size for every layer
+
+
+def plan_layers(k_spectral: list[float], v_spectral: list[float], k_gain: list[float | None], avg_bits: int,
+                mode: str = VAR) -> list[tuple[int, int]]:
+    """kvmix-auto's plan, (K bits, V bits) per layer: the one function the engine
+    (:mod:`vllm_kvmix.vllm.autoplan`) and ``kvmix inspect`` both call.
+
+    ``k_gain[i]``: the length of layer ``i``'s k_norm gain where keys are RMS-normalized after
+    W_K (Gemma-3, Qwen3), else None; such a layer's keys rank by the gain, not by W_K's norm.
+    ``mode``: :data:`VAR` (:func:`plan_tiers` over the norms) or :data:`EVEN` (:func:`plan_even`
+    on every layer: vLLM needs one page size, e.g. hybrid sliding-window models).
+    """
+    if mode == EVEN:
+        return [plan_even(avg_bits)] * len(k_spectral)
+    if mode != VAR:
+        raise ValueError(f"kvmix-auto mode must be {VAR!r} or {EVEN!r}, got {mode!r}")
+    k_rank = [k if g is None else g for k, g in zip(k_spectral, k_gain)]
+    return plan_tiers(k_rank, v_spectral, avg_bits)

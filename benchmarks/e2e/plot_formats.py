@@ -1,11 +1,11 @@
-"""KV capacity and throughput of every KV format against bf16, from one session's rows of a results file (PNG).
+"""KV capacity and throughput of every KV format against bf16, from one run's rows of a results file (PNG).
 
-    python3 benchmarks/e2e/plot_formats.py [RESULTS_JSON] [--session TEXT] [--out PNG]
+    python3 benchmarks/e2e/plot_formats.py [RESULTS_JSON] [--run TEXT] [--out PNG]
 
-Takes the plain rows (not ``--steps``) whose session tag contains ``--session`` (default "session 11"),
-one per (format, workload), and draws two panels for the ``cap`` and ``long`` workloads: KV tokens
-(blocks x block size) and output tokens/s, each as a ratio to the bf16 FLASH_ATTN row of the same
-workload and session.  A format without a row for a workload gets no bar there.
+Takes the plain rows (not ``--steps``) whose ``run`` key contains ``--run`` (default "71fda59": the
+commit's rows), one per (format, workload), and draws two panels for the ``cap`` and ``long`` workloads:
+KV tokens (blocks x block size) and output tokens/s, each as a ratio to the bf16 FLASH_ATTN row of the
+same workload and run.  A format without a row for a workload gets no bar there.
 """
 
 import argparse
@@ -18,11 +18,11 @@ COLORS = {"bf16": "#7f8c8d", "fp8": "#2e86c1", "int4_per_token_head": "#85c1e9",
           "kvmix-k4v4": "#e67e22", "kvmix-k4v2": "#c0392b"}
 
 
-def ratios(rows: list[dict], session: str) -> dict:
+def ratios(rows: list[dict], run: str) -> dict:
     """{(workload, label): (tokens ratio, out tok/s ratio)} against the bf16 row of the same workload."""
     picked = {}
     for r in rows:
-        if session in r.get("session", "") and "steps" not in r and r["workload"] in WORKLOADS:
+        if run in r.get("run", "") and "steps" not in r and r["workload"] in WORKLOADS:
             picked[(r["workload"], r["kv_cache_dtype"])] = r
     out = {}
     for wl in WORKLOADS:
@@ -40,7 +40,7 @@ def ratios(rows: list[dict], session: str) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="?", default="benchmarks/results/e2e-h200.json")
-    ap.add_argument("--session", default="session 11")
+    ap.add_argument("--run", default="71fda59", help="substring of the rows' run key, e.g. a commit")
     ap.add_argument("--out", default="benchmarks/results/e2e-formats-h200.png")
     args = ap.parse_args()
     import matplotlib
@@ -49,9 +49,9 @@ def main():
     import matplotlib.pyplot as plt
 
     with open(args.results) as f:
-        data = ratios(json.load(f), args.session)
+        data = ratios(json.load(f), args.run)
     if not data:
-        raise SystemExit(f"no rows tagged {args.session!r} with a bf16 row in {args.results}")
+        raise SystemExit(f"no rows whose run contains {args.run!r} with a bf16 row in {args.results}")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     labels = [label for _, label in ORDER]
     width = 0.13
@@ -70,7 +70,7 @@ def main():
         ax.set_ylim(0, max(v[idx] for v in data.values()) * 1.15)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.suptitle(f"vLLM 0.26.0, Llama-3.1-8B shape, one lease ({args.session}; {args.results.split('/')[-1]})",
+    fig.suptitle(f"vLLM 0.26.0, Llama-3.1-8B shape, one run (rows of {args.run}; {args.results.split('/')[-1]})",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(args.out, dpi=130)

@@ -1,8 +1,9 @@
 """Where an e2e run's generate time goes, from the ``bench.py --steps`` rows of a results file (PNG).
 
-    python3 benchmarks/e2e/plot_steps.py [RESULTS_JSON] [--session TEXT] [--out PNG]
+    python3 benchmarks/e2e/plot_steps.py [RESULTS_JSON] [--run TEXT ...] [--out PNG]
 
-One horizontal bar per ``--steps`` row (default: those whose session tag contains "session 9"): the
+One horizontal bar per ``--steps`` row whose ``run`` key contains one of the ``--run`` texts (default:
+"97e1043" and "cead2ed", the commits of the H200 step-profile rows), labelled with its commit: the
 prompt-chunk steps and the decode-only steps, each split by the GPU time of its traced steps (gemm /
 attention / other, scaled to all steps of that kind as :func:`split` says; the rest of the steps'
 wall time is "host / gaps"), and the time outside ``execute_model`` (scheduling, sampling).
@@ -11,6 +12,7 @@ Rows are synchronized per step, so they run slower than the plain rows: compare 
 
 import argparse
 import json
+import re
 
 PARTS = [("prefill", "gemm", "#1f4e79"), ("prefill", "attention", "#2e86c1"), ("prefill", "other", "#85c1e9"),
          ("prefill", "host / gaps", "#d6eaf8"), ("decode", "gemm", "#7b241c"), ("decode", "attention", "#c0392b"),
@@ -42,7 +44,8 @@ def split(row: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="?", default="benchmarks/results/e2e-h200.json")
-    ap.add_argument("--session", default="session 9")
+    ap.add_argument("--run", nargs="+", default=["97e1043", "cead2ed"],
+                    help="substrings of the rows' run key, e.g. commits; a row matching any is drawn")
     ap.add_argument("--out", default="benchmarks/results/e2e-steps-h200.png")
     args = ap.parse_args()
     import matplotlib
@@ -50,11 +53,13 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in json.load(open(args.results)) if "steps" in r and args.session in r.get("session", "")]
+    rows = [r for r in json.load(open(args.results))
+            if "steps" in r and any(t in r.get("run", "") for t in args.run)]
     labels, splits = [], []
     for r in rows:
         name = "bf16" if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"]
-        commit = r["session"].split("commit ")[1].split(":")[0] if "commit " in r["session"] else ""
+        m = re.search(r"commit ([0-9a-f]{7,40})", r.get("run", ""))
+        commit = m.group(1) if m else ""
         labels.append(f"{r['workload']}: {name} ({commit})  {r['out_tok_s']:.0f} tok/s")
         splits.append(split(r))
     fig, ax = plt.subplots(figsize=(11, 0.6 * len(rows) + 1.8))

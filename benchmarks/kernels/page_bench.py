@@ -25,20 +25,21 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from vllm_kvmix.formats import PAGE_TOKENS, parse_format  # noqa: E402
+from vllm_kvmix.formats import PAGE_TOKENS, parse_format, stage_layout  # noqa: E402
+from vllm_kvmix.options import DECODE_KERNEL_ENV  # noqa: E402
 from vllm_kvmix.kernels import cuda_decode  # noqa: E402
 from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from decode_bench import PEER_BS, bench, copy_bw, reshape_and_cache_ms  # noqa: E402
-from decode_bench import peers as fa_peers  # noqa: E402
+from peers import PEER_BS, bench, copy_bw, reshape_and_cache_ms  # noqa: E402
+from peers import peers as fa_peers  # noqa: E402
 
 dev = "cuda"
 HQ, HKV, D = 32, 8, 128
 FORMATS = ["kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4"]
-# preprocessor experiments of csrc/page_decode.cu timed beside the served build (rows "... +D1+D2"): by default
-# the source's open ones (cuda_decode.EXPERIMENTS).  Session 10's L2 prefetch and 3 / 5 blocks per SM lost,
-# session 11's code fields in place and S transposed (4-bit keys) won and are served (benchmarks/kernels/NOTES.md).
+# --experiments: builds of csrc/page_decode.cu with other preprocessor defines (e.g. KVMIX_MIN_BLOCKS=3), timed
+# beside the served build (rows "... +D1+D2").  A code experiment is a patch (benchmarks/kernels/experiments/*.patch):
+# apply it to the tree, then time its defines here.  What was tried and what won: docs/kernels.md.
 SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (16, 32768),
           (64, 1024), (64, 8192), (64, 32768), (256, 1024), (256, 8192)]
 
@@ -56,7 +57,7 @@ def random_pages(n, nbytes, metas, gen):
 
 def kvmix_case(fmt, B, L, gen):
     lay = fmt.layout(D, PAGE_TOKENS)
-    slay = fmt.stage_format.layout(D, PAGE_TOKENS)
+    slay = stage_layout(D)
     n_pages = B * triton.cdiv(L, PAGE_TOKENS)
     cache = random_pages(n_pages, lay.head_page_bytes,
                          [(lay.k.meta_offset, D), (lay.v.meta_offset, PAGE_TOKENS * D // 64)], gen)
@@ -70,12 +71,12 @@ def kvmix_bytes(fmt, B, seq):
     """Bytes attention reads: full pages packed, the own page's tokens at 8 bits."""
     own = (seq - 1) // PAGE_TOKENS
     packed = own * PAGE_TOKENS * fmt.bytes_per_token_head(D)
-    staged = (seq - own * PAGE_TOKENS) * fmt.stage_format.bytes_per_token_head(D)
+    staged = (seq - own * PAGE_TOKENS) * fmt.stage_bytes_per_seq_head(D) // PAGE_TOKENS
     return B * HKV * (packed + staged)
 
 
 def peers(B, L, q, out, gen):
-    """FA3 bf16 / fp8 and vLLM's Triton bf16 (decode_bench.peers), plus vLLM's int4_per_token_head."""
+    """FA3 bf16 / fp8 and vLLM's Triton bf16 (peers.peers), plus vLLM's int4_per_token_head."""
     res = fa_peers(B, L, q, out, gen)
     nb = B * L // PEER_BS
     bt = torch.randperm(nb, device=dev, dtype=torch.int32, generator=gen).view(B, L // PEER_BS)
@@ -112,12 +113,11 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shapes", default=None, help="e.g. 16x32768,64x8192")
     ap.add_argument("--sweep", action="store_true", help="also time launch-option variants of k4v2 attention")
-    ap.add_argument("--experiments", default=None,
-                    help="CUDA source experiments to time, ';' between builds, '+' between defines "
-                         "(default: cuda_decode.EXPERIMENTS; 'none': the served build only)")
+    ap.add_argument("--experiments", default="none",
+                    help="builds of the CUDA source to time beside the served one: ';' between builds, '+' between "
+                         "defines, e.g. 'KVMIX_MIN_BLOCKS=3;KVMIX_MIN_BLOCKS=5' (default 'none': the served build only)")
     args = ap.parse_args()
-    experiments = cuda_decode.EXPERIMENTS if args.experiments is None else [
-        tuple(e.split("+")) for e in args.experiments.split(";") if e and e != "none"]
+    experiments = [tuple(e.split("+")) for e in args.experiments.split(";") if e and e != "none"]
     shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     gen = torch.Generator(device=dev).manual_seed(0)
     bw = copy_bw()
@@ -147,9 +147,9 @@ def main():
                                      res[fname][1])
             if fname == "kvmix-k4v2":
                 kernel_times(lambda: st.attend(q, out, D**-0.5))
-            os.environ[cuda_decode.DISABLE_ENV] = "0"  # the same step on the Triton kernel alone
+            os.environ[DECODE_KERNEL_ENV] = "triton"  # the same step on the Triton kernel alone
             res[fname + " triton"] = (bench(lambda: st.attend(q, out, D**-0.5)), res[fname][1])
-            os.environ.pop(cuda_decode.DISABLE_ENV)
+            os.environ.pop(DECODE_KERNEL_ENV)
             if args.sweep and fname == "kvmix-k4v2":
                 from vllm_kvmix.kernels import page as page_mod
 
@@ -174,8 +174,9 @@ def main():
             # the whole step as vLLM replays a decode batch (one CUDA graph), and each kernel's GPU time in it
             res[fname + " step graph"] = (triton.testing.do_bench_cudagraph(full_step), res[fname][1])
             # experiments of the CUDA source (csrc/page_decode.cu, off as served), against the rows above
+            served = cuda_decode.compiled
             for defines in experiments:
-                cuda_decode.DEFINES = defines
+                cuda_decode.compiled = lambda k_bits, v_bits, bf16, d=defines: served(k_bits, v_bits, bf16, d)
                 tag = "+" + "+".join(defines)
                 try:
                     res[f"{fname} graph {tag}"] = (
@@ -185,7 +186,7 @@ def main():
                 except Exception as e:  # noqa: BLE001 (keep the served build's rows)
                     print(f"  experiment {tag} failed:", repr(e)[:300], flush=True)
                 finally:
-                    cuda_decode.DEFINES = ()
+                    cuda_decode.compiled = served
             if fname == "kvmix-k4v2":
                 print("  step kernels:", flush=True)
                 kernel_times(full_step)

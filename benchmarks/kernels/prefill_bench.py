@@ -7,7 +7,7 @@ vLLM's scheduler hands them to one layer: fresh 8k prompts (the ``long`` workloa
 (``cap``), a chunked-prefill continuation, and a fresh prompt next to 63 decode rows (a mixed
 step).  kvmix: one layer's step (stage + pack + attend + keep) with prefill rows on vLLM's
 FlashAttention over dequantized pages (``kernels/prefill.py``, as served) and on the Triton page
-kernel alone (``KVMIX_FA_PREFILL=0`` path); the per-step host plan is timed apart (once per step,
+kernel alone (the path where vLLM has no FlashAttention); the per-step host plan is timed apart (once per step,
 not per layer).  Peers: FA3 bf16 and fp8 on a paged cache of 16-token blocks, attention plus
 ``reshape_and_cache_flash`` of the new tokens (vLLM's two calls per layer).  TFLOP/s counts the
 causal attention FLOPs (4 * D per query-key pair and head).
@@ -27,7 +27,7 @@ from vllm_kvmix.formats import PAGE_TOKENS, parse_format  # noqa: E402
 from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from decode_bench import PEER_BS, bench, reshape_and_cache_ms  # noqa: E402
+from peers import PEER_BS, bench, reshape_and_cache_ms  # noqa: E402
 from page_bench import kvmix_case  # noqa: E402
 
 dev = "cuda"
@@ -122,7 +122,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--formats", default="kvmix-k4v2")
     args = ap.parse_args()
-    from vllm_kvmix.vllm.compat import flash_attn_prefill
+    from vllm_kvmix.vllm.flash_prefill import flash_attn_prefill
 
     fa = flash_attn_prefill()
     print(f"{torch.cuda.get_device_name()}; FlashAttention version {getattr(fa, 'fa_version', None)}", flush=True)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from vllm_kvmix.formats import PAGE_TOKENS, parse_format  # noqa: E402
+from vllm_kvmix.formats import PAGE_TOKENS, parse_format, stage_layout  # noqa: E402
 from vllm_kvmix.kernels import codec, page, prefill  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -78,7 +78,7 @@ def main():
         plan = page.StepPlan(qsl, seq, T, max(n for _, n in reqs), qsl_cpu, L, HQ, HKV, seq_lens_cpu=seqs,
                              flash_attn=prefill.reference_flash_attn)
         st = page.PageStep(k_new, cache, stage, fmt, slots, bt, plan)
-        slay = fmt.stage_format.layout(D, PAGE_TOKENS)
+        slay = stage_layout(D)
         staged_bytes = T * HKV * slay.head_page_bytes // PAGE_TOKENS
 
         def stage(tb, warps):

@@ -39,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 FORMATS = [
     "auto",
     "kvmix-k8v8", "kvmix-k8v4", "kvmix-k4v8", "kvmix-k4v4", "kvmix-k4v2", "kvmix-k2v4", "kvmix-k2v2",
-    "kvmix-k4v2-tok",
 ]
 MODELS = ["smollm2-135m", "gemma3-270m"]
 TEXTS = ["alice29.txt", "lcet10.txt", "plrabn12.txt", "asyoulik.txt"]
@@ -62,30 +61,46 @@ def bits_per_element(kv_cache_dtype: str, head_size: int, context: int) -> float
 
 
 def auto_variant(label: str | None) -> tuple[str, dict]:
-    """``kvmix-auto-b6@even,paper,nohybrid`` -> (name, engine kwargs); sets kvmix-auto's experiment knobs.
+    """``kvmix-auto-b6@even,paper,nohybrid`` -> (name, engine kwargs); installs kvmix-auto's experiment variant.
 
-    ``even`` / ``var``: force the allocation mode; ``paper`` / ``tiers``: the
-    allocation rule (``paper``: the paper's greedy unchanged); ``nohybrid``: vLLM's hybrid KV-cache
-    manager off (one KV-cache group, so per-layer page sizes on sliding-window
-    models).  ``None`` resets the knobs.
+    ``even`` / ``var``: force the allocation mode; ``paper`` / ``tiers`` / ``reverse``: the allocation rule
+    (``paper``: the paper's greedy unchanged, :func:`vllm_kvmix.allocation.plan_bits`; ``reverse``: the tiers,
+    smallest norm first, a control for whether the norms' order matters); ``nohybrid``: vLLM's hybrid KV-cache
+    manager off (one KV-cache group, so per-layer page sizes on sliding-window models).  The variants replace
+    ``allocation.plan_layers`` / ``autoplan.choose_mode`` in this process (the engine runs in-process here);
+    ``None`` restores the served functions.
     """
+    from vllm_kvmix import allocation
     from vllm_kvmix.vllm import autoplan
 
-    autoplan.MODE_OVERRIDE = autoplan.RULE_OVERRIDE = None
+    global _SERVED
+    if _SERVED is None:
+        _SERVED = (allocation.plan_layers, autoplan.choose_mode)
+    allocation.plan_layers, autoplan.choose_mode = _SERVED
     if label is None:
         return "", {}
     name, _, opts = label.partition("@")
     extra = {}
     for opt in filter(None, opts.split(",")):
         if opt in ("even", "var"):
-            autoplan.MODE_OVERRIDE = opt
-        elif opt in ("paper", "tiers", "reverse"):
-            autoplan.RULE_OVERRIDE = opt
+            autoplan.choose_mode = lambda layers, cfg, mode=opt: mode
+        elif opt == "tiers":
+            pass
+        elif opt == "paper":  # q/k-norm layers' keys at 4 bits: W_K's norm says nothing about them
+            allocation.plan_layers = lambda k, v, gain, avg, mode="var": (
+                _SERVED[0](k, v, gain, avg, mode) if mode == "even"
+                else allocation.plan_bits(k, v, avg, [None if g is None else 4 for g in gain]))
+        elif opt == "reverse":
+            allocation.plan_layers = lambda k, v, gain, avg, mode="var": _SERVED[0](
+                [-x for x in k], [-x for x in v], [None if g is None else -g for g in gain], avg, mode)
         elif opt == "nohybrid":
             extra["disable_hybrid_kv_cache_manager"] = True
         else:
             raise ValueError(f"unknown variant option {opt!r} in {label!r}")
     return name, extra
+
+
+_SERVED = None  # (allocation.plan_layers, autoplan.choose_mode) as served
 
 
 def auto_plan_summary(name: str) -> dict:
@@ -319,13 +334,11 @@ def plot(rows: list[dict], path: Path) -> None:
             elif is_kvmix(name):
                 f = parse_format(name)
                 kind = "K-favoured" if f.k_bits > f.v_bits else "V-favoured" if f.k_bits < f.v_bits else "equal K/V"
-                if f.scheme == "tok":
-                    kind = "per-token (first version)"
             else:
                 kind = "vLLM"
             style = {
                 "K-favoured": ("tab:blue", "o"), "V-favoured": ("tab:red", "s"), "equal K/V": ("tab:gray", "D"),
-                "per-token (first version)": ("tab:orange", "x"), "vLLM": ("black", "^"),
+                "vLLM": ("black", "^"),
                 "kvmix-auto (per layer)": ("tab:green", "*"),
             }[kind]
             y = max(r["dppl_pct"], 0.01)

@@ -1,7 +1,11 @@
-"""Triton kernels, one file each: ``write`` (quantize-on-write) and ``attention``.
+"""GPU kernels of the page scheme, one job per module.
 
-Each file stacks ``@triton.jit`` kernel -> launcher with the shapes in its
-docstring.  The per-side quantizer lives in :mod:`vllm_kvmix.kernels.codec`
-so the attention loop does not change when the format does.  Kernels never
-import the reference; tests compare the two.
+``page``        Triton: staging, pack on fill, page attention, and the step that runs them
+``cuda_decode`` the CUDA decode kernel (``csrc/page_decode.cu``, compiled by NVRTC)
+``prefill``     prefill rows on vLLM's FlashAttention over dequantized pages
+``splitk``      split-K planning and the merge of partials
+``planes``, ``codec``  Triton building blocks (bit planes, per-token quantizer)
+
+Each launcher documents its shapes.  Kernels never import the reference
+(:mod:`vllm_kvmix.reference`); tests compare the two.
 """

@@ -1,10 +1,10 @@
-"""Per-token group quantizer of one side (K or V) of a kvmix head page, in Triton.
+"""Per-token group quantizer pieces shared by the page kernels, in Triton.
 
-``encode_token`` turns one token's ``[D]`` vector into packed codes + fp16
-(scale, minimum) per group and stores them; ``decode_tile`` loads a
-``[TILE, D]`` tile of one page back as fp32.  Also the pieces both attention
-kernels share: ``softmax_step`` (online softmax) and ``rotate_store`` (output
-times the Hadamard matrix, for rotated values).  Bit-for-bit the same arithmetic
+``quant_rows`` / ``pack_rows`` turn rows of ``[D]`` vectors into packed codes +
+fp16 (scale, minimum) per 64-channel group (staging, packed values);
+``decode_tile`` loads a ``[TILE, D]`` tile of per-token codes back as fp32.
+Also ``softmax_step`` (online softmax) and ``rotate_store`` (output times the
+Hadamard matrix, for rotated values).  Bit-for-bit the same arithmetic
 as :func:`vllm_kvmix.quant.quantize` (fp16-rounded metadata, round half up,
 IEEE division), so kernel and reference agree exactly.
 """
@@ -57,29 +57,6 @@ def pack_rows(codes, BITS: tl.constexpr):
     c = tl.reshape(codes, (R, D // PER, PER))
     shifts = tl.arange(0, PER) * BITS
     return tl.sum(c << shifts[None, None, :], axis=2).to(tl.uint8)
-
-
-@triton.jit
-def encode_token(
-    x_ptr,  # *fp [D]: one token, one KV head
-    head_page_ptr,  # *u8: start of the (page, kv head) byte range
-    off,  # token offset inside the page
-    D: tl.constexpr,
-    BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    CODES_OFF: tl.constexpr,
-    META_OFF: tl.constexpr,
-):
-    G: tl.constexpr = D // GROUP
-    PER: tl.constexpr = 8 // BITS
-    x = tl.reshape(tl.load(x_ptr + tl.arange(0, D)).to(tl.float32), (1, D))
-    codes, scale16, mn16 = quant_rows(x, BITS, GROUP)
-    packed = tl.reshape(pack_rows(codes, BITS), (D // PER,))
-    tl.store(head_page_ptr + CODES_OFF + off * (D * BITS // 8) + tl.arange(0, D // PER), packed)
-    meta_ptr = (head_page_ptr + META_OFF + off * (G * 4)).to(tl.pointer_type(tl.float16))
-    g = tl.arange(0, G)
-    tl.store(meta_ptr + 2 * g, tl.reshape(scale16, (G,)))
-    tl.store(meta_ptr + 2 * g + 1, tl.reshape(mn16, (G,)))
 
 
 @triton.jit

@@ -12,20 +12,24 @@ three: stage the new token (``stage=(key, value)``: 8-bit, value rotated, into t
 ``page._stage_kernel`` does), attend over the packed pages and the own page, merge the split-K partials in
 the last block of each (row, KV head) and rotate the output back
 (:meth:`vllm_kvmix.kernels.page.PageStep.run`).  Pages that fill are packed after it (``page._pack_kernel``).
-Everything else runs the Triton kernels, the reference-tested path for all shapes.
+Everything else runs the Triton kernels, the reference-tested path for all shapes; so does every
+decode row when the user sets ``KVMIX_DECODE_KERNEL=triton`` (:mod:`vllm_kvmix.options`).
 
-NVRTC ships with PyTorch's CUDA wheels (``nvidia-cuda-nvrtc``), so nothing is built at install time;
-the one private PyTorch entry point used (``torch.cuda._compile_kernel``) is wrapped in
-:func:`compile_cuda`, and ``tests/test_page_kernels.py`` checks that it is still there.
+The source ships inside the package (``vllm_kvmix.csrc``, mapped from the checkout's ``csrc/`` by
+pyproject.toml) and is found through :mod:`importlib.resources`.  NVRTC ships with PyTorch's CUDA wheels
+(``nvidia-cuda-nvrtc``), so nothing is built at install time; the backend compiles the instantiations a
+model needs at startup (:func:`prepare`), so a missing source or a failed compile stops the engine with
+the reason instead of surfacing in the first decode step.  The one private PyTorch entry point used
+(``torch.cuda._compile_kernel``) is wrapped in :func:`compile_cuda`, and ``tests/test_page_kernels.py``
+checks that it is still there.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
+import importlib.resources
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -37,24 +41,30 @@ MAX_SPLITS = 64  # split-K partials one block merges (the kernel's KVMIX_MAX_SPL
 ROWS = 8  # workspace rows per (query block, KV head, split): the GQA group, padded (the kernel's KVMIX_ROWS)
 SOURCE_NAME = "page_decode.cu"
 HEAD_SIZE = 128
-DISABLE_ENV = "KVMIX_CUDA_DECODE"  # "0": always the Triton kernel (benchmarks compare the two)
-# Preprocessor defines of the compile: empty as served; benchmarks set experiments of the source here
-# (``("KVMIX_MIN_BLOCKS=3",)``, page_bench.py --experiments) and time them against the served build in one run.
-DEFINES: tuple[str, ...] = ()
-# The source's open experiments (off as served), one define set per build: page_bench.py times them by default,
-# and the GPU oracle, nvcc and NVRTC tests build them.  KVMIX_KEYS_PER_TILE: counted, not yet timed
-# (benchmarks/kernels/NOTES.md, session 11).
-EXPERIMENTS: tuple[tuple[str, ...], ...] = (("KVMIX_KEYS_PER_TILE=1",),)
+KEY_BITS = (4, 8)
+VALUE_BITS = (2, 4)
+DTYPES = (torch.float16, torch.bfloat16)
+MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with bf16 operands, movmatrix
+
+
+class KernelUnavailable(RuntimeError):
+    """The CUDA decode kernel's source is missing or does not compile."""
 
 
 def source_path() -> Path:
-    """``csrc/page_decode.cu`` of the checkout the package runs from (editable installs), or the copy
-    installed next to this module (``kernels/csrc/``: package data, as docker/Dockerfile places it)."""
-    here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "csrc" / SOURCE_NAME, here.parent / "csrc" / SOURCE_NAME):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"kvmix: {SOURCE_NAME} not found next to the package (csrc/)")
+    """``page_decode.cu`` as installed with the package (``vllm_kvmix.csrc``, from the checkout's ``csrc/``); in a
+    source tree run without installing (``PYTHONPATH=.``), the tree's ``csrc/``."""
+    try:
+        path = Path(str(importlib.resources.files("vllm_kvmix.csrc") / SOURCE_NAME))
+    except ModuleNotFoundError:  # a source tree on sys.path, not installed: csrc/ is not a package there
+        path = Path(__file__).resolve().parents[2] / "csrc" / SOURCE_NAME
+    if not path.is_file():
+        raise KernelUnavailable(
+            f"kvmix: the CUDA decode kernel's source {SOURCE_NAME} is not installed with vllm_kvmix ({path}); "
+            "reinstall the package from a wheel built by `pip wheel .` / `python -m build`, "
+            "or set KVMIX_DECODE_KERNEL=triton to decode on the Triton kernel"
+        )
+    return path
 
 
 def nvrtc_options(defines: tuple[str, ...] = ()) -> list[str]:
@@ -83,24 +93,34 @@ def compile_cuda(source: str, name: str, defines: tuple[str, ...] = ()) -> Launc
     return Launcher(torch.cuda._compile_kernel(source, name, nvcc_options=nvrtc_options(defines)))
 
 
+class DecodeParams(ctypes.Structure):
+    """The kernel's one argument, ``struct DecodeParams`` of ``page_decode.cu``, field for field."""
+
+    _fields_ = [
+        *[(name, ctypes.c_void_p) for name in (
+            "q", "key", "value", "cache", "stage", "slots", "block_table", "qsl", "seq_lens", "qb_req",
+            "ws_acc", "ws_ml", "counters", "out")],
+        ("num_splits", ctypes.c_int), ("stage_new", ctypes.c_int), ("scale_log2e", ctypes.c_double),
+        *[(name, ctypes.c_int) for name in (
+            "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh",
+            "stride_cb", "stride_ch", "stride_bt", "rep", "k_meta_off", "v_codes_off", "v_meta_off",
+            "stride_ss", "stride_sh", "sk_meta_off", "sv_codes_off", "sv_meta_off")],
+    ]
+
+
 class Launcher:
-    """``cuLaunchKernel`` of a compiled kernel with typed arguments, on the current stream.
+    """``cuLaunchKernel`` of a compiled kernel with its :class:`DecodeParams`, on the current stream.
 
     PyTorch's ``_CudaKernel.__call__`` inspects every argument and looks libcuda up on each call; a decode
-    step launches this once per layer, so the arguments are packed straight into their C types here.
-    Argument kinds: ``"p"`` (tensor -> pointer), ``"i"`` (C int), ``"d"`` (double).
+    step launches this once per layer, so the struct is passed straight to the driver here.
     """
 
     def __init__(self, kernel):
         self.func = kernel.func
         self.lib = torch.cuda._utils._get_gpu_runtime_library()
 
-    def __call__(self, grid, block, kinds: str, args) -> None:
-        if len(kinds) != len(args):
-            raise ValueError(f"kvmix: {len(args)} kernel arguments for {len(kinds)} kinds")
-        c = [ctypes.c_void_p(a.data_ptr()) if k == "p" else ctypes.c_int(a) if k == "i" else ctypes.c_double(a)
-             for k, a in zip(kinds, args)]
-        ptrs = (ctypes.c_void_p * len(c))(*[ctypes.addressof(x) for x in c])
+    def __call__(self, grid, block, params: DecodeParams) -> None:
+        ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         err = self.lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream,
                                       ptrs, None)
@@ -109,33 +129,38 @@ class Launcher:
 
 
 @functools.cache
-def _kernel(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = ()) -> Launcher:
-    return compile_cuda(source_path().read_text(), kernel_name(k_bits, v_bits, bf16), defines)
-
-
-def enabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "1") != "0" and _source_found()
-
-
-@functools.cache
-def _source_found() -> bool:
-    """A wheel built without csrc/ runs decode on the Triton kernel, and says so once."""
+def compiled(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = ()) -> Launcher:
+    """The compiled instantiation (once per process); benchmarks pass build ``defines`` of an experiment."""
+    source = source_path().read_text()
     try:
-        source_path()
-        return True
-    except FileNotFoundError as e:
-        logging.getLogger("vllm_kvmix").warning("%s: decode attention runs on the Triton kernel", e)
-        return False
+        return compile_cuda(source, kernel_name(k_bits, v_bits, bf16), defines)
+    except Exception as e:  # noqa: BLE001 -- NVRTC's log is in the message; say which kernel and what to do
+        raise KernelUnavailable(
+            f"kvmix: compiling the CUDA decode kernel {kernel_name(k_bits, v_bits, bf16)} from {source_path()} "
+            f"failed: {e}. Set KVMIX_DECODE_KERNEL=triton to decode on the Triton kernel"
+        ) from e
+
+
+def covers(fmt: KVFormat, head_size: int, rep: int, dtype: torch.dtype, sliding_window=None, soft_cap=None) -> bool:
+    """Whether the CUDA kernel implements this layer's decode: head size 128, GQA groups of <= 8, fp16 / bf16,
+    keys 4 / 8 bits, values 2 / 4 bits, no sliding window or soft cap (the Triton kernel takes the rest)."""
+    return (head_size == HEAD_SIZE and rep <= ROWS and dtype in DTYPES and fmt.k_bits in KEY_BITS
+            and fmt.v_bits in VALUE_BITS and not sliding_window and not soft_cap)
+
+
+def prepare(fmt: KVFormat, dtype: torch.dtype) -> Launcher:
+    """Compile the instantiation a layer will use, at startup (raises :class:`KernelUnavailable`)."""
+    return compiled(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16)
 
 
 def supports(fmt: KVFormat, query: torch.Tensor, head_size: int, num_kv_heads: int,
              sliding_window, soft_cap) -> bool:
-    rep = query.shape[1] // num_kv_heads
-    return (
-        enabled() and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-        and head_size == HEAD_SIZE and rep <= 8 and fmt.k_bits in (4, 8) and fmt.v_bits in (2, 4)
-        and fmt.group == 64 and not sliding_window and not soft_cap
-    )
+    """Whether a decode step of ``query`` runs on the CUDA kernel: the user's choice
+    (:func:`vllm_kvmix.options.decode_kernel`) and :func:`covers`."""
+    from vllm_kvmix.options import CUDA, decode_kernel
+
+    return (query.is_cuda and decode_kernel() == CUDA
+            and covers(fmt, head_size, query.shape[1] // num_kv_heads, query.dtype, sliding_window, soft_cap))
 
 
 @functools.cache
@@ -193,14 +218,17 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, 
         arrivals = counters(nqb * h, query.device)
     else:
         ws_acc = ws_ml = arrivals = out  # unread with one split
-    kernel = _kernel(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16, DEFINES)
-    kernel(
-        (nqb, h, num_splits), (WARPS * 32, 1, 1), "pppppppppp" "pppp" "iid" "iiiiiiiiiiii" "iiiiiiii",
-        [query, key, value, cache, stage, slots, block_table, qsl, seq_lens, qb_req,
-         ws_acc, ws_ml, arrivals, out,
-         num_splits, int(new_kv is not None), float(scale) * math.log2(math.e),
-         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-         out.stride(0), out.stride(1), cache.stride(0), cache.stride(1), block_table.stride(0), rep,
-         bits["K_META"], bits["V_CODES"], bits["V_META"],
-         stage.stride(0), stage.stride(1), stage_consts["SK_META"], stage_consts["SV_CODES"], stage_consts["SV_META"]],
+    params = DecodeParams(
+        q=query.data_ptr(), key=key.data_ptr(), value=value.data_ptr(), cache=cache.data_ptr(),
+        stage=stage.data_ptr(), slots=slots.data_ptr(), block_table=block_table.data_ptr(), qsl=qsl.data_ptr(),
+        seq_lens=seq_lens.data_ptr(), qb_req=qb_req.data_ptr(), ws_acc=ws_acc.data_ptr(), ws_ml=ws_ml.data_ptr(),
+        counters=arrivals.data_ptr(), out=out.data_ptr(),
+        num_splits=num_splits, stage_new=int(new_kv is not None), scale_log2e=float(scale) * math.log2(math.e),
+        stride_qt=query.stride(0), stride_qh=query.stride(1), stride_kt=key.stride(0), stride_kh=key.stride(1),
+        stride_vt=value.stride(0), stride_vh=value.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_cb=cache.stride(0), stride_ch=cache.stride(1), stride_bt=block_table.stride(0), rep=rep,
+        k_meta_off=bits["K_META"], v_codes_off=bits["V_CODES"], v_meta_off=bits["V_META"],
+        stride_ss=stage.stride(0), stride_sh=stage.stride(1), sk_meta_off=stage_consts["SK_META"],
+        sv_codes_off=stage_consts["SV_CODES"], sv_meta_off=stage_consts["SV_META"],
     )
+    compiled(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16)((nqb, h, num_splits), (WARPS * 32, 1, 1), params)

@@ -22,7 +22,7 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
    position ``p`` reads pages before ``p // 64`` packed and its own page from
    the 8-bit copy, all by bit planes (:mod:`vllm_kvmix.kernels.planes`: the
    output accumulates per value plane); it is rotated back (``o @ H``) at the end;
-   (split-K partials merged by ``attention._combine_kernel`` with ``ROTATE``).
+   (split-K partials merged by ``splitk.combine_kernel`` with ``ROTATE``).
    Rows of one new token run instead on the CUDA kernel (``cuda_decode``, where
    it supports the format), which merges its splits itself; a step of only such
    rows is one CUDA launch that also stages the new tokens (1 and 3 together),
@@ -46,9 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
+from vllm_kvmix.formats import PAGE_TOKENS, KVFormat, stage_layout
 from vllm_kvmix.kernels import cuda_decode, prefill
-from vllm_kvmix.kernels.attention import _combine_kernel, block_q_for, num_splits_for, plan_query_blocks
 from vllm_kvmix.kernels.codec import (
     ROT_PRECISION,
     decode_tile,
@@ -57,6 +56,7 @@ from vllm_kvmix.kernels.codec import (
     quant_rows,
     softmax_step,
 )
+from vllm_kvmix.kernels.splitk import block_q_for, combine_kernel, num_splits_for, plan_query_blocks
 from vllm_kvmix.kernels.planes import (
     operand,
     packed_pv,
@@ -407,7 +407,7 @@ def _rotation(d: int, device: torch.device) -> torch.Tensor:
 @functools.cache
 def _constants(fmt: KVFormat, d: int) -> tuple[dict, dict]:
     """Byte offsets of the staging page and of the packed page (constexprs of the kernels)."""
-    lay, slay = fmt.layout(d, PAGE_TOKENS), fmt.stage_format.layout(d, PAGE_TOKENS)
+    lay, slay = fmt.layout(d, PAGE_TOKENS), stage_layout(d)
     stage = dict(SK_META=slay.k.meta_offset, SV_CODES=slay.v.codes_offset, SV_META=slay.v.meta_offset)
     bits = dict(K_BITS=fmt.k_bits, K_CODES=lay.k.codes_offset, K_META=lay.k.meta_offset,
                 V_BITS=fmt.v_bits, V_CODES=lay.v.codes_offset, V_META=lay.v.meta_offset)
@@ -650,7 +650,7 @@ class PageStep:
             IEEE_DOT=query.dtype == torch.float32, SPLIT=num_splits > 1, **launch_for(block_m),
         )
         if num_splits > 1:
-            _combine_kernel[(nqb, h)](
+            combine_kernel[(nqb, h)](
                 out, ws_acc, ws_ml, self.plan.qsl, qb_req, qb_tok, num_splits, self.rot,
                 out.stride(0), out.stride(1), D=d, REP=hq // h, REP_P=rep_p, BLOCK_Q=bq, ROTATE=True,
             )
@@ -676,7 +676,7 @@ def compile_prefill_kernels(fmt: KVFormat, d: int, h: int, dtype: torch.dtype, b
     Triton specializes on."""
     device = torch.device(device)
     stage_consts, bits = _constants(fmt, d)
-    lay, slay = fmt.layout(d, PAGE_TOKENS), fmt.stage_format.layout(d, PAGE_TOKENS)
+    lay, slay = fmt.layout(d, PAGE_TOKENS), stage_layout(d)
     cache = torch.zeros((1, h, lay.head_page_bytes), dtype=torch.uint8, device=device)
     stage = torch.zeros((1, h, slay.head_page_bytes), dtype=torch.uint8, device=device)
     block_table = torch.zeros((1, block_table_width), dtype=torch.int32, device=device)

@@ -31,7 +31,7 @@ which the backend takes during vLLM's memory profiling); a request that alone ne
 is left to the Triton kernel (``max_pages_for`` sizes the bound so that none does).
 
 ``flash_attn`` is a callable with the signature of :func:`reference_flash_attn` -- vLLM's
-kernel through :func:`vllm_kvmix.vllm.compat.flash_attn_prefill` on CUDA, the
+kernel through :func:`vllm_kvmix.vllm.flash_prefill.flash_attn_prefill` on CUDA, the
 pure-PyTorch stand-in in tests on CPU.
 """
 

@@ -1,17 +1,16 @@
-"""Paged KV cache in the kvmix layout: quantize-on-write and attention from pages.
+"""Per-token page regions (views, store, read) and dense attention, in eager PyTorch.
 
-Cache: ``uint8[num_blocks, num_kv_heads, head_page_bytes]``, see
-:mod:`vllm_kvmix.formats` for the byte layout of a head page.  Everything here
-reads and writes through the layout's offsets, so attention only ever sees what
-was stored (also for the tokens written in the same step).
+Pages: ``uint8[num_pages, num_kv_heads, head_page_bytes]``, with the byte layout of
+:mod:`vllm_kvmix.formats`.  Everything reads and writes through the layout's
+offsets, so attention only ever sees what was stored.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_kvmix.formats import KVFormat, SideLayout
-from vllm_kvmix.quant import dequantize, pack, quantize, unpack
+from vllm_kvmix.formats import PageLayout, SideLayout
+from vllm_kvmix.quant import dequantize, pack, unpack
 
 
 def side_views(cache: torch.Tensor, side: SideLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,25 +28,6 @@ def side_views(cache: torch.Tensor, side: SideLayout) -> tuple[torch.Tensor, tor
     return codes, meta
 
 
-def write_kv(
-    cache: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    fmt: KVFormat,
-    block_size: int,
-) -> None:
-    """Quantize ``key``/``value`` ``[T, H, D]`` into ``cache`` at ``slot_mapping[T]``.
-
-    Slots are ``block * block_size + offset``; negative slots (padding) are skipped.
-    """
-    layout = fmt.layout(key.shape[-1], block_size)
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    for side, x in ((layout.k, key[keep]), (layout.v, value[keep])):
-        store_tokens(cache, side, *quantize(x, side.bits, side.group), slots)
-
-
 def store_tokens(cache: torch.Tensor, side: SideLayout, codes: torch.Tensor, meta: torch.Tensor, slots: torch.Tensor) -> None:
     """Store one side's per-token ``codes`` (unpacked) and ``meta`` at ``slots`` (all valid)."""
     slots = slots.long()
@@ -57,17 +37,15 @@ def store_tokens(cache: torch.Tensor, side: SideLayout, codes: torch.Tensor, met
     meta_view[blk, :, off] = meta
 
 
-def read_pages(
-    cache: torch.Tensor, block_ids: torch.Tensor, fmt: KVFormat, head_size: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantize whole pages: returns K, V as fp32 ``[len(block_ids) * block_size, H, D]``."""
-    layout = fmt.layout(head_size, block_size)
+def read_pages(cache: torch.Tensor, block_ids: torch.Tensor, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize whole pages of a per-token layout (a staging slot, :func:`vllm_kvmix.formats.stage_layout`):
+    returns K, V as fp32 ``[len(block_ids) * block_size, H, D]``."""
     pages = cache[block_ids.long()]
     out = []
     for side in (layout.k, layout.v):
         codes_view, meta_view = side_views(pages, side)
         x = dequantize(unpack(codes_view, side.bits), meta_view, side.group)  # [n, H, bs, D]
-        out.append(x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], head_size))
+        out.append(x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], side.head_size))
     return out[0], out[1]
 
 
@@ -130,48 +108,3 @@ def dense_attention(
     if out_rotation is not None:
         o = o @ out_rotation.double()
     return o.float()
-
-
-def paged_attention(
-    query: torch.Tensor,
-    cache: torch.Tensor,
-    fmt: KVFormat,
-    block_size: int,
-    query_start_loc: list[int],
-    seq_lens: list[int],
-    block_table: torch.Tensor,
-    scale: float,
-    causal: bool = True,
-    sliding_window: int | None = None,
-    soft_cap: float | None = None,
-) -> torch.Tensor:
-    """Attention for a batch of requests whose K/V live in the paged kvmix cache.
-
-    ``query[T, Hq, D]`` holds each request's new tokens back to back
-    (``query_start_loc[B + 1]``); request ``b`` has ``seq_lens[b]`` tokens of
-    context including its new ones, stored in pages ``block_table[b]``.  Covers
-    prefill, chunked-prefill continuation and decode in one batch.  Every key
-    and value is dequantized from the cache.  Returns fp32 ``[T, Hq, D]``.
-    """
-    head_size = query.shape[-1]
-    out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
-    for b, seq_len in enumerate(seq_lens):
-        q0, q1 = query_start_loc[b], query_start_loc[b + 1]
-        if q1 == q0 or seq_len == 0:
-            continue
-        first_q = seq_len - (q1 - q0)
-        # Only pages that some query can see: pages before the window may hold
-        # another request's data (vLLM frees them), never read them.
-        first_k = 0 if sliding_window is None else max(0, first_q - sliding_window + 1)
-        first_blk = first_k // block_size
-        n_blk = (seq_len + block_size - 1) // block_size
-        k, v = read_pages(cache, block_table[b, first_blk:n_blk], fmt, head_size, block_size)
-        start = first_blk * block_size
-        k, v = k[: seq_len - start], v[: seq_len - start]
-        dev = query.device
-        q_pos = torch.arange(first_q, seq_len, device=dev)
-        k_pos = torch.arange(start, seq_len, device=dev)
-        out[q0:q1] = dense_attention(
-            query[q0:q1], k, v, scale, q_pos, k_pos, causal, sliding_window, soft_cap
-        )
-    return out

@@ -8,8 +8,8 @@ State of one attention layer:
   (:mod:`vllm_kvmix.formats`: keys per channel over the page, rotated values
   per token).
 * ``stage: uint8[num_slots, H, stage_page_bytes]``: for each running sequence,
-  its last, still-filling page at 8 bits per token (keys and rotated values in
-  the tok k8v8 layout).
+  its last, still-filling page at 8 bits per token (keys and rotated values per
+  token, :func:`vllm_kvmix.formats.stage_layout`).
 
 One step of one request (``ctx`` tokens already stored, ``seq`` after this
 step) touches pages ``ctx // P .. (seq - 1) // P``:
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvmix.formats import PAGE_TOKENS, KVFormat, SideLayout
+from vllm_kvmix.formats import PAGE_TOKENS, KVFormat, SideLayout, stage_layout
 from vllm_kvmix.quant import (
     dequantize,
     dequantize_channels,
@@ -120,13 +120,12 @@ def step(
     d = key.shape[-1]
     rot = hadamard(d, torch.float32, key.device)
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
-    stage_fmt = fmt.stage_format
-    stage_layout = stage_fmt.layout(d, P)
+    slay = stage_layout(d)
     for i, r in enumerate(requests):
         if r.q1 == r.q0:
             continue
         k_new = key[r.q0 : r.q1].float()
-        v_new = value[r.q0 : r.q1].float() @ rot
+        v_new = (value[r.q0 : r.q1].double() @ rot.double()).float()  # fp64: codes independent of BLAS blocking
         first_page = r.ctx // P
         last_page = (r.seq - 1) // P
         base = first_page * P
@@ -134,15 +133,15 @@ def step(
             raise RuntimeError("kvmix: a partial page without a staging slot")
         # 1. the 8-bit copy of every touched page: older tokens from the slot, new ones
         #    quantized here once (step 3 stores these same codes)
-        new_q = [quantize(x, side.bits, side.group) for side, x in ((stage_layout.k, k_new), (stage_layout.v, v_new))]
+        new_q = [quantize(x, side.bits, side.group) for side, x in ((slay.k, k_new), (slay.v, v_new))]
         k8 = torch.zeros(((last_page - first_page + 1) * P, *k_new.shape[1:]), device=key.device)
         v8 = torch.zeros_like(k8)
         if r.ctx > base:
-            ks, vs = read_pages(stage, torch.tensor([r.slot]), stage_fmt, d, P)
+            ks, vs = read_pages(stage, torch.tensor([r.slot]), slay)
             k8[: r.ctx - base] = ks[: r.ctx - base]
             v8[: r.ctx - base] = vs[: r.ctx - base]
-        k8[r.ctx - base : r.seq - base] = dequantize(*new_q[0], stage_layout.k.group)
-        v8[r.ctx - base : r.seq - base] = dequantize(*new_q[1], stage_layout.v.group)
+        k8[r.ctx - base : r.seq - base] = dequantize(*new_q[0], slay.k.group)
+        v8[r.ctx - base : r.seq - base] = dequantize(*new_q[1], slay.v.group)
         # 2. pack the pages that are full now
         n_full = r.seq // P - first_page
         if n_full > 0:
@@ -155,7 +154,7 @@ def step(
         if r.seq % P:
             lo = max(r.ctx, last_page * P) - r.ctx  # first new token in that page
             slots = r.slot * P + (r.ctx + torch.arange(lo, r.seq - r.ctx, device=key.device)) % P
-            for side, (codes, meta) in zip((stage_layout.k, stage_layout.v), new_q):
+            for side, (codes, meta) in zip((slay.k, slay.v), new_q):
                 store_tokens(stage, side, codes[lo:], meta[lo:], slots)
         # 4. attention: earlier pages packed, the query's own page from the 8-bit copy
         first_q = r.ctx

@@ -1,7 +1,7 @@
 """``kvmix-auto``: each layer's page format from the loaded weights, before vLLM sizes the cache.
 
-Runs in every worker from the model runner's ``get_kv_cache_spec`` (patched in
-:mod:`vllm_kvmix.vllm.compat`): weights are loaded, no spec exists yet.  For
+Runs in every worker from the model runner's ``get_kv_cache_spec`` (hooked by the
+version layer, :mod:`vllm_kvmix.vllm.versions`): weights are loaded, no spec exists yet.  For
 each attention layer with a ``kvmix-auto[-bB]`` placeholder it
 
 1. takes W_K and W_V from the layer's fused QKV projection (or separate
@@ -33,19 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvmix.allocation import group_norms, plan_bits, plan_even, plan_tiers, qk_norm_key_scale, uniform_split
+from vllm_kvmix import allocation
+from vllm_kvmix.allocation import EVEN, VAR, group_norms, qk_norm_key_scale, uniform_split
 from vllm_kvmix.formats import AutoFormat, KVFormat, is_auto, parse_any
 
-# A fixed plan [(K bits, V bits)] per layer for experiments (benchmarks/quality);
-# used instead of the norms when set, and logged as such.
-OVERRIDE: list[tuple[int, int]] | None = None
-# Force "var" or "even" (experiments); None: var where vLLM allows it.
-MODE_OVERRIDE: str | None = None
-# The plan of the last resolve() in this process: [(layer name, K bits, V bits)] (harness, tests).
+# The plan of the last resolve() in this process: [(layer name, K bits, V bits)] (a record for
+# benchmarks/quality and tests; nothing reads it back).
 LAST_PLAN: list[tuple[str, int, int]] | None = None
-# "tiers" (default, allocation.plan_tiers), "paper" (allocation.plan_bits, the paper's greedy) or
-# "reverse" (the tiers, smallest norm first: a control for whether the norms' order matters).
-RULE_OVERRIDE: str | None = None
 
 
 @dataclass
@@ -179,53 +173,33 @@ def choose_mode(layers: dict, vllm_config) -> str:
     One group: all layers one attention type, or the hybrid manager disabled
     (sliding-window layers then keep full-attention blocks).
     """
-    if MODE_OVERRIDE is not None:
-        return MODE_OVERRIDE
     windows = {layer.sliding_window for layer in layers.values()}
     if len(windows) == 1 or vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
-        return "var"
-    return "even"
-
-
-def rule() -> str:
-    return RULE_OVERRIDE or "tiers"
+        return VAR
+    return EVEN
 
 
 def plan_rows(rows: list[LayerRow], auto: AutoFormat, mode: str) -> None:
-    k = [r.k_spectral for r in rows]
-    v = [r.v_spectral for r in rows]
-    if OVERRIDE is not None:
-        if len(OVERRIDE) != len(rows):
-            raise ValueError(f"kvmix-auto: override plan has {len(OVERRIDE)} layers, the model {len(rows)}")
-        plan = list(OVERRIDE)
-    elif mode == "even":
-        plan = [plan_even(auto.avg_bits)] * len(rows)
-    elif rule() == "paper":  # q/k-norm layers' keys at 4 bits: W_K's norm says nothing about them
-        plan = plan_bits(k, v, auto.avg_bits, [4 if r.qk_norm else None for r in rows])
-    else:
-        k_rank = [r.k_gain if r.qk_norm else r.k_spectral for r in rows]
-        if rule() == "reverse":  # control experiment: the tiers with the smallest norms first
-            k_rank, v = [-x for x in k_rank], [-x for x in v]
-        plan = plan_tiers(k_rank, v, auto.avg_bits)
+    """Set each row's bits from :func:`vllm_kvmix.allocation.plan_layers` (what ``kvmix inspect`` prints)."""
+    plan = allocation.plan_layers([r.k_spectral for r in rows], [r.v_spectral for r in rows],
+                                  [r.k_gain if r.qk_norm else None for r in rows], auto.avg_bits, mode)
+    if len(plan) != len(rows):
+        raise ValueError(f"kvmix-auto: a plan of {len(plan)} layers for {len(rows)}")
     for r, (kb, vb) in zip(rows, plan):
         r.k_bits, r.v_bits = kb, vb
 
 
 def plan_table(rows: list[LayerRow], auto: AutoFormat, mode: str, head_size: int) -> list[str]:
     qk = any(r.qk_norm for r in rows)
-    if OVERRIDE is not None:
-        how = "fixed plan (override)"
-    elif mode == "even":
+    if mode == EVEN:
         how = "the K-first equal-byte pair on every layer"
-    elif rule() == "paper":
-        how = "the paper's greedy on norm^2 * 2^-2b (spectral norms)"
     else:
         how = "upgrades K->4, V->4, K->8, V->8 in turn, larger spectral norm first"
     lines = [
         f"kvmix: {auto.name}: {auto.avg_bits} bits/element on average over K and V, {len(rows)} layers, "
-        f"{'per-layer page sizes' if mode == 'var' else 'one page size (hybrid KV-cache manager)'}; rule: {how}",
+        f"{'per-layer page sizes' if mode == VAR else 'one page size (hybrid KV-cache manager)'}; rule: {how}",
     ]
-    if qk and OVERRIDE is None and mode == "var":
+    if qk and mode == VAR:
         lines.append(
             "kvmix: layers with k_norm (keys RMS-normalized after W_K): keys ranked by the k_norm gain's "
             "length, not W_K's norm (the normalization divides W_K's scale out)"
@@ -264,7 +238,7 @@ def resolve(runner) -> list[LayerRow] | None:
         _log(line)
     global LAST_PLAN
     LAST_PLAN = [(r.name, r.k_bits, r.v_bits) for r in rows]
-    page_format = KVFormat(*uniform_split(auto.avg_bits)).name if mode == "even" else None
+    page_format = KVFormat(*uniform_split(auto.avg_bits)).name if mode == EVEN else None
     for r, layer in zip(rows, layers.values()):
         assign(layer, KVFormat(r.k_bits, r.v_bits), page_format)
     return rows

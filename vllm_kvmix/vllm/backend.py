@@ -7,13 +7,12 @@ attribute.  ``backend_class_path(fmt)`` names the class; the module-level
 ``__getattr__`` creates it on first use in every process.
 
 Cache tensor of a layer: ``uint8[num_blocks, num_kv_heads, head_page_bytes]``
-(:mod:`vllm_kvmix.formats`).  Tok formats: the write (``do_kv_cache_update``)
-runs before ``forward`` in every step, and ``forward`` reads every context token
-from the cache, the new ones included.  Page formats (staged): ``forward``
-writes and attends in one call (:func:`vllm_kvmix.reference.staged.step`),
-with the request's staging slot from :data:`vllm_kvmix.staging.SLOTS`; each
-layer's staging tensor is allocated on its first real step (its bytes are
-taken out of the KV-cache budget at sizing, ``compat.patch_kv_cache_config_logging``).
+(:mod:`vllm_kvmix.formats`).  ``forward`` writes and attends in one call: on
+CUDA :func:`vllm_kvmix.kernels.page.page_step`, on CPU
+:func:`vllm_kvmix.reference.staged.step`, with the request's staging slot from
+:data:`vllm_kvmix.staging.SLOTS`; each layer's staging tensor is allocated on
+its first real step (its bytes are taken out of the KV-cache budget at sizing,
+:mod:`vllm_kvmix.vllm.budget`).
 """
 
 from __future__ import annotations
@@ -31,32 +30,45 @@ from vllm.v1.attention.backend import (
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
-    MultipleOf,
 )
 
-from vllm_kvmix import ops
 from vllm_kvmix.formats import PAGE_TOKENS, AutoFormat, KVFormat, all_format_names, parse_any, parse_format
 from vllm_kvmix.reference.staged import RequestStep
 from vllm_kvmix.staging import SLOTS, stage_rows
-from vllm_kvmix.vllm import compat
+from vllm_kvmix.vllm import flash_prefill
+from vllm_kvmix.vllm.device import check_device, prepare_decode
 
-logger = logging.getLogger("vllm_kvmix")
+logger = logging.getLogger("vllm.kvmix")
 
 _CLASS_PREFIX = "KvmixAttentionBackend_"
+_logged: set[str] = set()
+
+
+def _log_once(line: str) -> None:
+    if line not in _logged:
+        _logged.add(line)
+        logger.info(line)
+
+
+def _group_formats(kv_cache_spec) -> list[tuple[KVFormat, object]]:
+    """(format, spec) of each distinct layer format of a KV-cache group (kvmix-auto: several)."""
+    specs = getattr(kv_cache_spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs (kvmix-auto, var mode)
+    out = {}
+    for spec in (specs.values() if specs else [kv_cache_spec]):
+        name = getattr(spec, "kvmix_layer_format", "") or spec.kvmix_format
+        out.setdefault(name, (parse_format(name), spec))
+    return list(out.values())
 
 
 def refuse_unsupported(fmt, vllm_config, device) -> None:
-    """Engine settings the page scheme cannot serve correctly: a clear error at startup, not wrong tokens."""
-    if not fmt.staged:
-        return
-    if device.type not in ("cpu", "cuda"):
-        raise NotImplementedError(f"{fmt.name}: runs on CPU and CUDA, not {device.type}")
+    """Engine settings kvmix cannot serve correctly: a clear error at startup, not wrong tokens."""
     if vllm_config.speculative_config is not None:
         raise NotImplementedError(f"{fmt.name}: speculative decoding (rejected tokens would be packed)")
     if getattr(vllm_config.parallel_config, "use_ubatching", False):
         # two micro-batches run their layers on two streams at once; the decode kernel's split-K arrival
         # counters (kernels.cuda_decode.counters) and the staging slots are one per device
         raise NotImplementedError(f"{fmt.name}: micro-batching (--enable-dbo / ubatch_size > 1)")
+    check_device(fmt, device)
 
 
 @dataclass
@@ -71,8 +83,7 @@ class KvmixMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int] | None  # CPU path only
     causal: bool = True
-    plan: tuple[torch.Tensor, torch.Tensor, int] | None = None  # Triton path: query blocks
-    # page scheme: one entry per request, and the number of staging slots per layer
+    # one entry per request, and the number of staging slots per layer
     requests: list[RequestStep] | None = None  # CPU path
     slots: torch.Tensor | None = None  # CUDA path: [B] int32 staging slot per request, device
     page_plan: object | None = None  # CUDA path: kernels.page.StepPlan, shared by the step's layers
@@ -92,24 +103,16 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
     captured on dummy rows replays on real ones; ``build`` writes the rows'
     staging slots into the buffers before the replay.  Padded rows have no
     tokens and the dummy staging slot.  Other batches run eagerly (vLLM's
-    piecewise graphs around attention).  Tok formats plan on the host: NEVER.
+    piecewise graphs around attention).
     """
 
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
-
-    @classmethod
-    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        specs = getattr(kv_cache_spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs (kvmix-auto)
-        names = [getattr(s, "kvmix_format", None) for s in (specs.values() if specs else [kv_cache_spec])]
-        if all(name is not None and parse_format(name).staged for name in names):
-            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
-        return AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.heads = None
         self.fmt = parse_format(kv_cache_spec.kvmix_format)
-        self.stage_slots = vllm_config.scheduler_config.max_num_seqs if self.fmt.staged else 0
+        self.stage_slots = vllm_config.scheduler_config.max_num_seqs
         self.max_model_len = vllm_config.model_config.max_model_len
         # builds before the first announced step (profiling, warm-up, graph capture) are dummies
         self._generation = SLOTS.generation
@@ -118,15 +121,17 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         if device.type == "cuda":
             num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
             self.heads = (num_heads, kv_cache_spec.num_kv_heads)
-            if self.fmt.staged:
-                from vllm_kvmix.kernels.page import DecodeBuffers
-                from vllm_kvmix.kernels.prefill import max_pages_for
+            for fmt, spec in _group_formats(kv_cache_spec):
+                _log_once(prepare_decode(fmt, spec.head_size, num_heads // spec.num_kv_heads,
+                                         vllm_config.model_config.dtype, getattr(spec, "sliding_window", None)))
+            from vllm_kvmix.kernels.page import DecodeBuffers
+            from vllm_kvmix.kernels.prefill import max_pages_for
 
-                # the staging tensor has one more slot than max_num_seqs: the padded rows' (stage_rows)
-                self._decode_bufs = DecodeBuffers(self.stage_slots, self.stage_slots, device)
-                # prefill on FlashAttention: groups of at most this many dequantized pages (one request's most)
-                self._prefill_pages = max_pages_for(self.max_model_len,
-                                                    vllm_config.scheduler_config.max_num_batched_tokens)
+            # the staging tensor has one more slot than max_num_seqs: the padded rows' (stage_rows)
+            self._decode_bufs = DecodeBuffers(self.stage_slots, self.stage_slots, device)
+            # prefill on FlashAttention: groups of at most this many dequantized pages (one request's most)
+            self._prefill_pages = max_pages_for(self.max_model_len,
+                                                vllm_config.scheduler_config.max_num_batched_tokens)
 
     def build(
         self,
@@ -145,22 +150,16 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             raise NotImplementedError("kvmix: per-token (dynamic) causality is not supported")
         n = m.num_reqs
         qsl_cpu = m.query_start_loc_cpu[: n + 1].tolist()
-        plan = seq_lens_cpu = requests = slots = page_plan = None
-        dummy = False
+        seq_lens_cpu = requests = slots = page_plan = None
         if self.heads is None:  # CPU: the reference wants host lists
             seq_lens_cpu = m.seq_lens[:n].cpu().tolist()
-        elif not self.fmt.staged:  # CUDA, tok scheme: plan query blocks once per batch for all layers
-            from vllm_kvmix.kernels.attention import block_q_for, plan_query_blocks
-
-            plan = plan_query_blocks(qsl_cpu, block_q_for(*self.heads, m.max_query_len), self.device)
         decode = m.max_query_len == 1 and m.num_actual_tokens == n
-        if self.fmt.staged:
-            if capture:  # a decode graph: every row is padding; other captures leave attention out
-                step_slots = [self.stage_slots] * n if decode and self._decode_bufs is not None else None
-            else:
-                step_slots = self._step_slots(n, qsl_cpu)
-            dummy = step_slots is None
-        if self.fmt.staged and not dummy and self.heads is not None:
+        if capture:  # a decode graph: every row is padding; other captures leave attention out
+            step_slots = [self.stage_slots] * n if decode and self._decode_bufs is not None else None
+        else:
+            step_slots = self._step_slots(n, qsl_cpu)
+        dummy = step_slots is None
+        if not dummy and self.heads is not None:
             from vllm_kvmix.kernels.page import StepPlan  # plans its own query blocks
 
             if decode:
@@ -169,7 +168,7 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
                                             self.max_model_len, *self.heads)
             else:
                 slots = torch.tensor(step_slots, dtype=torch.int32, pin_memory=True).to(self.device, non_blocking=True)
-                fa = compat.flash_attn_prefill()
+                fa = flash_prefill.flash_attn_prefill()
                 seq_cpu = None
                 if fa is not None:  # exact for prefill rows (no speculative decoding: refused above)
                     bound = m.seq_lens_cpu_upper_bound
@@ -177,7 +176,7 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
                 page_plan = StepPlan(m.query_start_loc, m.seq_lens[:n], m.num_actual_tokens, m.max_query_len,
                                      qsl_cpu, m.max_seq_len, *self.heads, seq_lens_cpu=seq_cpu, flash_attn=fa,
                                      max_prefill_pages=self._prefill_pages)
-        elif self.fmt.staged and not dummy:
+        elif not dummy:
             requests = self._request_steps(qsl_cpu, seq_lens_cpu, step_slots)
         return KvmixMetadata(
             num_actual_tokens=m.num_actual_tokens,
@@ -190,7 +189,6 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             query_start_loc_cpu=qsl_cpu,
             seq_lens_cpu=seq_lens_cpu,
             causal=bool(m.causal),
-            plan=plan,
             requests=requests,
             slots=slots,
             page_plan=page_plan,
@@ -264,20 +262,8 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
         self.stage: torch.Tensor | None = None  # page scheme: this layer's staging slots
-        self._prefill_limits = compat.scheduler_limits()  # (max_model_len, max_num_batched_tokens) or None
+        self._prefill_limits = flash_prefill.scheduler_limits()  # (max_model_len, max_num_batched_tokens) or None
         self._prefill_compiled = False
-
-    def do_kv_cache_update(
-        self,
-        layer: AttentionLayer,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        block_size = self._block_size(kv_cache)
-        n = slot_mapping.shape[0]
-        ops.write_kv(kv_cache, key[:n], value[:n], slot_mapping, self.fmt, block_size)
 
     def forward(
         self,
@@ -297,38 +283,24 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
             self._prepare_prefill(query)
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
-        if self.fmt.staged and query.is_cuda:
+        m = attn_metadata
+        if query.is_cuda:
             from vllm_kvmix.kernels.page import page_step
 
-            m = attn_metadata
             page_step(
                 query[:n], key[:n], value[:n], kv_cache, self._stage(kv_cache, m.stage_slots), self.fmt,
                 m.query_start_loc, m.seq_lens[: m.slots.shape[0]], m.slots, m.block_table, self.scale, m.max_query_len,
                 sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap, out=output[:n], plan=m.page_plan,
             )
             return output
-        if self.fmt.staged:
-            from vllm_kvmix.reference import staged
+        from vllm_kvmix.reference import staged
 
-            res = staged.step(
-                query[:n], key[:n], value[:n], kv_cache, self._stage(kv_cache, attn_metadata.stage_slots),
-                self.fmt, attn_metadata.requests, attn_metadata.block_table, self.scale,
-                causal=attn_metadata.causal, sliding_window=self.sliding_window,
-                soft_cap=self.logits_soft_cap,
-            )
-            output[:n].copy_(res.view(output[:n].shape))
-            return output
-        ops.paged_attention(
-            query[:n],
-            kv_cache,
-            self.fmt,
-            self._block_size(kv_cache),
-            attn_metadata,
-            scale=self.scale,
-            sliding_window=self.sliding_window,
-            soft_cap=self.logits_soft_cap,
-            out=output[:n],
+        res = staged.step(
+            query[:n], key[:n], value[:n], kv_cache, self._stage(kv_cache, m.stage_slots),
+            self.fmt, m.requests, m.block_table, self.scale,
+            causal=m.causal, sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,
         )
+        output[:n].copy_(res.view(output[:n].shape))
         return output
 
     def _prepare_prefill(self, query: torch.Tensor) -> None:
@@ -338,7 +310,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
         limits = self._prefill_limits
         if limits is None or query.shape[0] <= 1 or not query.is_cuda or torch.cuda.is_current_stream_capturing():
             return
-        if not getattr(self.fmt, "staged", False) or compat.flash_attn_prefill() is None:
+        if not isinstance(self.fmt, KVFormat) or flash_prefill.flash_attn_prefill() is None:
             return
         from vllm_kvmix.kernels.page import FA_DTYPES, compile_prefill_kernels
         from vllm_kvmix.kernels.prefill import max_pages_for, transient_bytes
@@ -350,14 +322,14 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
             self._prefill_compiled = True
             try:
                 compile_prefill_kernels(self.fmt, self.head_size, self.num_kv_heads, query.dtype,
-                                        compat.block_table_width(limits[0], PAGE_TOKENS), query.device)
+                                        flash_prefill.block_table_width(limits[0], PAGE_TOKENS), query.device)
             except Exception as e:  # noqa: BLE001 -- a warm-up: the kernels still compile on first use
                 logger.warning("kvmix: compiling the prefill kernels at startup failed (%r); the first prompt "
                                "compiles them", e)
 
     def _stage(self, kv_cache: torch.Tensor, slots: int) -> torch.Tensor:
         """This layer's staging slots, ``slots`` + 1 (the last: padded rows'); allocated on first use."""
-        if self.stage is None:  # the bytes compat.staging_bytes reserved for this layer
+        if self.stage is None:  # the bytes budget.staging_bytes reserved for this layer
             if kv_cache.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("kvmix: staging allocated during CUDA-graph capture (no warm-up run?)")
             page = self.fmt.stage_bytes_per_seq_head(self.head_size)
@@ -366,16 +338,12 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
             )
         return self.stage
 
-    def _block_size(self, kv_cache: torch.Tensor) -> int:
-        per_token = self.fmt.bytes_per_token_head(self.head_size)
-        return kv_cache.shape[2] // per_token
-
 
 class KvmixAttentionBackend(AttentionBackend):
     """Base class; vLLM sees one subclass per format (``FORMAT`` set)."""
 
     FORMAT: ClassVar[KVFormat | AutoFormat | None] = None
-    forward_includes_kv_cache_update: bool = False
+    forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [
         torch.float16,
         torch.bfloat16,
@@ -397,11 +365,8 @@ class KvmixAttentionBackend(AttentionBackend):
         return KvmixMetadataBuilder
 
     @classmethod
-    def get_supported_kernel_block_sizes(cls) -> list[int | MultipleOf]:
-        if cls.FORMAT is not None and cls.FORMAT.kernel_block_size is not None:
-            return [cls.FORMAT.kernel_block_size]  # page scheme: a page is the key-channel group
-        # the Triton attention kernel's page constraint (kernels/attention.py: MIN_PAGE)
-        return [MultipleOf(32)]
+    def get_supported_kernel_block_sizes(cls, *spec) -> list[int]:
+        return [PAGE_TOKENS]  # a page is the key-channel group
 
     @classmethod
     def get_kv_cache_shape(
@@ -448,7 +413,7 @@ def backend_class(fmt: KVFormat | AutoFormat) -> type[KvmixAttentionBackend]:
     name = backend_class_name(fmt)
     cls = globals().get(name)
     if cls is None:
-        attrs = {"FORMAT": fmt, "__module__": __name__, "forward_includes_kv_cache_update": fmt.staged}
+        attrs = {"FORMAT": fmt, "__module__": __name__}
         cls = type(name, (KvmixAttentionBackend,), attrs)
         cls.__qualname__ = name
         globals()[name] = cls

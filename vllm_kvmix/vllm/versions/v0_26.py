@@ -1,14 +1,15 @@
-"""Every patch of vLLM internals, in one place (pinned: vLLM 0.26.0).
+"""vLLM 0.26: every patch of vLLM internals kvmix needs there, in one place.
 
 vLLM 0.26 has no registry for KV-cache dtypes: the accepted names are a
 ``Literal`` (``vllm.config.cache.CacheDType``) checked by pydantic, argparse and
 the attention selector; the name -> torch dtype map is a dict; and the KV-cache
-spec of an ``Attention`` layer is built inside the layer.  Each patch below
-says what it replaces and why, checks that what it replaces is what it
-expects, and can be deleted when vLLM grows the hook named in its docstring.
-``tests/test_compat.py`` fails if any of these targets changes.
-
-``apply_compat_patches()`` is idempotent and refuses loudly on another vLLM.
+spec of an ``Attention`` layer is built inside the layer.  :data:`PATCHES` lists
+each patch in the order :func:`apply` installs them (once per process, from the
+``vllm.general_plugins`` entry point, before vLLM builds any config).  Every
+patch says what it replaces and why, checks that what it replaces is what it
+expects (raising otherwise), names the upstream hook that replaces it in later
+vLLM releases, and leaves vLLM's own dtypes on vLLM's code path.
+``tests/test_versions.py`` fails if any target changes shape.
 """
 
 from __future__ import annotations
@@ -17,46 +18,13 @@ import functools
 
 import torch
 
-from vllm_kvmix.formats import KVFormatError, all_format_names, is_kvmix, parse_any, parse_format
-from vllm_kvmix.staging import stage_rows
+from vllm_kvmix.formats import all_format_names, is_kvmix, parse_any
+from vllm_kvmix.staging import SLOTS
+from vllm_kvmix.vllm.budget import kv_cache_summary, log_info, staging_bytes
 
-SUPPORTED_VLLM = ("0.26.0",)
-_applied = False
-
-
-def vllm_version() -> str:
-    import vllm
-
-    return vllm.__version__
+VERSIONS = ("0.26.0",)
 
 
-def check_vllm_version() -> None:
-    version = vllm_version()
-    if version not in SUPPORTED_VLLM:
-        raise RuntimeError(
-            f"vllm-kvmix supports vLLM {', '.join(SUPPORTED_VLLM)}; found {version}. "
-            "Its patches of vLLM internals are version-specific."
-        )
-
-
-def apply_compat_patches() -> None:
-    global _applied
-    if _applied:
-        return
-    check_vllm_version()
-    patch_cache_dtype_literal()
-    patch_str_dtype_map()
-    patch_attention_kv_cache_spec()
-    patch_engine_args_validation()
-    patch_kv_cache_config_logging()
-    patch_step_requests()
-    patch_auto_plan()
-    patch_stash_qkv_norms()
-    register_custom_backend()
-    _applied = True
-
-
-# ---------------------------------------------------------------------------
 def patch_cache_dtype_literal() -> None:
     """Add the kvmix names to ``vllm.config.cache.CacheDType``.
 
@@ -185,29 +153,18 @@ def patch_kv_cache_config_logging() -> None:
         configs = original(vllm_config, kv_cache_specs, available_memory)
         try:
             if reserved[0]:
-                _log_info(
+                log_info(
                     f"kvmix: staging: {max_num_seqs} + 1 slots (max_num_seqs + padding) per layer x 64 tokens at "
                     f"8 bits = {reserved[0] / 2**20:.1f} MiB, taken out of the KV-cache memory"
                 )
             for line in kv_cache_summary(configs[0], kv_cache_specs[0], reserved[0]):
-                _log_info(line)
+                log_info(line)
         except Exception as e:  # a log line must never break startup
-            _log_info(f"kvmix: startup summary unavailable ({e!r})")
+            log_info(f"kvmix: startup summary unavailable ({e!r})")
         return configs
 
     get_kv_cache_configs._kvmix_patched = True
     core.get_kv_cache_configs = get_kv_cache_configs
-
-
-def staging_bytes(layer_specs: dict, max_num_seqs: int) -> int:
-    """Bytes of the staging slots of every page-scheme kvmix layer of one worker."""
-    total = 0
-    for spec in layer_specs.values():
-        name = getattr(spec, "kvmix_format", None)
-        if is_kvmix(name):
-            fmt = parse_format(name)
-            total += stage_rows(max_num_seqs) * spec.num_kv_heads * fmt.stage_bytes_per_seq_head(spec.head_size)
-    return total
 
 
 def patch_step_requests() -> None:
@@ -230,8 +187,6 @@ def patch_step_requests() -> None:
     from the scheduler output.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from vllm_kvmix.staging import SLOTS
 
     def released_ids(scheduler_output) -> set:
         return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
@@ -345,48 +300,6 @@ def patch_stash_qkv_norms() -> None:
     UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
 
 
-def _log_info(line: str) -> None:
-    # A child of vLLM's "vllm" logger, so vLLM's handlers and levels apply.
-    from vllm.logger import init_logger
-
-    init_logger("vllm.kvmix").info(line)
-
-
-def kv_cache_summary(kv_cache_config, layer_specs: dict, reserved: int = 0) -> list[str]:
-    """Startup lines: per format, bytes/token over all layers, blocks, ratio vs bf16.
-
-    ``reserved``: staging bytes taken out of the same memory (bf16 would have had them too).
-    """
-    from vllm_kvmix.formats import BF16_BYTES
-
-    kvmix_layers = {n: s for n, s in layer_specs.items() if is_kvmix(getattr(s, "kvmix_format", None))}
-    if not kvmix_layers:
-        return []
-    per_fmt: dict[str, list] = {}
-    for spec in kvmix_layers.values():
-        per_fmt.setdefault(getattr(spec, "kvmix_layer_format", "") or spec.kvmix_format, []).append(spec)
-    lines = []
-    total_kvmix = total_bf16 = 0
-    for name, specs in per_fmt.items():
-        fmt = parse_format(name)
-        tok = sum(s.num_kv_heads * fmt.bytes_per_token_head(s.head_size) for s in specs)
-        bf16 = sum(s.num_kv_heads * 2 * s.head_size * BF16_BYTES for s in specs)
-        total_kvmix += tok
-        total_bf16 += bf16
-        lines.append(
-            f"kvmix: {name} on {len(specs)} layers: {fmt.bits_per_element(specs[0].head_size):.2f} "
-            f"bits/element, {tok} bytes/token (bf16: {bf16}), {bf16 / tok:.2f}x"
-        )
-    blocks = kv_cache_config.num_blocks
-    block_size = next(iter(kvmix_layers.values())).block_size
-    bf16_blocks = int((blocks * block_size * total_kvmix + reserved) / (block_size * total_bf16))
-    lines.append(
-        f"kvmix: KV cache {blocks} blocks; bf16 in the same memory would get "
-        f"~{bf16_blocks} blocks ({blocks / max(bf16_blocks, 1):.2f}x more with kvmix)"
-    )
-    return lines
-
-
 def register_custom_backend() -> None:
     """Point ``AttentionBackendEnum.CUSTOM`` at the kvmix base backend.
 
@@ -402,60 +315,30 @@ def register_custom_backend() -> None:
     register_backend(AttentionBackendEnum.CUSTOM, "vllm_kvmix.vllm.backend.KvmixAttentionBackend")
 
 
-def scheduler_limits() -> tuple[int, int] | None:
-    """(max_model_len, max_num_batched_tokens) of the engine being built (vLLM sets its config as current
-    while it constructs the model's layers), or None outside one."""
-    from vllm.config import get_current_vllm_config_or_none
-
-    cfg = get_current_vllm_config_or_none()
-    if cfg is None or cfg.model_config is None:
-        return None
-    return cfg.model_config.max_model_len, cfg.scheduler_config.max_num_batched_tokens
-
-
-def block_table_width(max_model_len: int, block_size: int) -> int:
-    """Columns of the block table vLLM's GPU model runner hands attention (0.26,
-    ``v1/worker/gpu/model_runner.py`` ``initialize_kv_cache``; no DCP, decoder-only): max_model_len in
-    blocks, rounded up to a multiple of 128 // block_size."""
-    blocks = -(-max_model_len // block_size)
-    if block_size <= 128:
-        align = 128 // block_size
-        blocks = -(-blocks // align) * align
-    return blocks
-
-
-FA_PREFILL_ENV = "KVMIX_FA_PREFILL"  # "0": prefill rows on the Triton page kernel
+# (patch, what it touches, the upstream hook that replaces it)
+PATCHES = (
+    (patch_cache_dtype_literal, "vllm.config.cache.CacheDType (Literal) + CacheConfig/VllmConfig rebuilt",
+     "vllm.config.cache.register_kv_cache_dtype (0.33)"),
+    (patch_str_dtype_map, "vllm.utils.torch_utils.STR_DTYPE_TO_TORCH_DTYPE (dict entries)",
+     "register_kv_cache_dtype (0.33)"),
+    (patch_attention_kv_cache_spec, "Attention.get_kv_cache_spec (kvmix layers only)",
+     "AttentionBackend.customize_spec with the CUSTOM backend (0.28)"),
+    (patch_engine_args_validation, "EngineArgs.create_engine_config (kvmix names validated first)",
+     "register_kv_cache_dtype validation (0.33)"),
+    (patch_kv_cache_config_logging, "vllm.v1.engine.core.get_kv_cache_configs (staging reserved, summary)",
+     "none yet: no per-spec side allocation in vLLM"),
+    (patch_step_requests, "GPUModelRunner._update_states (V1), GPUModelRunner.prepare_inputs/finish_requests "
+     "(V2): the step's request ids", "none yet: attention metadata carries no request ids"),
+    (patch_auto_plan, "GPUModelRunner.get_kv_cache_spec (V1, V2): kvmix-auto's plan after load",
+     "none yet: no post-load hook for plugins"),
+    (patch_stash_qkv_norms, "UnquantizedLinearMethod.process_weights_after_loading (kvmix-auto only)",
+     "none yet: no post-load hook before weight processing"),
+    (register_custom_backend, "AttentionBackendEnum.CUSTOM via vLLM's public register_backend (not a patch)",
+     "-"),
+)
 
 
-@functools.cache
-def flash_attn_prefill():
-    """vLLM's FlashAttention varlen kernel (paged K/V) as the page scheme's prefill attention.
-
-    Returns a callable with :func:`vllm_kvmix.kernels.prefill.reference_flash_attn`'s signature, or
-    None where vLLM has none (CPU builds, ROCm) or ``KVMIX_FA_PREFILL=0``.  Reads vLLM's
-    ``v1.attention.backends.fa_utils`` (not a patch): the kernel and the FA version vLLM's own
-    FLASH_ATTN backend would use on this GPU (3 on Hopper).
-    """
-    import os
-
-    if os.environ.get(FA_PREFILL_ENV, "1") == "0" or not torch.cuda.is_available():
-        return None
-    from vllm.v1.attention.backends import fa_utils
-
-    if not fa_utils.is_flash_attn_varlen_func_available():
-        return None
-    version = fa_utils.get_flash_attn_version()
-    varlen = fa_utils.flash_attn_varlen_func
-
-    def flash_attn(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, block_table, scale,
-                   sliding_window=None, soft_cap=None):
-        varlen(q=q, k=k, v=v, out=out, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, seqused_k=seqused_k,
-               max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=True,
-               window_size=[sliding_window - 1, 0] if sliding_window else None, softcap=soft_cap or 0.0,
-               block_table=block_table, fa_version=version)
-
-    flash_attn.fa_version = version
-    return flash_attn
-
-
-__all__ = ["apply_compat_patches", "KVFormatError"]
+def apply() -> None:
+    """Install every patch (each is idempotent)."""
+    for patch, _, _ in PATCHES:
+        patch()

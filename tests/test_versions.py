@@ -1,6 +1,8 @@
-"""The vLLM 0.26 internals kvmix patches: fail here first if vLLM changes under us."""
+"""The vLLM 0.26 internals kvmix patches (vllm_kvmix.vllm.versions): fail here first if vLLM changes under us."""
 
 import inspect
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -9,17 +11,63 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 from vllm_kvmix.formats import KVFormatError, all_format_names  # noqa: E402
-from vllm_kvmix.vllm import compat  # noqa: E402
+from vllm_kvmix.vllm import flash_prefill, versions  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not versions.supported(), reason="kvmix has no adaptation for this vLLM")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def patched():
-    compat.apply_compat_patches()
-    compat.apply_compat_patches()  # idempotent
+    assert versions.apply()
+    assert versions.apply()  # idempotent
 
 
-def test_vllm_version_pinned():
-    assert vllm.__version__ in compat.SUPPORTED_VLLM
+def test_vllm_version_supported():
+    assert versions.base_version(vllm.__version__) in versions.SUPPORTED
+    assert versions.base_version("0.26.0+cpu") == "0.26.0"
+    assert versions.select("0.25.0") is None and versions.select("0.99.1") is None
+
+
+def test_every_patch_is_listed_with_its_upstream_hook():
+    """One list per version module: what each patch touches and the upstream hook that replaces it; each patch
+    documents what it replaces and why, and is idempotent (applied twice by the fixture)."""
+    module = versions.check_supported()
+    assert module.VERSIONS == tuple(v for v, m in versions.MODULES.items() if m == module.__name__.rsplit(".", 1)[1])
+    assert len(module.PATCHES) == 9
+    for patch, target, hook in module.PATCHES:
+        assert target and hook, patch.__name__
+        assert patch.__doc__ and len(patch.__doc__) > 80, patch.__name__
+
+
+def test_unsupported_vllm_leaves_vllm_unchanged():
+    """On a vLLM release kvmix does not support, loading the plugins warns once and patches nothing: the
+    platform is vLLM's own, kvmix names are not accepted, Attention's spec method is vLLM's."""
+    code = """
+import sys, types, typing
+sys.modules["vllm._version"] = types.SimpleNamespace(__version__="0.99.0", __version_tuple__=(0, 99, 0))
+import vllm
+assert vllm.__version__ == "0.99.0"
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+load_general_plugins()
+from vllm.config.cache import CacheDType
+from vllm.model_executor.layers.attention.attention import Attention
+from vllm.platforms import current_platform
+from vllm_kvmix.vllm import platform_plugin
+assert "kvmix-k4v2" not in typing.get_args(CacheDType)
+assert not getattr(Attention.get_kv_cache_spec, "_kvmix_patched", False)
+assert type(current_platform).__module__.startswith("vllm.platforms"), type(current_platform)
+assert platform_plugin() is None
+print("INERT", type(current_platform).__name__)
+"""
+    env = {"VLLM_LOGGING_LEVEL": "INFO", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "INERT CpuPlatform" in res.stdout
+    warnings = [line for line in res.stdout.splitlines() if "vllm-kvmix supports vLLM" in line]
+    assert len(warnings) == 1, res.stdout[-3000:]
+    assert "found vLLM 0.99.0" in warnings[0] and "0.26.0" in warnings[0]
 
 
 def test_targets_have_expected_shape():
@@ -67,14 +115,15 @@ def test_cli_choices_include_kvmix():
 def test_str_dtype_map():
     from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
 
-    assert STR_DTYPE_TO_TORCH_DTYPE["kvmix-k4v2-tok-g32"] is torch.uint8
+    assert STR_DTYPE_TO_TORCH_DTYPE["kvmix-auto-b5"] is torch.uint8
     assert STR_DTYPE_TO_TORCH_DTYPE["kvmix-k4v2"] is torch.uint8
+    assert STR_DTYPE_TO_TORCH_DTYPE["fp8"] is torch.uint8 and STR_DTYPE_TO_TORCH_DTYPE["bfloat16"] is torch.bfloat16
 
 
 def test_engine_args_reject_bad_name_with_choices():
     from vllm.engine.arg_utils import EngineArgs
 
-    with pytest.raises(KVFormatError, match="kvmix-k4v2.*-g"):
+    with pytest.raises(KVFormatError, match="Valid kvmix formats are kvmix-k.*kvmix-auto"):
         EngineArgs(model="unused", kv_cache_dtype="kvmix-k5v2").create_engine_config()
 
 
@@ -92,8 +141,8 @@ def test_platform_dispatch():
     def cfg(dtype):
         return AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype=dtype, block_size=None)
 
-    path = KvmixCpuPlatform.get_attn_backend_cls(None, cfg("kvmix-k4v2-tok-g32"))
-    assert path == "vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2_tok_g32"
+    path = KvmixCpuPlatform.get_attn_backend_cls(None, cfg("kvmix-k2v8"))
+    assert path == "vllm_kvmix.vllm.backend.KvmixAttentionBackend_k2v8"
     assert KvmixCpuPlatform.get_attn_backend_cls(None, cfg("auto")).endswith("CPUAttentionBackend")
 
 
@@ -106,10 +155,6 @@ def test_backend_classes_resolve_by_name():
     assert cls.get_kv_cache_shape(10, 64, 3, 64) == (10, 3, 64 * 56)  # page scheme: 64-token pages
     assert cls.get_supported_kernel_block_sizes() == [64]
     assert cls.forward_includes_kv_cache_update  # writes and attends in one call (staging)
-    tok = resolve_obj_by_qualname("vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2_tok_g32")
-    assert tok.FORMAT.name == "kvmix-k4v2-tok-g32"
-    assert tok.get_kv_cache_shape(10, 128, 3, 64) == (10, 3, 128 * 64)
-    assert not tok.forward_includes_kv_cache_update
     assert AttentionBackendEnum[cls.get_name()] is AttentionBackendEnum.CUSTOM
     assert AttentionBackendEnum.CUSTOM.get_path().startswith("vllm_kvmix")
 
@@ -196,14 +241,16 @@ def test_staging_is_reserved_out_of_the_budget():
 
     from vllm.v1.engine import core
 
-    from vllm_kvmix.vllm.compat import staging_bytes
+    from vllm_kvmix.vllm.budget import staging_bytes
     from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     common = dict(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.uint8)
     specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common) for i in range(30)}
-    tok_specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2-tok", **common) for i in range(30)}
+    bf16_specs = {f"l{i}": FullAttentionSpec(**{**common, "dtype": torch.bfloat16}) for i in range(30)}
     assert staging_bytes(specs, 16) == (16 + 1) * 30 * 3 * 64 * 136  # + the padded rows' slot
-    assert staging_bytes(tok_specs, 16) == 0
+    assert staging_bytes(bf16_specs, 16) == 0  # vLLM's own dtypes reserve nothing
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256))
     with pytest.raises(ValueError, match="lower max_num_seqs"):
         core.get_kv_cache_configs(cfg, [specs], [64 << 20])
@@ -222,12 +269,12 @@ def test_flash_attn_prefill_targets():
     src = inspect.getsource(fa_utils)
     assert "from vllm.vllm_flash_attn import" in src and "flash_attn_varlen_func," in src  # the CUDA kernel
     assert "seq_lens_cpu_upper_bound" in CommonAttentionMetadata.__dataclass_fields__
-    assert compat.scheduler_limits() is None  # no engine being built
+    assert flash_prefill.scheduler_limits() is None  # no engine being built
     cfg = VllmConfig()
     cfg.model_config = types.SimpleNamespace(max_model_len=4096)  # what scheduler_limits reads of it
     with set_current_vllm_config(cfg):
-        assert compat.scheduler_limits() == (4096, cfg.scheduler_config.max_num_batched_tokens)
-    fa = compat.flash_attn_prefill()
+        assert flash_prefill.scheduler_limits() == (4096, cfg.scheduler_config.max_num_batched_tokens)
+    fa = flash_prefill.flash_attn_prefill()
     if torch.cuda.is_available():  # vLLM's FA varlen kernel, or None only where vLLM has none for this GPU
         assert fa is None or callable(fa)
     else:
@@ -246,19 +293,18 @@ def test_page_formats_refuse_what_they_cannot_serve():
 
     assert isinstance(ParallelConfig.use_ubatching, property)
     cfg = types.SimpleNamespace(speculative_config=None, parallel_config=ParallelConfig())
-    page, tok = parse_format("kvmix-k4v2"), parse_format("kvmix-k4v2-tok")
+    page = parse_format("kvmix-k4v2")
     refuse_unsupported(page, cfg, torch.device("cpu"))  # the defaults serve
     dbo = types.SimpleNamespace(speculative_config=None, parallel_config=types.SimpleNamespace(use_ubatching=True))
     with pytest.raises(NotImplementedError, match="micro-batching"):
         refuse_unsupported(page, dbo, torch.device("cuda"))
-    refuse_unsupported(tok, dbo, torch.device("cuda"))  # the -tok scheme has neither counters nor staging
     spec = types.SimpleNamespace(speculative_config=object(), parallel_config=ParallelConfig())
     with pytest.raises(NotImplementedError, match="speculative"):
         refuse_unsupported(page, spec, torch.device("cpu"))
 
 
 def test_block_table_width_is_the_model_runners():
-    """compat.block_table_width mirrors vLLM 0.26's GPU model runner (the prefill kernels compile at
+    """flash_prefill.block_table_width mirrors vLLM 0.26's GPU model runner (the prefill kernels compile at
     startup against a block table of that width); fails if the runner's sizing changes."""
     from vllm.v1.worker.gpu import model_runner
 
@@ -266,5 +312,5 @@ def test_block_table_width_is_the_model_runners():
     assert "cdiv(\n                block_table_max_model_len, spec.block_size * self.dcp_size\n            )" in src
     assert "alignment = 128 // spec.block_size" in src
     assert "max_num_blocks = cdiv(max_num_blocks, alignment) * alignment" in src
-    assert compat.block_table_width(1000, 64) == 16 and compat.block_table_width(8720, 64) == 138
-    assert compat.block_table_width(8720, 16) == 552 and compat.block_table_width(100, 256) == 1
+    assert flash_prefill.block_table_width(1000, 64) == 16 and flash_prefill.block_table_width(8720, 64) == 138
+    assert flash_prefill.block_table_width(8720, 16) == 552 and flash_prefill.block_table_width(100, 256) == 1

@@ -68,9 +68,14 @@ def run(
     prompts: list[str] | None = None,
     max_tokens: int = 24,
     ppl_windows: list[list[int]] | None = None,
+    progress=None,
     **engine_overrides,
 ) -> EngineResult:
-    """One engine: greedy completions of ``prompts`` and perplexity on ``ppl_windows``."""
+    """One engine: greedy completions of ``prompts`` and perplexity on ``ppl_windows``.
+
+    ``progress(next_stage)``, if given, is called as each stage ends: engine started, completions done.
+    """
+    progress = progress or (lambda stage: None)
     from vllm import SamplingParams
 
     t0 = time.time()
@@ -82,6 +87,7 @@ def run(
         block_size=cache_config.block_size,
         init_s=time.time() - t0,
     )
+    progress("generate")
     try:
         if prompts:
             outs = llm.generate(
@@ -89,6 +95,7 @@ def run(
             )
             res.completions = [o.outputs[0].text for o in outs]
             res.completion_ids = [list(o.outputs[0].token_ids) for o in outs]
+        progress("perplexity")
         if ppl_windows:
             res.nll_per_token = prompt_nll(llm, ppl_windows)
             res.ppl = math.exp(sum(res.nll_per_token) / len(res.nll_per_token))

@@ -1,7 +1,7 @@
 """Offline throughput of one KV-cache format through vLLM 0.26.0, one config per process.
 
 Same workloads as ../shared/gpu/peer_bench.py (so rows compare with vLLM's own formats measured
-by it in the same session):
+by it on the same machine):
     cap  = 4 GiB KV budget, 256 x (1024 in + 256 out)   (capacity-bound)
     long = 0.85 GPU memory,  64 x (8192 in + 512 out)     (attention-bound decode)
     tpot = 0.85 GPU memory,  1 x (8192 in + 256 out)      (batch-1 decode latency)
@@ -11,7 +11,8 @@ by it in the same session):
 
 usage: python3 benchmarks/e2e/bench.py MODEL_DIR BACKEND KV_DTYPE WORKLOAD [--out FILE] [--max-num-seqs N]
                                       [--steps] [--eager]
-Prints one RESULT line (JSON) and appends it to FILE if given.  --steps: the engine in-process and each
+Prints one RESULT line (JSON) and appends it to FILE if given; the row's "run" is $RUN (e.g.
+"commit abc1234, nvidia-h200"), the key the plot scripts select rows by.  --steps: the engine in-process and each
 model-runner step timed (synchronized before and after, so the run itself is slower): the row gets
 "steps" = {kind: [steps, tokens, seconds]} for steps with a prompt chunk ("prefill": chunked prefill
 may carry decode rows too) and decode-only steps -- where the generate time goes.  --eager: no
@@ -24,6 +25,7 @@ max_num_seqs = the workload's concurrency, and 128 on cap (staging 0.55 GiB of i
 bf16's tokens, ~100 sequences of 1280 tokens fit, 128 may run).  --max-num-seqs overrides.
 """
 import json
+import os
 import random
 import sys
 import time
@@ -135,8 +137,6 @@ def main():
     model, backend, kvd, wl = sys.argv[1:5]
     steps = None
     if "--steps" in sys.argv:
-        import os
-
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process
         steps, traced = _time_steps()
     out_file = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
@@ -147,7 +147,7 @@ def main():
               kv_cache_dtype=kvd, attention_backend=None if backend == "AUTO" else backend)
     if "--max-num-seqs" in sys.argv:
         kw["max_num_seqs"] = int(sys.argv[sys.argv.index("--max-num-seqs") + 1])
-    elif kvd.startswith("kvmix-") and "-tok" not in kvd:  # page scheme: staging per max_num_seqs (above)
+    elif kvd.startswith("kvmix-"):  # staging per max_num_seqs (above)
         kw["max_num_seqs"] = 128 if wl == "cap" else n
     if "--eager" in sys.argv:
         kw["enforce_eager"] = True
@@ -181,6 +181,14 @@ def main():
                max_num_seqs=llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
                block_size=cfg.block_size, out_tok_s=round(ntok / (t3 - t2), 1), init_s=round(t1 - t0, 1),
                gen_s=round(t3 - t2, 2))
+    import torch
+    import vllm
+
+    import vllm_kvmix
+
+    # the run's key (commit, machine; rows.sh passes $RUN) and what ran: vLLM, GPU, where vllm_kvmix came from
+    row.update(run=os.environ.get("RUN", ""), vllm=vllm.__version__, gpu=torch.cuda.get_device_name(),
+               kvmix=f"{vllm_kvmix.__version__} {os.path.dirname(vllm_kvmix.__file__)}")
     if steps is not None:
         row["steps"] = {k: [c, n, round(sec, 2)] for k, (c, n, sec) in steps.items()}
         row["eager"] = "--eager" in sys.argv

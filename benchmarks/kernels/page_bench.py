@@ -24,7 +24,10 @@ import types
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+try:  # the installed package (wheel or editable); a source tree run without installing: the tree
+    import vllm_kvmix  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from vllm_kvmix.formats import PAGE_TOKENS, parse_format, stage_layout  # noqa: E402
 from vllm_kvmix.options import DECODE_KERNEL_ENV  # noqa: E402
 from vllm_kvmix.kernels import cuda_decode  # noqa: E402
@@ -123,6 +126,11 @@ def main():
     bw = copy_bw()
     name = torch.cuda.get_device_name()
     print(f"device copy bandwidth {bw:.0f} GB/s ({name})", flush=True)
+    import vllm_kvmix
+
+    where = dict(package=os.path.dirname(vllm_kvmix.__file__), version=vllm_kvmix.__version__,
+                 kernel_source=str(cuda_decode.source_path()))
+    print("vllm_kvmix {version} from {package}; CUDA decode kernel source {kernel_source}".format(**where), flush=True)
     rows = []
     for B, L in shapes:
         q = torch.randn(B, HQ, D, dtype=torch.bfloat16, device=dev, generator=gen)
@@ -208,7 +216,7 @@ def main():
         wrows = []
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "page_bench.json"), "w") as f:
-        json.dump(dict(device=name, copy_gbs=bw, attention=rows, write=wrows), f, indent=1)
+        json.dump(dict(device=name, copy_gbs=bw, installed=where, attention=rows, write=wrows), f, indent=1)
 
 
 def kernel_times(fn, n=20):

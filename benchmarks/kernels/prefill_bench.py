@@ -22,7 +22,10 @@ import time
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+try:  # the installed package (wheel or editable); a source tree run without installing: the tree
+    import vllm_kvmix  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from vllm_kvmix.formats import PAGE_TOKENS, parse_format  # noqa: E402
 from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
 

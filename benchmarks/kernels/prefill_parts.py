@@ -31,7 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+try:  # the installed package (wheel or editable); a source tree run without installing: the tree
+    import vllm_kvmix  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from vllm_kvmix.formats import PAGE_TOKENS, parse_format, stage_layout  # noqa: E402
 from vllm_kvmix.kernels import codec, page, prefill  # noqa: E402
 

@@ -25,7 +25,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+try:  # the installed package (wheel or editable); a source tree run without installing: the tree
+    import vllm_kvmix  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from vllm_kvmix.formats import parse_format  # noqa: E402
 from vllm_kvmix.kernels import page as page_mod  # noqa: E402
 

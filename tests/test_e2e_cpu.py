@@ -273,7 +273,8 @@ def test_bf16_is_unchanged_by_the_plugin(smollm2_dir):
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
 def test_inspect_shows_the_plan_the_engine_uses(model):
     """``kvmix inspect`` (safetensors on disk, no vLLM) and the engine's kvmix-auto plan (weights as vLLM loaded
-    them) agree layer for layer at b3 and b5."""
+    them) agree layer for layer at b3 and b5, and at b5 with vLLM's hybrid KV-cache manager disabled (on
+    Gemma-3's sliding-window layers that is what allows per-layer page sizes)."""
     from vllm_kvmix import inspect_model, models
 
     path = str(models.ensure_model(model))
@@ -282,13 +283,15 @@ def test_inspect_shows_the_plan_the_engine_uses(model):
         "from vllm_kvmix import evaluate\n"
         "from vllm_kvmix.vllm import autoplan\n"
         "plans = {}\n"
-        "for b in (3, 5):\n"
-        f"    evaluate.run({path!r}, f'kvmix-auto-b{{b}}', ['Hello'], 2)\n"
-        "    plans[b] = [[k, v] for _, k, v in autoplan.LAST_PLAN]\n"
+        "for b, nohybrid in ((3, False), (5, False), (5, True)):\n"
+        f"    evaluate.run({path!r}, f'kvmix-auto-b{{b}}', ['Hello'], 2, disable_hybrid_kv_cache_manager=nohybrid)\n"
+        "    plans[f'{b}{nohybrid}'] = [[k, v] for _, k, v in autoplan.LAST_PLAN]\n"
         "print('RESULT', json.dumps(plans))\n"
     )
     engine, _ = _child_result(code)
     norms, shape = inspect_model.read_norms(path)
-    for b in (3, 5):
-        assert [list(p) for p in inspect_model.plan(norms, shape, b)] == engine[str(b)], b
-    assert len(set(map(tuple, engine["5"]))) > 1  # b5 is a real per-layer plan, not one format everywhere
+    for b, nohybrid in ((3, False), (5, False), (5, True)):
+        assert [list(p) for p in inspect_model.plan(norms, shape, b, nohybrid)] == engine[f"{b}{nohybrid}"], b
+    assert len(set(map(tuple, engine["5True"]))) > 1  # b5 is a real per-layer plan, not one format everywhere
+    if model == "gemma3-270m":  # hybrid manager on: one page size, the K-first pair of 5 bits on every layer
+        assert set(map(tuple, engine["5False"])) == {(8, 2)}

@@ -190,6 +190,16 @@ def plan_error(k_norms, v_norms, plan) -> float:
 VAR, EVEN = "var", "even"  # per-layer page sizes / one page size for every layer
 
 
+def plan_mode(layer_windows: list, hybrid_manager_disabled: bool = False) -> str:
+    """:data:`VAR` where vLLM keeps all layers in one KV-cache group, else :data:`EVEN`.
+
+    One group: every layer has the same attention window (``None``: full attention), or vLLM's hybrid
+    KV-cache manager is disabled (sliding-window layers then keep full-attention blocks).  Used by the
+    engine (:func:`vllm_kvmix.vllm.autoplan.choose_mode`) and ``kvmix inspect``.
+    """
+    return VAR if len(set(layer_windows)) <= 1 or hybrid_manager_disabled else EVEN
+
+
 def plan_layers(k_spectral: list[float], v_spectral: list[float], k_gain: list[float | None], avg_bits: int,
                 mode: str = VAR) -> list[tuple[int, int]]:
     """kvmix-auto's plan, (K bits, V bits) per layer: the one function the engine

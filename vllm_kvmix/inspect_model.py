@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from vllm_kvmix.allocation import VAR, LayerNorms, layer_norms, plan_layers, qk_norm_key_scale
+from vllm_kvmix.allocation import EVEN, LayerNorms, layer_norms, plan_layers, plan_mode, qk_norm_key_scale
 from vllm_kvmix.formats import AUTO_BITS, AUTO_DEFAULT_BITS, BF16_BYTES, KVFormat
 
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
@@ -40,7 +40,10 @@ def read_norms(model_dir: str | Path) -> tuple[list[LayerNorms], dict]:
     if not weights:
         raise ValueError(f"{model_dir}: no layers.N.self_attn.k_proj/v_proj weights found")
     norms = [layer_norms(weights[i]["k"], weights[i]["v"], head) for i in sorted(weights)]
+    types = cfg.get("layer_types") or [None] * len(norms)
+    windows = [cfg.get("sliding_window") if t == "sliding_attention" else None for t in types]
     shape = {"head_size": head, "num_kv_heads": cfg["num_key_value_heads"], "num_layers": len(norms),
+             "windows": windows,
              "qk_norm": [i in qk_norm for i in sorted(weights)],
              # Gemma's RMSNorm scales by 1 + weight
              "k_gain": [qk_norm_key_scale(qk_norm[i] + (1.0 if cfg.get("model_type", "").startswith("gemma") else 0.0))
@@ -48,17 +51,22 @@ def read_norms(model_dir: str | Path) -> tuple[list[LayerNorms], dict]:
     return norms, shape
 
 
-def plan(norms: list[LayerNorms], shape: dict, avg_bits: int, mode: str = VAR) -> list[tuple[int, int]]:
-    """The plan kvmix-auto-b{avg_bits} gives this model at startup: the engine's own planning function."""
+def plan(norms: list[LayerNorms], shape: dict, avg_bits: int, hybrid_manager_disabled: bool = False
+         ) -> list[tuple[int, int]]:
+    """The plan kvmix-auto-b{avg_bits} gives this model at startup: the engine's own mode and planning functions
+    (``hybrid_manager_disabled``: vLLM's ``--disable-hybrid-kv-cache-manager``)."""
+    mode = plan_mode(shape.get("windows") or [None], hybrid_manager_disabled)
     qk = shape.get("qk_norm") or [False] * len(norms)
     gains = shape.get("k_gain") or [None] * len(norms)
     return plan_layers([n.k_spectral for n in norms], [n.v_spectral for n in norms],
                        [g if q else None for q, g in zip(qk, gains)], avg_bits, mode)
 
 
-def report(norms: list[LayerNorms], shape: dict, avg_bits: int) -> tuple[str, list[tuple[int, int]]]:
+def report(norms: list[LayerNorms], shape: dict, avg_bits: int, hybrid_manager_disabled: bool = False
+           ) -> tuple[str, list[tuple[int, int]]]:
     qk = shape.get("qk_norm") or [False] * len(norms)
-    plan_ = plan(norms, shape, avg_bits)
+    plan_ = plan(norms, shape, avg_bits, hybrid_manager_disabled)
+    even = plan_mode(shape.get("windows") or [None], hybrid_manager_disabled) == EVEN
     d, h = shape["head_size"], shape["num_kv_heads"]
     rows = [
         "| layer | W_K spectral | W_V spectral | W_K Frobenius | W_V Frobenius | K/V spectral | k_norm | K bits | V bits |",
@@ -75,7 +83,9 @@ def report(norms: list[LayerNorms], shape: dict, avg_bits: int) -> tuple[str, li
     rows += [
         "",
         f"kvmix-auto-b{avg_bits}: {avg_bits} bits/element on average over K and V (codes; metadata adds 0.5): "
-        f"{total} bytes/token vs bf16 {bf16} ({bf16 / total:.2f}x), per-layer page sizes",
+        f"{total} bytes/token vs bf16 {bf16} ({bf16 / total:.2f}x), "
+        + ("one page size: sliding-window and full-attention layers are separate KV-cache groups in vLLM "
+           "(--disable-hybrid-kv-cache-manager allows per-layer sizes)" if even else "per-layer page sizes"),
     ]
     return "\n".join(rows), plan_
 
@@ -110,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", help="local safetensors model directory")
     ap.add_argument("--budget", type=int, default=AUTO_DEFAULT_BITS, choices=AUTO_BITS,
                     help="kvmix-auto-bB: average code bits per element over K and V (default 3: k4v2's bytes)")
+    ap.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                    help="plan as vLLM would with this option (per-layer page sizes on sliding-window models)")
     ap.add_argument("--plot", help="write a PNG of norms and bits by layer")
     args = ap.parse_args(argv)
     norms, shape = read_norms(args.model)
-    text, plan = report(norms, shape, args.budget)
+    text, plan = report(norms, shape, args.budget, args.disable_hybrid_kv_cache_manager)
     print(text)
     if args.plot:
         plot(norms, plan, args.plot, f"{Path(args.model).name}: budget {args.budget:g} bits")

@@ -168,15 +168,10 @@ def k_norm_gain(module) -> torch.Tensor:
 
 
 def choose_mode(layers: dict, vllm_config) -> str:
-    """``var`` (per-layer page sizes) when vLLM keeps all layers in one KV-cache group, else ``even``.
-
-    One group: all layers one attention type, or the hybrid manager disabled
-    (sliding-window layers then keep full-attention blocks).
-    """
-    windows = {layer.sliding_window for layer in layers.values()}
-    if len(windows) == 1 or vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
-        return VAR
-    return EVEN
+    """``var`` (per-layer page sizes) when vLLM keeps all layers in one KV-cache group, else ``even``
+    (:func:`vllm_kvmix.allocation.plan_mode`)."""
+    return allocation.plan_mode([layer.sliding_window for layer in layers.values()],
+                                vllm_config.scheduler_config.disable_hybrid_kv_cache_manager)
 
 
 def plan_rows(rows: list[LayerRow], auto: AutoFormat, mode: str) -> None:

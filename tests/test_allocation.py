@@ -1,4 +1,4 @@
-"""Per-layer bit allocation from norms (issue 5, first part: no vLLM hook yet)."""
+"""Per-layer bit allocation from weight norms (pure: vllm_kvmix.allocation; the engine side is tests/test_autoplan.py)."""
 
 import itertools
 

@@ -77,6 +77,7 @@ def test_missing_kernel_source_is_a_startup_error(monkeypatch, tmp_path):
         prepare_decode(K4V2, 128, 4, torch.bfloat16)
 
 
+@pytest.mark.skipif(torch.version.cuda is None, reason="this torch has no NVRTC (a CPU build)")
 def test_kernel_that_does_not_compile_is_a_startup_error(monkeypatch, tmp_path):
     """NVRTC's error reaches the user with the kernel's name (real NVRTC, no GPU: compile step only)."""
     monkeypatch.delenv(DECODE_KERNEL_ENV, raising=False)

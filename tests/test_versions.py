@@ -14,6 +14,29 @@ from vllm_kvmix.formats import KVFormatError, all_format_names  # noqa: E402
 from vllm_kvmix.vllm import flash_prefill, versions  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not versions.supported(), reason="kvmix has no adaptation for this vLLM")
+# patches of vLLM internals per version module (a new one, or one an upstream hook replaced, changes this on purpose)
+EXPECTED_PATCHES = {"v0_26": 9, "v0_32": 10}
+ON = versions.base_version(vllm.__version__)
+only_026 = pytest.mark.skipif(ON != "0.26.0", reason="a vLLM 0.26 target")
+only_032 = pytest.mark.skipif(ON != "0.32.0", reason="a vLLM 0.32 target")
+
+
+def make_spec(fmt_name: str, sliding_window: int | None = None, **common):
+    """A kvmix layer's KV-cache spec, made the way the running vLLM makes it: 0.26 builds kvmix's spec in the
+    patched ``Attention.get_kv_cache_spec``; 0.32 passes vLLM's plain spec through the backend's
+    ``customize_spec`` (the official hook)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from vllm_kvmix.formats import parse_format
+    from vllm_kvmix.vllm.backend import backend_class
+    from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, KvmixSlidingWindowSpec
+
+    window = {} if sliding_window is None else {"sliding_window": sliding_window}
+    if ON == "0.26.0":
+        cls = KvmixSlidingWindowSpec if window else KvmixFullAttentionSpec
+        return cls(kvmix_format=fmt_name, dtype=torch.uint8, **window, **common)
+    base = (SlidingWindowSpec if window else FullAttentionSpec)(dtype=torch.bfloat16, **window, **common)
+    return backend_class(parse_format(fmt_name)).customize_spec(base)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,7 +56,7 @@ def test_every_patch_is_listed_with_its_upstream_hook():
     documents what it replaces and why, and is idempotent (applied twice by the fixture)."""
     module = versions.check_supported()
     assert module.VERSIONS == tuple(v for v, m in versions.MODULES.items() if m == module.__name__.rsplit(".", 1)[1])
-    assert len(module.PATCHES) == 9
+    assert len(module.PATCHES) == EXPECTED_PATCHES[module.__name__.rsplit(".", 1)[1]]
     for patch, target, hook in module.PATCHES:
         assert target and hook, patch.__name__
         assert patch.__doc__ and len(patch.__doc__) > 80, patch.__name__
@@ -70,6 +93,7 @@ print("INERT", type(current_platform).__name__)
     assert "found vLLM 0.99.0" in warnings[0] and "0.26.0" in warnings[0]
 
 
+@only_026
 def test_targets_have_expected_shape():
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.layers.attention.attention import Attention
@@ -152,7 +176,8 @@ def test_backend_classes_resolve_by_name():
 
     cls = resolve_obj_by_qualname("vllm_kvmix.vllm.backend.KvmixAttentionBackend_k4v2")
     assert cls.FORMAT.name == "kvmix-k4v2"
-    assert cls.get_kv_cache_shape(10, 64, 3, 64) == (10, 3, 64 * 56)  # page scheme: 64-token pages
+    if ON == "0.26.0":  # 0.26 asks the backend for the cache shape; 0.32 takes it from the spec and layout
+        assert cls.get_kv_cache_shape(10, 64, 3, 64) == (10, 3, 64 * 56)  # 64-token pages
     assert cls.get_supported_kernel_block_sizes() == [64]
     assert cls.forward_includes_kv_cache_update  # writes and attends in one call (staging)
     assert AttentionBackendEnum[cls.get_name()] is AttentionBackendEnum.CUSTOM
@@ -160,22 +185,26 @@ def test_backend_classes_resolve_by_name():
 
 
 def test_specs_page_size_and_grouping():
+    """The page vLLM allocates is the packed page (the bug of a page-size hook the running vLLM ignores would
+    show here: 0.32 ignores 0.26's ``real_page_size_bytes`` and would allocate bf16-sized pages)."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, KvmixSlidingWindowSpec
 
-    common = dict(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.uint8)
-    full = KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common)
+    common = dict(block_size=128, num_kv_heads=3, head_size=64)
+    full = make_spec("kvmix-k4v2", **common)
+    assert isinstance(full, KvmixFullAttentionSpec) and full.dtype == torch.uint8
     assert full.page_size_bytes == 128 * 3 * 56
     assert KvmixFullAttentionSpec.merge([full, full]) == full
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(full) is FullAttentionSpec
-    sw = KvmixSlidingWindowSpec(kvmix_format="kvmix-k8v4", sliding_window=512, **common)
+    sw = make_spec("kvmix-k8v4", sliding_window=512, **common)
+    assert isinstance(sw, KvmixSlidingWindowSpec)
     assert sw.page_size_bytes == 128 * 3 * (68 + 36)
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(sw) is SlidingWindowSpec
     # vLLM reads an AssertionError from merge as "not one spec" (kv_cache_utils.is_kv_cache_spec_uniform)
     with pytest.raises(AssertionError, match="mix kvmix page formats"):
-        KvmixFullAttentionSpec.merge([full, KvmixFullAttentionSpec(kvmix_format="kvmix-k8v8", **common)])
+        KvmixFullAttentionSpec.merge([full, make_spec("kvmix-k8v8", **common)])
 
 
 def test_per_layer_page_sizes_make_one_group():
@@ -188,16 +217,15 @@ def test_per_layer_page_sizes_make_one_group():
 
     from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec
 
-    common = dict(block_size=64, num_kv_heads=3, head_size=64, dtype=torch.uint8)
-    specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format=f, **common)
-             for i, f in enumerate(["kvmix-k8v4", "kvmix-k4v4", "kvmix-k4v2"])}
+    common = dict(block_size=64, num_kv_heads=3, head_size=64)
+    specs = {f"l{i}": make_spec(f, **common) for i, f in enumerate(["kvmix-k8v4", "kvmix-k4v4", "kvmix-k4v2"])}
     assert not is_kv_cache_spec_uniform(specs)
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=False))
     (group,) = get_kv_cache_groups(cfg, specs)
     assert isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs)
     assert group.kv_cache_spec.page_size_bytes == sum(s.page_size_bytes for s in specs.values())
-    a = KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", kvmix_layer_format="kvmix-k2v4", **common)
-    b = KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common)
+    a = KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", kvmix_layer_format="kvmix-k2v4", dtype=torch.uint8, **common)
+    b = KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", dtype=torch.uint8, **common)
     assert a == b and hash(a) == hash(b)  # the layer format is for logs only
 
 
@@ -232,7 +260,7 @@ def test_auto_plan_patch_targets():
     # the CPU backend empties the weight after loading: why the norms are stashed before it
     from vllm.model_executor.layers import utils as layer_utils
 
-    assert "torch.empty(0)" in inspect.getsource(layer_utils.dispatch_cpu_unquantized_gemm)
+    assert "torch.empty(0" in inspect.getsource(layer_utils.dispatch_cpu_unquantized_gemm)
 
 
 def test_staging_is_reserved_out_of_the_budget():
@@ -303,6 +331,7 @@ def test_page_formats_refuse_what_they_cannot_serve():
         refuse_unsupported(page, spec, torch.device("cpu"))
 
 
+@only_026  # the GPU's vLLM: the FlashAttention prefill path is CUDA's
 def test_block_table_width_is_the_model_runners():
     """flash_prefill.block_table_width mirrors vLLM 0.26's GPU model runner (the prefill kernels compile at
     startup against a block table of that width); fails if the runner's sizing changes."""
@@ -314,3 +343,50 @@ def test_block_table_width_is_the_model_runners():
     assert "max_num_blocks = cdiv(max_num_blocks, alignment) * alignment" in src
     assert flash_prefill.block_table_width(1000, 64) == 16 and flash_prefill.block_table_width(8720, 64) == 138
     assert flash_prefill.block_table_width(8720, 16) == 552 and flash_prefill.block_table_width(100, 256) == 1
+
+
+@only_032
+def test_032_targets_have_expected_shape():
+    """What v0_32 relies on: the official backend hooks, the spec field the page size comes from, the cached
+    argparse choices, the CPU platform's backend answer, and the unchanged patch targets."""
+    from vllm.engine import arg_utils
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.platforms import cpu as cpu_platform
+    from vllm.v1.attention.backend import AttentionBackend
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+    from vllm.v1.engine import core
+    from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+    from vllm.v1.worker import utils as worker_utils
+
+    assert list(inspect.signature(Attention.get_kv_cache_spec).parameters) == ["self", "vllm_config"]
+    assert list(inspect.signature(core.get_kv_cache_configs).parameters) == [
+        "vllm_config", "kv_cache_specs", "available_memory",
+    ]
+    assert "kv_cache_dtype" in AttentionSelectorConfig._fields
+    assert "customize_spec" in AttentionBackend.__dict__ and "supported_kv_cache_layouts" in AttentionBackend.__dict__
+    assert "backend.customize_spec(spec)" in inspect.getsource(worker_utils.customize_attention_spec)
+    assert "state_content_bytes" in AttentionSpec.__dataclass_fields__
+    assert "get_kv_cache_shape" not in AttentionBackend.__dict__  # 0.26's shape method is inert here
+    assert KVCacheLayout.LBHNC
+    assert hasattr(arg_utils._compute_kwargs, "cache_clear")
+    assert cpu_platform.CpuPlatform.get_attn_backend_cls.__func__._kvmix_patched
+
+
+@only_032
+def test_032_customize_spec_and_layout():
+    """The backend's hooks: a 1-token spec (vLLM sizes sliding-window blocks with it) gives one token's packed
+    bytes; pages are head-major, so the impl's 4D view flattens to [blocks, heads, head_page_bytes]."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout
+
+    from vllm_kvmix.vllm.backend import _head_pages, backend_class
+    from vllm_kvmix.formats import parse_format
+
+    cls = backend_class(parse_format("kvmix-k4v2"))
+    one = cls.customize_spec(FullAttentionSpec(block_size=1, num_kv_heads=2, head_size=128, dtype=torch.bfloat16))
+    assert one.page_size_bytes == 2 * 112 and one.kvmix_format == "kvmix-k4v2"
+    assert cls.supported_kv_cache_layouts() == (KVCacheLayout.LBHNC,)
+    cache = torch.zeros(5, 2, 64, 112, dtype=torch.uint8)
+    flat = _head_pages(cache)
+    assert flat.shape == (5, 2, 64 * 112) and flat.data_ptr() == cache.data_ptr()
+    with pytest.raises(RuntimeError):  # a token-major view cannot be flattened without a copy: refused
+        _head_pages(cache.transpose(1, 2).contiguous().transpose(1, 2))

@@ -90,13 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         text = models.ensure_texts()["alice29.txt"]
         windows = evaluate.text_windows(tok, text, args.ppl_tokens, 1)
         for i, dtype in enumerate(args.formats, 1):
-            bar = tqdm(total=len(STAGES), desc=f"engine {i}/{len(args.formats)} {dtype}", file=terminal,
-                       bar_format="{desc}: {n}/{total} {postfix} [{elapsed}]", dynamic_ncols=True)
-            bar.set_postfix_str(STAGES[0])
+            label = f"engine {i}/{len(args.formats)} {dtype}"
+            bar = tqdm(total=len(STAGES), file=terminal, dynamic_ncols=True,
+                       bar_format="{desc} |{bar:12}| {n}/{total} [{elapsed}]")
+
+            def stage(name, bar=bar, label=label):
+                bar.set_description_str(f"{label}: {name}")
+
+            stage(STAGES[0])
             results.append(evaluate.run(model, dtype, evaluate.DEFAULT_PROMPTS, ppl_windows=windows,
-                                        progress=lambda stage, bar=bar: (bar.update(1), bar.set_postfix_str(stage))))
+                                        progress=lambda name, bar=bar, stage=stage: (bar.update(1), stage(name))))
             bar.update(bar.total - bar.n)
-            bar.set_postfix_str("done")
+            stage("done")
             bar.close()
 
     base = results[0]

@@ -3,7 +3,7 @@
 Why CUDA here: the Triton page kernel spends ~3,900 warp-instructions per 64-token page (k4v2) moving
 code bytes into the tensor-core operand layout one byte per register; the CUDA kernel chooses which
 channels and tokens each lane's mma registers hold so the codes arrive as whole words (a shift and one
-LOP3 per fp16 pair) -- ``benchmarks/kernels/NOTES.md`` has the counts and timings.
+LOP3 per fp16 pair) -- ``docs/kernels.md`` has the counts and timings.
 
 Scope: decode steps (one query token per request: ``StepPlan.decode`` and any batch whose
 ``max_query_len`` is 1), head size 128, GQA groups of at most 8, fp16 / bf16 queries, no sliding window

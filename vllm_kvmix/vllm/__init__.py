@@ -1,4 +1,5 @@
-"""kvmix inside vLLM: the only subpackage that imports vLLM.
+"""kvmix inside vLLM: the only subpackage that touches vLLM's internals (``evaluate.py`` and
+``serve.py`` use vLLM's public ``LLM`` and CLI).
 
 ``register()`` is the ``vllm.general_plugins`` entry point and
 ``platform_plugin()`` the ``vllm.platform_plugins`` one.  Both go through

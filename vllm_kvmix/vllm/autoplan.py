@@ -244,12 +244,15 @@ def assign(layer, fmt: KVFormat, page_format: str | None = None) -> None:
 
     ``page_format``: the format whose page size the layer's KV-cache spec
     reports (even mode: every layer reports the same, so vLLM sees one spec).
+    The backend class is the page format's (it reports the page; vLLM groups
+    layers by it), the impl runs the layer's own format.
     """
+    from vllm_kvmix.formats import parse_format
     from vllm_kvmix.vllm.backend import backend_class
 
     fmt.check_head_size(layer.head_size)
     layer.kv_cache_dtype = fmt.name
     layer.kvmix_page_format = page_format or fmt.name
-    layer.attn_backend = backend_class(fmt)
+    layer.attn_backend = backend_class(parse_format(layer.kvmix_page_format))
     layer.impl.fmt = fmt
     layer.impl.kv_cache_dtype = fmt.name

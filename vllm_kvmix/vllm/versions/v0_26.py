@@ -138,7 +138,7 @@ def patch_kv_cache_config_logging() -> None:
         return
 
     @functools.wraps(original)
-    def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+    def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory, *rest):  # rest: 0.34's global groups
         max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         reserved = [staging_bytes(specs, max_num_seqs) for specs in kv_cache_specs]
         if any(reserved):
@@ -150,7 +150,7 @@ def patch_kv_cache_config_logging() -> None:
                     f"({min(available_memory) / 2**20:.1f} MiB); lower max_num_seqs or raise the budget"
                 )
             available_memory = left
-        configs = original(vllm_config, kv_cache_specs, available_memory)
+        configs = original(vllm_config, kv_cache_specs, available_memory, *rest)
         try:
             if reserved[0]:
                 log_info(
@@ -188,9 +188,6 @@ def patch_step_requests() -> None:
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    def released_ids(scheduler_output) -> set:
-        return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
-
     original = GPUModelRunner._update_states
     if not getattr(original, "_kvmix_patched", False):
 
@@ -204,11 +201,21 @@ def patch_step_requests() -> None:
 
         _update_states._kvmix_patched = True
         GPUModelRunner._update_states = _update_states
-
     try:
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+        patch_v2_step_requests()
     except ImportError:  # a build without the V2 runner (vLLM CPU wheels import it fine)
-        return
+        pass
+
+
+def released_ids(scheduler_output) -> set:
+    """The requests whose staging slots are free after this step: finished or preempted."""
+    return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+
+
+def patch_v2_step_requests() -> None:
+    """The V2 model runner's half of :func:`patch_step_requests` (``prepare_inputs`` / ``finish_requests``)."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+
     original_v2 = RunnerV2.prepare_inputs
     if getattr(original_v2, "_kvmix_patched", False):
         return
@@ -240,32 +247,44 @@ def patch_auto_plan() -> None:
     the plan (:mod:`vllm_kvmix.vllm.autoplan`).  vLLM 0.26 has no post-load
     hook for plugins.  Remove when it does.
     """
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    def make(original):
+        @functools.wraps(original)
+        def get_kv_cache_spec(self):
+            from vllm_kvmix.vllm import autoplan
 
-    runners = [GPUModelRunner]
-    try:  # the V2 runner (the default on CUDA in 0.26) has its own get_kv_cache_spec
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+            autoplan.resolve(self)
+            return original(self)
 
-        runners.append(RunnerV2)
-    except ImportError:
-        pass
-    for runner in runners:
-        original = runner.get_kv_cache_spec
-        if getattr(original, "_kvmix_patched", False):
+        return get_kv_cache_spec
+
+    wrap_runners("get_kv_cache_spec", make, "_kvmix_patched")
+
+
+def model_runners() -> list[type]:
+    """vLLM's model-runner classes here: V1 (the CPU runner inherits it; gone in 0.34) and V2 (CUDA's default)."""
+    import importlib
+
+    runners = []
+    for module in ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.model_runner"):
+        try:
+            runners.append(importlib.import_module(module).GPUModelRunner)
+        except ImportError:
+            pass
+    if not runners:
+        raise RuntimeError("kvmix: no vLLM model runner found (vllm.v1.worker.gpu_model_runner / gpu.model_runner)")
+    return runners
+
+
+def wrap_runners(method: str, make, marker: str) -> None:
+    """Replace ``method`` of every model runner by ``make(original)`` once (``marker`` set on the wrapper)."""
+    for runner in model_runners():
+        original = getattr(runner, method)
+        if getattr(original, marker, False):
             continue
-
-        def make(original):
-            @functools.wraps(original)
-            def get_kv_cache_spec(self):
-                from vllm_kvmix.vllm import autoplan
-
-                autoplan.resolve(self)
-                return original(self)
-
-            get_kv_cache_spec._kvmix_patched = True
-            return get_kv_cache_spec
-
-        runner.get_kv_cache_spec = make(original)
+        wrapper = make(original)
+        wrapper._kvmix_patched = True
+        setattr(wrapper, marker, True)
+        setattr(runner, method, wrapper)
 
 
 def patch_stash_qkv_norms() -> None:

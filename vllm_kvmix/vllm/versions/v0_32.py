@@ -109,41 +109,26 @@ def patch_auto_plan() -> None:
     are turned into kvmix full-attention specs with the window here first (what vLLM would do, keeping the
     packed page).  Remove with the post-load hook 0.26's patch waits for.
     """
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
     from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, KvmixSlidingWindowSpec
 
     v0_26.patch_auto_plan()
-    runners = [GPUModelRunner]
-    try:
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
 
-        runners.append(RunnerV2)
-    except ImportError:
-        pass
-    for runner in runners:
-        original = runner.get_kv_cache_spec
-        if getattr(original, "_kvmix_windows", False):
-            continue
+    def as_full(spec):
+        kw = {f.name: getattr(spec, f.name) for f in fields(spec) if f.init and f.name != "extra_retained_tokens"}
+        return KvmixFullAttentionSpec(**kw)
 
-        def make(original):
-            @functools.wraps(original)
-            def get_kv_cache_spec(self):
-                specs = original(self)
-                if not self.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
-                    return specs
-                return {name: _as_full(spec) if isinstance(spec, KvmixSlidingWindowSpec) else spec
-                        for name, spec in specs.items()}
+    def make(original):
+        @functools.wraps(original)
+        def get_kv_cache_spec(self):
+            specs = original(self)
+            if not self.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+                return specs
+            return {name: as_full(spec) if isinstance(spec, KvmixSlidingWindowSpec) else spec
+                    for name, spec in specs.items()}
 
-            get_kv_cache_spec._kvmix_patched = True
-            get_kv_cache_spec._kvmix_windows = True
-            return get_kv_cache_spec
+        return get_kv_cache_spec
 
-        def _as_full(spec):
-            kw = {f.name: getattr(spec, f.name) for f in fields(spec) if f.init and f.name != "extra_retained_tokens"}
-            return KvmixFullAttentionSpec(**kw)
-
-        runner.get_kv_cache_spec = make(original)
+    v0_26.wrap_runners("get_kv_cache_spec", make, "_kvmix_windows")
 
 
 def adapt_backend() -> None:

@@ -11,10 +11,10 @@ k4v2) against the bytes it must move, and the variants a change would pick from:
   rotation, 64 KiB; served: TB=16 for steps of one-token rows, 64 with a prompt);
 * ``_dequant_kernel`` with 4 / 8 warps;
 * the output rotation: a GEMM on the +-1 matrix in bf16 (served: exact products, fp32 accumulation), in
-  bf16 with an fp32 output and a scale after it, and in fp32 (served before session 9).
+  bf16 with an fp32 output and a scale after it, and in fp32 (served before commit 97e1043).
 * with ``--precision``, the stage rotation's ``tl.dot`` precision (module constant, patched before compiling).
 
-Session 9 (H200, ``benchmarks/results/prefill-parts-h200.json``, the kernels before this change): rotating
+H200 (``benchmarks/results/prefill-parts-h200.json``, the kernels before commit 97e1043): rotating
 values in the dequant kernel took 0.35 of its 0.42 ms per 16k-token step and layer; the bf16 output GEMM
 0.08 ms.  Values now stay rotated in the pages and the output GEMM rotates them back.
 
@@ -133,7 +133,7 @@ def main():
                 out[c0:c1] = ((o[c0:c1].float() @ signs) * (1.0 / D**0.5)).to(out.dtype)
 
         report(label, "output rotation bf16 GEMM on +-1 (served)", ms(rot_served), rot_bytes)
-        report(label, "output rotation fp32 (before session 9)", ms(rot_fp32), rot_bytes)
+        report(label, "output rotation fp32 (before commit 97e1043)", ms(rot_fp32), rot_bytes)
         try:
             torch.mm(o.view(-1, D), s16, out_dtype=torch.float32)
             report(label, "output rotation bf16 GEMM, fp32 out + scale",

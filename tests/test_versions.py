@@ -15,11 +15,13 @@ from vllm_kvmix.vllm import flash_prefill, versions  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not versions.supported(), reason="kvmix has no adaptation for this vLLM")
 # patches of vLLM internals per version module (a new one, or one an upstream hook replaced, changes this on purpose)
-EXPECTED_PATCHES = {"v0_26": 9, "v0_32": 10, "v0_34": 9}
+EXPECTED_PATCHES = {"v0_26": 9, "v0_32": 10, "v0_33": 9, "v0_34": 9}
 ON = versions.base_version(vllm.__version__)
 only_026 = pytest.mark.skipif(ON != "0.26.0", reason="a vLLM 0.26 target")
 only_032 = pytest.mark.skipif(ON != "0.32.0", reason="a vLLM 0.32 target")
 only_034 = pytest.mark.skipif(ON != "0.34.0", reason="a vLLM 0.34 target")
+REGISTRY = pytest.mark.skipif(ON not in ("0.33.0", "0.34.0"), reason="vLLM's dtype registry (0.33+)")
+CUDA_WHEEL = ON in ("0.33.0", "0.34.0")  # vLLM's CUDA wheel on a CPU machine: no platform detected
 # vLLM's own dtype registry (0.33+) or kvmix's patch of the CacheDType Literal (0.26, 0.32)
 LITERAL = ON in ("0.26.0", "0.32.0")
 
@@ -162,7 +164,7 @@ def test_platform_dispatch():
     from vllm_kvmix.vllm import platform_plugin
     from vllm_kvmix.vllm.platform import KvmixCpuPlatform
 
-    if ON != "0.34.0":  # 0.34 is vLLM's CUDA wheel here: with no GPU vLLM detects no platform at all
+    if not CUDA_WHEEL:  # 0.33 / 0.34 are vLLM's CUDA wheel here: with no GPU vLLM detects no platform at all
         assert platform_plugin() == "vllm_kvmix.vllm.platform.KvmixCpuPlatform"
         from vllm.platforms import current_platform
 
@@ -218,7 +220,7 @@ def test_specs_page_size_and_grouping():
         KvmixFullAttentionSpec.merge([full, make_spec("kvmix-k8v8", **common)])
 
 
-@pytest.mark.skipif(ON == "0.34.0", reason="0.34 plans groups elsewhere (kv_cache_planning); engines not run on 0.34 here")
+@pytest.mark.skipif(CUDA_WHEEL, reason="0.33+ plan groups elsewhere (kv_cache_planning); no engines on 0.33 / 0.34 here")
 def test_per_layer_page_sizes_make_one_group():
     """kvmix-auto var mode: full-attention layers with different page formats -> one KV-cache group
     of per-layer specs (UniformTypeKVCacheSpecs); even mode: equal specs whatever the layer format."""
@@ -298,7 +300,7 @@ def test_staging_is_reserved_out_of_the_budget():
         core.get_kv_cache_configs(cfg, [specs], [64 << 20])
 
 
-@pytest.mark.skipif(ON == "0.34.0", reason="0.34's VllmConfig needs a detected platform; none without a GPU")
+@pytest.mark.skipif(CUDA_WHEEL, reason="0.33+'s VllmConfig needs a detected platform; none without a GPU")
 def test_flash_attn_prefill_targets():
     """The FlashAttention prefill path reads vLLM's fa_utils (kernel + version), the builder's host
     sequence lengths, and the config of the engine whose layers are being built."""
@@ -407,9 +409,9 @@ def test_032_customize_spec_and_layout():
         _head_pages(cache.transpose(1, 2).contiguous().transpose(1, 2))
 
 
-@only_034
-def test_034_dtypes_registered_through_vllms_hook():
-    """vLLM 0.34's ``register_kv_cache_dtype``: every kvmix name known, raw bytes, no vLLM quantization mode;
+@REGISTRY
+def test_dtypes_registered_through_vllms_hook():
+    """vLLM 0.33 / 0.34's ``register_kv_cache_dtype``: every kvmix name known, raw bytes, no vLLM quantization mode;
     CacheConfig accepts them and rejects a misspelling."""
     from vllm.config.cache import CacheConfig, CacheDType, get_kv_cache_dtype_handler, is_known_kv_cache_dtype
     from vllm.v1.kv_cache_interface import KVQuantMode
@@ -447,3 +449,20 @@ def test_034_targets_have_expected_shape():
     runner = v2.GPUModelRunner
     assert runner.prepare_inputs._kvmix_patched and runner.finish_requests._kvmix_patched
     assert runner.get_kv_cache_spec._kvmix_patched
+
+
+@pytest.mark.skipif(ON != "0.33.0", reason="a vLLM 0.33 target")
+def test_033_targets_have_expected_shape():
+    """0.33: the dtype registry and the backend hooks as in 0.34, and still both model runners (step hooks on each)."""
+    from vllm.config import cache
+    from vllm.v1.engine import core
+    from vllm.v1.worker import gpu_model_runner as v1
+    from vllm.v1.worker.gpu import model_runner as v2
+
+    assert callable(cache.register_kv_cache_dtype)
+    assert list(inspect.signature(core.get_kv_cache_configs).parameters) == [
+        "vllm_config", "kv_cache_specs", "available_memory", "global_kv_cache_groups",
+    ]
+    assert core.get_kv_cache_configs._kvmix_patched
+    assert v1.GPUModelRunner._update_states._kvmix_patched and v1.GPUModelRunner.get_kv_cache_spec._kvmix_patched
+    assert v2.GPUModelRunner.prepare_inputs._kvmix_patched and v2.GPUModelRunner.get_kv_cache_spec._kvmix_patched

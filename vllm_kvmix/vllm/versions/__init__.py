@@ -1,7 +1,7 @@
 """The one selector of vLLM-version-specific code: which module adapts kvmix to the running vLLM.
 
 Each supported vLLM release range has one module here (``v0_26``: vLLM 0.26.0,
-``v0_32``: vLLM 0.32.0, ``v0_34``: vLLM 0.34.0 at unit level),
+``v0_32``: vLLM 0.32.0, ``v0_33`` / ``v0_34``: vLLM 0.33.0 / 0.34.0 at unit level),
 holding every patch of vLLM internals that range needs, each with the upstream
 hook that replaces it.  Nothing outside this package imports those modules.
 
@@ -19,7 +19,7 @@ import logging
 from types import ModuleType
 
 # vLLM version -> module of this package that adapts kvmix to it
-MODULES = {"0.26.0": "v0_26", "0.32.0": "v0_32", "0.34.0": "v0_34"}
+MODULES = {"0.26.0": "v0_26", "0.32.0": "v0_32", "0.33.0": "v0_33", "0.34.0": "v0_34"}
 SUPPORTED = tuple(MODULES)
 
 logger = logging.getLogger("vllm.kvmix")

@@ -91,13 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         windows = evaluate.text_windows(tok, text, args.ppl_tokens, 1)
         for i, dtype in enumerate(args.formats, 1):
             label = f"engine {i}/{len(args.formats)} {dtype}"
-            bar = tqdm(total=len(STAGES), file=terminal, dynamic_ncols=True,
+            bar = tqdm(total=len(STAGES), file=terminal, dynamic_ncols=True, desc=f"{label}: {STAGES[0]}",
                        bar_format="{desc} |{bar:12}| {n}/{total} [{elapsed}]")
 
             def stage(name, bar=bar, label=label):
                 bar.set_description_str(f"{label}: {name}")
 
-            stage(STAGES[0])
             results.append(evaluate.run(model, dtype, evaluate.DEFAULT_PROMPTS, ppl_windows=windows,
                                         progress=lambda name, bar=bar, stage=stage: (bar.update(1), stage(name))))
             bar.update(bar.total - bar.n)
@@ -105,14 +104,16 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
 
     base = results[0]
-    print(f"\nModel: {shape['name']}  (KV budget {evaluate.KV_BUDGET_BYTES >> 20} MiB, "
-          f"block size {base.block_size}; perplexity on {args.ppl_tokens} tokens of alice29.txt)\n")
-    print("| kv_cache_dtype | bytes/token | KV blocks | blocks vs first | perplexity | ΔPPL |")
-    print("|---|---|---|---|---|---|")
+    base_tokens = base.num_blocks * base.block_size
+    print(f"\nModel: {shape['name']}  (KV budget {evaluate.KV_BUDGET_BYTES >> 20} MiB; "
+          f"perplexity on {args.ppl_tokens} tokens of alice29.txt)\n")
+    print("| kv_cache_dtype | bytes/token | KV blocks x tokens | KV tokens | vs first | perplexity | ΔPPL |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
+        tokens = r.num_blocks * r.block_size
         print(
-            f"| {r.kv_cache_dtype} | {bytes_per_token(shape, r.kv_cache_dtype)} | {r.num_blocks} | "
-            f"{r.num_blocks / base.num_blocks:.2f}x | {r.ppl:.3f} | {100 * (r.ppl / base.ppl - 1):+.1f}% |"
+            f"| {r.kv_cache_dtype} | {bytes_per_token(shape, r.kv_cache_dtype)} | {r.num_blocks} x {r.block_size} | "
+            f"{tokens} | {tokens / base_tokens:.2f}x | {r.ppl:.3f} | {100 * (r.ppl / base.ppl - 1):+.1f}% |"
         )
     for i, prompt in enumerate(evaluate.DEFAULT_PROMPTS):
         print(f"\nPrompt: {prompt!r}")

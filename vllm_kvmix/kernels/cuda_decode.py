@@ -131,12 +131,12 @@ class Launcher:
 @functools.cache
 def compiled(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = ()) -> Launcher:
     """The compiled instantiation (once per process); benchmarks pass build ``defines`` of an experiment."""
-    source = source_path().read_text()
+    path, name = source_path(), kernel_name(k_bits, v_bits, bf16)
     try:
-        return compile_cuda(source, kernel_name(k_bits, v_bits, bf16), defines)
+        return compile_cuda(path.read_text(), name, defines)
     except Exception as e:  # noqa: BLE001 -- NVRTC's log is in the message; say which kernel and what to do
         raise KernelUnavailable(
-            f"kvmix: compiling the CUDA decode kernel {kernel_name(k_bits, v_bits, bf16)} from {source_path()} "
+            f"kvmix: compiling the CUDA decode kernel {name} from {path} "
             f"failed: {e}. Set KVMIX_DECODE_KERNEL=triton to decode on the Triton kernel"
         ) from e
 

@@ -138,6 +138,7 @@ def adapt_backend() -> None:
     bytes per token and KV head (``state_content_bytes``), the page format's name, and uint8 pages.
     ``supported_kv_cache_layouts()``: head-major pages (LBHNC).
     """
+    import torch
     from vllm.v1.kv_cache_interface import KVCacheLayout, SlidingWindowSpec, replace_as
 
     from vllm_kvmix.vllm.backend import KvmixAttentionBackend
@@ -153,8 +154,6 @@ def adapt_backend() -> None:
             raise ValueError(f"{fmt.name}: layers with different K and V head sizes are not supported "
                              f"({spec.head_size} vs {spec.head_size_v})")
         target = KvmixSlidingWindowSpec if isinstance(spec, SlidingWindowSpec) else KvmixFullAttentionSpec
-        import torch
-
         return replace_as(spec, target, kvmix_format=fmt.name, dtype=torch.uint8,
                           state_content_bytes=fmt.bytes_per_token_head(spec.head_size))
 

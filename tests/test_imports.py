@@ -1,4 +1,5 @@
-"""The package's imports point one way: formats -> reference -> kernels -> vLLM integration -> version layer -> CLI.
+"""The package's imports point one way: formats -> reference -> kernels / CPU path -> vLLM integration -> version layer
+-> CLI.
 
 Every import counts, also those inside functions.  Fails on a cycle, on an import against the order, on vLLM
 imported outside ``vllm_kvmix.vllm``, and on a version module imported outside the version selector.
@@ -14,7 +15,7 @@ LAYERS = [
     ("vllm_kvmix.formats", 0), ("vllm_kvmix.options", 0), ("vllm_kvmix.model_shape", 0), ("vllm_kvmix.staging", 0),
     ("vllm_kvmix.quant", 1), ("vllm_kvmix.allocation", 1),
     ("vllm_kvmix.reference", 2),
-    ("vllm_kvmix.kernels", 3),
+    ("vllm_kvmix.kernels", 3), ("vllm_kvmix.cpu", 3),  # the CPU path stores through the reference's writers
     ("vllm_kvmix.vllm.versions", 5), ("vllm_kvmix.vllm", 4),
     ("vllm_kvmix", 6),  # the package's __init__, __main__, cli, demo, evaluate, models, inspect_model, serve
 ]

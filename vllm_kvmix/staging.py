@@ -16,6 +16,11 @@ runs (profiling, warm-up); they must not touch the caches.
 
 from __future__ import annotations
 
+import logging
+
+# under vLLM's logger: ``VLLM_LOGGING_LEVEL=DEBUG`` shows the slot count whenever it changes
+logger = logging.getLogger("vllm.kvmix")
+
 
 class StagingSlotsExhausted(RuntimeError):
     pass
@@ -28,6 +33,17 @@ class StagingSlots:
         self._free: list[int] = []
         self.rows: list[str] = []
         self.generation = 0
+        self._reported = 0
+
+    @property
+    def in_use(self) -> int:
+        """Slots held by requests now (0 whenever no request is running)."""
+        return len(self.slot_of)
+
+    def _report(self) -> None:
+        if self.in_use != self._reported:
+            self._reported = self.in_use
+            logger.debug("kvmix: staging slots in use: %d of %s", self.in_use, self.capacity)
 
     def configure(self, capacity: int) -> None:
         """Set the number of slots (``max_num_seqs``); the first build of a process does it."""
@@ -50,6 +66,7 @@ class StagingSlots:
             slot = self.slot_of.pop(req_id, None)
             if slot is not None:
                 self._free.append(slot)
+        self._report()
 
     def slots_for_rows(self, num_rows: int) -> list[int]:
         """Slots of the first ``num_rows`` batch rows, allocating for new requests."""
@@ -72,6 +89,7 @@ class StagingSlots:
                 slot = self._free.pop()
                 self.slot_of[req_id] = slot
             out.append(slot)
+        self._report()
         return out
 
 

@@ -1,4 +1,5 @@
-"""The CPU path (:mod:`vllm_kvmix.cpu`) against the reference step: the same bytes, outputs within fp32 rounding.
+"""The CPU path (:mod:`vllm_kvmix.cpu`) against the reference step: the same bytes, outputs within fp32 rounding,
+with decode rows on the C++ kernel (:mod:`vllm_kvmix.cpu_kernel`) and on the eager path.
 
 Every case runs a whole mixed schedule on both -- prompts in chunks of odd sizes next to one-token decodes,
 pages filling mid-step -- from caches full of stale bytes (0xFF: NaN scales), so a key the CPU path reads but
@@ -10,12 +11,25 @@ import random
 import pytest
 import torch
 
-from vllm_kvmix import cpu
+from vllm_kvmix import cpu, cpu_kernel
 from vllm_kvmix.formats import PAGE_TOKENS as P
 from vllm_kvmix.formats import parse_format
 from vllm_kvmix.reference import staged
 from vllm_kvmix.reference.staged import RequestStep
 from vllm_kvmix.staging import stage_rows
+
+
+@pytest.fixture(autouse=True, params=["kernel", "eager"])
+def decode_path(request, monkeypatch):
+    """Every case twice: decode rows on the C++ kernel, and on the eager path it falls back to."""
+    if request.param == "eager":
+        monkeypatch.setattr(cpu_kernel, "kernel", lambda: None)
+    return request.param
+
+
+def test_the_decode_kernel_builds(decode_path):
+    if decode_path == "kernel":
+        assert cpu_kernel.kernel() is not None, "csrc/cpu_decode.cpp did not build (see the warning logged)"
 
 
 def _schedule(prompts, decode_steps, seed):

@@ -34,14 +34,17 @@ def test_invalid_names_list_choices(name):
     assert "kvmix-k4v2" in msg and "{2|4|8}" in msg and "kvmix-auto" in msg
 
 
-def test_head_size_must_be_a_multiple_of_the_value_group():
-    with pytest.raises(KVFormatError, match="kvmix-k4v2: head size 96 is not a multiple of 64"):
+def test_head_size_must_be_a_power_of_two_multiple_of_the_value_group():
+    with pytest.raises(KVFormatError, match="kvmix-k4v2: head size 96 is not a power of two and a multiple of 64"):
         parse_format("kvmix-k4v2").bytes_per_token_head(96)
     with pytest.raises(KVFormatError, match="head size 40"):
         parse_format("kvmix-k8v4").layout(40)
     with pytest.raises(KVFormatError, match="kvmix-auto-b5: head size 80"):
         parse_any("kvmix-auto-b5").check_head_size(80)
-    parse_format("kvmix-k4v2").check_head_size(192)
+    with pytest.raises(KVFormatError, match="head size 192 is not a power of two"):
+        parse_format("kvmix-k4v2").check_head_size(192)
+    for d in (64, 128, 256, 512):
+        parse_format("kvmix-k4v2").check_head_size(d)
 
 
 def test_bytes_per_token_llama_8b():

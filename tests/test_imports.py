@@ -15,7 +15,7 @@ LAYERS = [
     ("vllm_kvmix.formats", 0), ("vllm_kvmix.options", 0), ("vllm_kvmix.model_shape", 0), ("vllm_kvmix.staging", 0),
     ("vllm_kvmix.quant", 1), ("vllm_kvmix.allocation", 1),
     ("vllm_kvmix.reference", 2),
-    ("vllm_kvmix.kernels", 3), ("vllm_kvmix.cpu", 3),  # the CPU path stores through the reference's writers
+    ("vllm_kvmix.kernels", 3), ("vllm_kvmix.cpu", 3), ("vllm_kvmix.cpu_kernel", 3),  # the CPU path: the reference's writers
     ("vllm_kvmix.vllm.versions", 5), ("vllm_kvmix.vllm", 4),
     ("vllm_kvmix", 6),  # the package's __init__, __main__, cli, demo, evaluate, models, inspect_model, serve
 ]

@@ -326,26 +326,58 @@ def test_flash_attn_prefill_targets():
         assert fa is None  # no CUDA here
 
 
-def test_page_formats_refuse_what_they_cannot_serve():
-    """Speculative decoding and micro-batching (DBO) stop the engine at startup with the reason; the
-    attribute read for micro-batching is vLLM's (fails here if it moves)."""
+def _config(dtype="kvmix-k4v2", spec=None, parallel=None, budget=None, seqs=8, **model):
+    import types
+
+    from vllm.config import ParallelConfig
+
+    shape = {"use_mla": False, "is_encoder_decoder": False, "is_attention_free": False, "head_size": 128, **model}
+    model_config = types.SimpleNamespace(**shape, get_head_size=lambda: shape["head_size"],
+                                         get_num_layers=lambda p: 30, get_num_kv_heads=lambda p: 3)
+    return types.SimpleNamespace(cache_config=types.SimpleNamespace(cache_dtype=dtype, kv_cache_memory_bytes=budget),
+                                 speculative_config=spec, parallel_config=parallel or ParallelConfig(),
+                                 model_config=model_config, scheduler_config=types.SimpleNamespace(max_num_seqs=seqs))
+
+
+@pytest.mark.parametrize("case,cause,fix", [
+    ({"spec": object()}, "speculative decoding is not supported", "Remove --speculative-config"),
+    ({"use_mla": True}, "multi-head latent attention", "Use a model with standard attention"),
+    ({"is_encoder_decoder": True}, "encoder-decoder models are not supported", "Use a decoder-only model"),
+    ({"is_attention_free": True}, "no attention layers", "Leave --kv-cache-dtype at auto"),
+    ({"head_size": 192}, "head size 192 is not a power of two", "Use a model with such a head size"),
+    ({"head_size": 80}, "head size 80", "auto / fp8"),
+    # 30 layers x 3 heads x one 8-bit page of head size 128 (64 x (128 + 2 x 4) B) = 1.49 MiB a sequence, 9 slots
+    ({"budget": 8 << 20, "seqs": 8}, "staging pages of --max-num-seqs 8 running sequences need 13.4 MiB",
+     "Lower --max-num-seqs (at most 3 here)"),
+])
+def test_configurations_kvmix_cannot_serve_end_with_cause_and_fix(case, cause, fix):
+    """The platform hook's check: one message naming the cause and the fix; vLLM's own dtypes pass untouched."""
+    from vllm_kvmix.vllm.config_checks import KvmixConfigError, check
+
+    for dtype in ("kvmix-k4v2", "kvmix-auto-b4"):
+        with pytest.raises(KvmixConfigError, match=cause) as e:
+            check(_config(dtype, **case))
+        assert fix in str(e.value) and str(e.value).startswith(f"--kv-cache-dtype {dtype}: ")
+    check(_config("auto", **case))
+    check(_config("fp8", **case))
+    check(_config())  # the defaults serve
+
+
+def test_micro_batching_is_refused_and_the_attribute_is_vllms():
     import types
 
     from vllm.config import ParallelConfig
 
     from vllm_kvmix.formats import parse_format
     from vllm_kvmix.vllm.backend import refuse_unsupported
+    from vllm_kvmix.vllm.config_checks import KvmixConfigError
 
     assert isinstance(ParallelConfig.use_ubatching, property)
-    cfg = types.SimpleNamespace(speculative_config=None, parallel_config=ParallelConfig())
     page = parse_format("kvmix-k4v2")
-    refuse_unsupported(page, cfg, torch.device("cpu"))  # the defaults serve
-    dbo = types.SimpleNamespace(speculative_config=None, parallel_config=types.SimpleNamespace(use_ubatching=True))
-    with pytest.raises(NotImplementedError, match="micro-batching"):
-        refuse_unsupported(page, dbo, torch.device("cuda"))
-    spec = types.SimpleNamespace(speculative_config=object(), parallel_config=ParallelConfig())
-    with pytest.raises(NotImplementedError, match="speculative"):
-        refuse_unsupported(page, spec, torch.device("cpu"))
+    refuse_unsupported(page, _config(), torch.device("cpu"))
+    dbo = _config(parallel=types.SimpleNamespace(use_ubatching=True))
+    with pytest.raises(KvmixConfigError, match="micro-batching"):
+        refuse_unsupported(page, dbo, torch.device("cpu"))
 
 
 @only_026  # the GPU's vLLM: the FlashAttention prefill path is CUDA's

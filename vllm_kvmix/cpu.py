@@ -13,10 +13,12 @@ codes, the same packed pages, computed by the reference's own quantizers.  Atten
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from vllm_kvmix import cpu_kernel
 from vllm_kvmix.formats import PAGE_TOKENS, KVFormat, stage_layout
 from vllm_kvmix.quant import dequantize, hadamard, quantize
 from vllm_kvmix.reference.paged import side_views, store_tokens
@@ -82,9 +84,16 @@ def step(
     if decodes:
         blocks.append(_decode_blocks(query, cache, stage, slay, fmt, decodes, block_table, sliding_window))
     for (i, r), (k8, v8) in zip(prompts, copies):
-        blocks.append(_prompt_blocks(query, cache, fmt, i, r, k8, v8, block_table, sliding_window))
+        if soft_cap:  # SDPA has no soft cap: the page blocks
+            blocks.append(_prompt_blocks(query, cache, fmt, i, r, k8, v8, block_table, sliding_window))
+        else:
+            out[r.q0 : r.q1] = _prompt_attention(query, cache, fmt, i, r, k8, v8, block_table, scale,
+                                                 sliding_window) @ rot
     for rows, blk in blocks:
-        o = attend(cache, fmt, blk, scale, sliding_window, soft_cap) @ rot  # [n, R, Hq, D]
+        o = (decode_kernel(cache, fmt, blk, scale, sliding_window, soft_cap) if blk.q.shape[1] == 1 else None)
+        if o is None:
+            o = attend(cache, fmt, blk, scale, sliding_window, soft_cap)
+        o = o @ rot  # [n, R, Hq, D]
         valid = blk.q_pos >= 0
         out[rows[valid]] = o[valid]
     return out
@@ -159,6 +168,51 @@ def _decode_blocks(query, cache, stage, slay, fmt, decodes, block_table, window)
     return rows, blk
 
 
+def _prompt_attention(query, cache, fmt, i, r: RequestStep, k8, v8, block_table, scale, window) -> torch.Tensor:
+    """A prompt step's rows through PyTorch's fused attention (``scaled_dot_product_attention``), one call per
+    touched page: its rows see the pages before theirs packed and their own page at 8 bits.  Packs the pages
+    that are full after the step.  Returns fp32 ``[q1 - q0, Hq, D]`` (values still rotated).
+
+    Holds the request's visible context in fp32 (keys and values) while it runs."""
+    first_page, last_page = r.ctx // P, (r.seq - 1) // P
+    n_full = r.seq // P - first_page
+    h, d = k8.shape[1:]
+    if n_full > 0:
+        pack_pages(cache, block_table[i, first_page : first_page + n_full].long(), k8[: n_full * P].view(-1, P, h, d),
+                   v8[: n_full * P].view(-1, P, h, d), fmt)
+    first = _first_page(r.ctx, window)  # the first page any row of this step sees
+    span = (last_page - first + 1) * P
+    keys = torch.empty((h, span, d))
+    values = torch.empty((h, span, d))
+    if last_page > first:  # pages before the last touched one are packed (now): dequantize them once
+        pages = read_pages(cache, block_table[i, first:last_page].long().view(1, -1), fmt, d)
+        keys[:, : span - P] = pages.keys()[0].transpose(0, 1).reshape(h, -1, d)
+        values[:, : span - P] = pages.values()[0].transpose(0, 1).reshape(h, -1, d)
+    k8 = k8.view(-1, P, h, d).permute(2, 0, 1, 3)  # [H, pages, P, D]
+    v8 = v8.view(-1, P, h, d).permute(2, 0, 1, 3)
+    out = torch.empty((r.q1 - r.q0, *query.shape[1:]))
+    for j in range(first_page, last_page + 1):
+        lo = (j - first) * P
+        packed = (keys[:, lo : lo + P].clone(), values[:, lo : lo + P].clone()) if j < last_page else None
+        keys[:, lo : lo + P] = k8[:, j - first_page]  # the rows of page j see it at 8 bits
+        values[:, lo : lo + P] = v8[:, j - first_page]
+        q_lo, q_hi = max(j * P, r.ctx), min((j + 1) * P, r.seq)
+        start = (_first_page(q_lo, window) - first) * P
+        q_pos = torch.arange(q_lo, q_hi).unsqueeze(1)
+        k_pos = first * P + torch.arange(start, lo + P)
+        allowed = k_pos <= q_pos  # causal inside page j; the packed pages all lie before
+        if window is not None:
+            allowed &= q_pos - k_pos < window
+        rows = query[r.q0 + q_lo - r.ctx : r.q0 + q_hi - r.ctx].float().transpose(0, 1).unsqueeze(0)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            rows, keys[None, :, start : lo + P], values[None, :, start : lo + P], attn_mask=allowed, scale=scale,
+            enable_gqa=True)
+        out[q_lo - r.ctx : q_hi - r.ctx] = o[0].transpose(0, 1)
+        if packed is not None:  # later pages see page j packed
+            keys[:, lo : lo + P], values[:, lo : lo + P] = packed
+    return out
+
+
 def _prompt_blocks(query, cache, fmt, i, r: RequestStep, k8, v8, block_table, window):
     """A prompt step's rows as one block per touched page; the pages full after the step are packed here."""
     first_page = r.ctx // P
@@ -207,71 +261,153 @@ class _Workspace:
 _WORK = _Workspace()
 
 
-def _unpack_into(codes: torch.Tensor, bits: int, name: str) -> torch.Tensor:
-    """``uint8[..., B]`` packed codes (low bits first) -> fp32 ``[..., B * 8 // bits]`` in workspace ``name``."""
+@functools.lru_cache(maxsize=4)
+def _lut(bits: int) -> torch.Tensor:
+    """fp32 ``[256, 8 // bits]``: the codes packed in a byte, low bits first."""
     per = 8 // bits
-    out = _WORK.get(name, (*codes.shape, per))
+    return ((torch.arange(256).unsqueeze(-1) >> (torch.arange(per) * bits)) & ((1 << bits) - 1)).float()
+
+
+def _unpack_into(codes: torch.Tensor, bits: int, name: str) -> torch.Tensor:
+    """``uint8[..., B]`` packed codes -> fp32 codes ``[..., B * 8 // bits]`` in workspace ``name`` (one table
+    lookup per byte)."""
     if bits == 8:
-        out.squeeze(-1).copy_(codes)
-        return out.squeeze(-1)
-    lane = _WORK.get(name + "-lane", codes.shape, torch.uint8)
-    for j in range(per):
-        torch.bitwise_right_shift(codes, j * bits, out=lane)
-        lane.bitwise_and_((1 << bits) - 1)
-        out[..., j].copy_(lane)
-    return out.flatten(-2)
+        out = _WORK.get(name, codes.shape)
+        return out.copy_(codes)
+    idx = _WORK.get(name + "-idx", codes.shape, torch.int32)
+    idx.copy_(codes)
+    out = _WORK.get(name, (codes.numel(), 8 // bits))
+    torch.index_select(_lut(bits), 0, idx.view(-1), out=out)
+    return out.view(*codes.shape[:-1], -1)
 
 
-def dequant_pages(cache: torch.Tensor, ids: torch.Tensor, fmt: KVFormat, head_size: int):
-    """Packed pages ``cache[ids]`` as head-major fp32 keys and rotated values ``[*ids.shape, H, P, D]``, in the
-    workspace (valid until the next call)."""
+@dataclass
+class PackedPages:
+    """Packed pages as fp32 codes and their fp32 scales / minima (``k = kc * ks + km`` per channel; ``v = vc * vs
+    + vm`` per token and group), head-major: ``kc, vc [n, c, H, P, D]``, ``ks, km [n, c, H, 1, D]``, ``vs, vm
+    [n, c, H, P, G]``."""
+
+    kc: torch.Tensor
+    ks: torch.Tensor
+    km: torch.Tensor
+    vc: torch.Tensor
+    vs: torch.Tensor
+    vm: torch.Tensor
+    group: int
+
+    def keys(self) -> torch.Tensor:
+        return self.kc.mul_(self.ks).add_(self.km)
+
+    def values(self) -> torch.Tensor:
+        *lead, d = self.vc.shape
+        v = self.vc.view(*lead, -1, self.group)
+        return v.mul_(self.vs.unsqueeze(-1)).add_(self.vm.unsqueeze(-1)).view(*lead, d)
+
+    def zero_scales(self, used: torch.Tensor) -> None:
+        """Zero the scales and minima of keys no row uses (a stale page may hold NaN there; 0 * NaN is NaN)."""
+        for x in (self.ks, self.km):
+            x.masked_fill_(~used.any(dim=-2, keepdim=True), 0.0)
+        for x in (self.vs, self.vm):
+            x.masked_fill_(~used, 0.0)
+
+
+def read_pages(cache: torch.Tensor, ids: torch.Tensor, fmt: KVFormat, head_size: int) -> PackedPages:
+    """Packed pages ``cache[ids]`` (``ids [n, c]``), unpacked into the workspace (valid until the next call)."""
     layout = fmt.layout(head_size, P)
+    n, c = ids.shape
     flat = ids.reshape(-1)
     pages = torch.index_select(cache, 0, flat, out=_WORK.get("pages", (flat.numel(), *cache.shape[1:]), torch.uint8))
     k_codes, k_meta = channel_views(pages, layout.k)  # [m, H, P, D*kb/8], [m, H, D, 2]
-    k = _unpack_into(k_codes, layout.k.bits, "k")
-    k.mul_(k_meta[..., 0].unsqueeze(-2)).add_(k_meta[..., 1].unsqueeze(-2))
     v_codes, v_meta = side_views(pages, layout.v)  # [m, H, P, D*vb/8], [m, H, P, G, 2]
-    m, h = v_codes.shape[:2]
-    v = _unpack_into(v_codes, layout.v.bits, "v").view(m, h, P, -1, layout.v.group)
-    v.mul_(v_meta[..., 0:1]).add_(v_meta[..., 1:2])
-    return k.view(*ids.shape, *k.shape[1:]), v.view(*ids.shape, h, P, head_size)
+    h = k_codes.shape[1]
+    kc = _unpack_into(k_codes, layout.k.bits, "k").view(n, c, h, P, head_size)
+    vc = _unpack_into(v_codes, layout.v.bits, "v").view(n, c, h, P, head_size)
+    k_meta = k_meta.float().view(n, c, h, 1, head_size, 2)
+    v_meta = v_meta.float().view(n, c, h, P, -1, 2)
+    return PackedPages(kc, k_meta[..., 0], k_meta[..., 1], vc, v_meta[..., 0], v_meta[..., 1], layout.v.group)
 
 
 def attend(cache: torch.Tensor, fmt: KVFormat, blk: QueryBlocks, scale: float, window: int | None,
            soft_cap: float | None) -> torch.Tensor:
     """Attention of each block's rows over its packed pages and own page: fp32 ``[n, R, Hq, D]`` (values still
-    rotated).  Rows with position -1 come back 0."""
+    rotated).  Rows with position -1 come back 0.
+
+    Few rows per KV head (decode): the scales stay out of the codes -- the scores are ``(q * ks) . kc + q . km``
+    and the output ``(p * vs) @ vc + p @ vm`` -- so a page is touched once, by the table lookup.  Many rows (a
+    prompt's page): the pages are dequantized in place, cheaper than scaling every row."""
     n, rows, hq, d = blk.q.shape
     h = blk.own_k.shape[1]
     g = hq // h
     # [n, H, g*R, D], grouped-query rows of one KV head together
     q = (blk.q * scale).view(n, rows, h, g, d).permute(0, 2, 3, 1, 4).reshape(n, h, g * rows, d)
     q_pos = blk.q_pos.view(n, 1, 1, rows, 1).expand(n, 1, g, rows, 1).reshape(n, 1, g * rows, 1)
+    fold = g * rows <= P
     state = _Softmax(n, h, g * rows, d)
     width = blk.pages.shape[1]
-    per_page = h * P * (2 * d + 2 * g * rows) * 4  # keys, values, scores, probabilities
+    per_page = h * P * (2 * d + 2 * g * rows + (0 if fold else 2 * g * rows)) * 4  # codes, scores, probabilities
     pages_per_chunk = max(1, CHUNK_BYTES // (per_page * max(n, 1)))
     for c0 in range(0, width, pages_per_chunk):
         ids = blk.pages[:, c0 : c0 + pages_per_chunk]
-        page_ok = (c0 + torch.arange(ids.shape[1])) < blk.num_pages.unsqueeze(1)  # [n, c]
+        c = ids.shape[1]
+        page_ok = (c0 + torch.arange(c)) < blk.num_pages.unsqueeze(1)  # [n, c]
         if not bool(page_ok.any()):
             break
-        k, v = dequant_pages(cache, ids, fmt, d)  # [n, c, H, P, D]
-        s = q.unsqueeze(1) @ k.transpose(-1, -2)  # [n, c, H, gR, P]
-        allowed = page_ok.view(n, -1, 1, 1, 1)
+        pages = read_pages(cache, ids, fmt, d)
+        allowed = page_ok.view(n, c, 1, 1, 1)
         if window is not None:
-            k_pos = blk.first_pos.view(n, 1, 1) + (c0 + torch.arange(ids.shape[1])).view(1, -1, 1) * P + torch.arange(P)
-            allowed = allowed & (q_pos.unsqueeze(1) - k_pos.view(n, -1, 1, 1, P) < window)
-        state.add(s, v, allowed, soft_cap)
+            k_pos = blk.first_pos.view(n, 1, 1) + (c0 + torch.arange(c)).view(1, -1, 1) * P + torch.arange(P)
+            allowed = allowed & (q_pos.unsqueeze(1) - k_pos.view(n, c, 1, 1, P) < window)
+        if not bool(allowed.all()):
+            pages.zero_scales(_key_used(allowed))
+        qc = q.unsqueeze(1)  # [n, 1, H, gR, D]
+        if fold:
+            s = (qc * pages.ks) @ pages.kc.transpose(-1, -2) + (qc * pages.km).sum(-1, keepdim=True)
+            state.add(s, allowed, soft_cap, lambda p: _folded_values(p, pages))
+        else:
+            s = qc @ pages.keys().transpose(-1, -2)  # [n, c, H, gR, P]
+            v = pages.values()
+            state.add(s, allowed, soft_cap, lambda p: p @ v)
     k_pos = blk.own_pos.view(n, 1, 1, 1) + torch.arange(P)  # [n, 1, 1, P]
     allowed = (torch.arange(P) < blk.own_len.view(n, 1, 1, 1)) & (k_pos <= q_pos)
     if window is not None:
         allowed = allowed & (q_pos - k_pos < window)
-    s = q @ blk.own_k.transpose(-1, -2)  # [n, H, gR, P]
-    state.add(s.unsqueeze(1), blk.own_v.unsqueeze(1), allowed.unsqueeze(1), soft_cap)
+    allowed = allowed.unsqueeze(1)  # [n, 1, 1, gR, P]
+    own_v = blk.own_v.unsqueeze(1)
+    if not bool(allowed.all()):
+        own_v = own_v.masked_fill(~_key_used(allowed), 0.0)
+    s = (q @ blk.own_k.transpose(-1, -2)).unsqueeze(1)  # [n, 1, H, gR, P]
+    state.add(s, allowed, soft_cap, lambda p: p @ own_v)
     o = state.result()  # [n, H, g*R, D]
     return o.view(n, h, g, rows, d).permute(0, 3, 1, 2, 4).reshape(n, rows, hq, d)
+
+
+def decode_kernel(cache: torch.Tensor, fmt: KVFormat, blk: QueryBlocks, scale: float, window: int | None,
+                  soft_cap: float | None) -> torch.Tensor | None:
+    """:func:`attend` for one-row blocks on the C++ kernel (:mod:`vllm_kvmix.cpu_kernel`); None where it is not
+    built."""
+    ext = cpu_kernel.kernel()
+    if ext is None:
+        return None
+    layout = fmt.layout(blk.q.shape[-1], P)
+    out = ext.decode(
+        blk.q[:, 0].contiguous(), cache, blk.pages.contiguous(), blk.num_pages, blk.first_pos,
+        blk.own_k.contiguous(), blk.own_v.contiguous(), blk.own_len, blk.q_pos[:, 0].contiguous(),
+        layout.k.codes_offset, layout.k.meta_offset, layout.v.codes_offset, layout.v.meta_offset,
+        layout.k.bits, layout.v.bits, layout.v.group, float(scale), int(window or 0), float(soft_cap or 0.0),
+    )
+    return out.unsqueeze(1)
+
+
+def _folded_values(p: torch.Tensor, pages: PackedPages) -> torch.Tensor:
+    """``p @ v`` for ``p [n, c, H, rows, P]`` without forming ``v``: per channel group, ``(p * vs) @ vc + p @ vm``."""
+    groups = pages.vs.shape[-1]
+    if groups == 1:
+        return (p * pages.vs.transpose(-1, -2)) @ pages.vc + p @ pages.vm
+    out = []
+    for j in range(groups):
+        cols = slice(j * pages.group, (j + 1) * pages.group)
+        out.append((p * pages.vs[..., j].unsqueeze(-2)) @ pages.vc[..., cols] + p @ pages.vm[..., j : j + 1])
+    return torch.cat(out, dim=-1)
 
 
 class _Softmax:
@@ -282,19 +418,19 @@ class _Softmax:
         self.l = torch.zeros((n, h, rows))
         self.acc = torch.zeros((n, h, rows, d))
 
-    def add(self, s, v, allowed, soft_cap):
+    def add(self, s, allowed, soft_cap, times_values):
+        """Merge a chunk: scores ``s``, ``allowed`` (broadcastable to ``s``), ``times_values(p)`` = ``p @ v``.
+        Keys no row may see must already contribute finite values (the callers zero them): p is 0 there."""
         if soft_cap:
             s = soft_cap * torch.tanh(s / soft_cap)
         if not bool(allowed.all()):
             s = s.masked_fill(~allowed, float("-inf"))
-            # a masked key's probability is 0, and 0 * (anything stale in an unused page) must stay 0
-            v = v.masked_fill(~_key_used(allowed), 0.0)
         m_new = torch.maximum(self.m, s.amax(dim=(1, 4)))
         base = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp(s - base.unsqueeze(1).unsqueeze(-1))
         alpha = torch.exp(self.m - base)
         self.l = self.l * alpha + p.sum(dim=(1, 4))
-        self.acc = self.acc * alpha.unsqueeze(-1) + (p @ v).sum(dim=1)
+        self.acc = self.acc * alpha.unsqueeze(-1) + times_values(p).sum(dim=1)
         self.m = m_new
 
     def result(self):
@@ -303,6 +439,7 @@ class _Softmax:
 
 def _key_used(allowed: torch.Tensor) -> torch.Tensor:
     """``[n, c, 1, P, 1]``: keys some row may attend (``allowed``: ``[n, c, *, rows, P]``, broadcastable)."""
+    n, c = allowed.shape[:2]
     used = allowed.any(dim=-2)  # [n, c, *, P]
-    return used.reshape(used.shape[0], used.shape[1], -1, used.shape[-1]).any(dim=2).view(
-        used.shape[0], used.shape[1], 1, used.shape[-1], 1)
+    return used.reshape(n, c, -1, used.shape[-1]).any(dim=2).view(n, c, 1, used.shape[-1], 1).expand(
+        n, c, 1, P, 1)

@@ -180,10 +180,11 @@ class KVFormat:
 
 
 def check_head_size(head_size: int, name: str = "kvmix") -> None:
-    if head_size % GROUP != 0:
+    """Values are rotated by a Hadamard transform over the head (a power of two) and quantized in groups of 64."""
+    if head_size % GROUP != 0 or head_size & (head_size - 1):
         raise KVFormatError(
-            f"{name}: head size {head_size} is not a multiple of {GROUP} (the value group); "
-            f"kvmix formats need head sizes of 64, 128, 192, 256, ..."
+            f"{name}: head size {head_size} is not a power of two and a multiple of {GROUP} (values are rotated "
+            f"over the head and quantized in groups of {GROUP}); kvmix formats need head sizes of 64, 128, 256, 512"
         )
 
 

@@ -36,6 +36,7 @@ from vllm_kvmix.formats import PAGE_TOKENS, AutoFormat, KVFormat, all_format_nam
 from vllm_kvmix.reference.staged import RequestStep
 from vllm_kvmix.staging import SLOTS, stage_rows
 from vllm_kvmix.vllm import flash_prefill
+from vllm_kvmix.vllm.config_checks import check as check_config
 from vllm_kvmix.vllm.device import check_device, prepare_decode
 
 logger = logging.getLogger("vllm.kvmix")
@@ -69,13 +70,10 @@ def _group_formats(kv_cache_spec) -> list[tuple[KVFormat, object]]:
 
 
 def refuse_unsupported(fmt, vllm_config, device) -> None:
-    """Engine settings kvmix cannot serve correctly: a clear error at startup, not wrong tokens."""
-    if vllm_config.speculative_config is not None:
-        raise NotImplementedError(f"{fmt.name}: speculative decoding (rejected tokens would be packed)")
-    if getattr(vllm_config.parallel_config, "use_ubatching", False):
-        # two micro-batches run their layers on two streams at once; the decode kernel's split-K arrival
-        # counters (kernels.cuda_decode.counters) and the staging slots are one per device
-        raise NotImplementedError(f"{fmt.name}: micro-batching (--enable-dbo / ubatch_size > 1)")
+    """Engine settings kvmix cannot serve correctly: the platform hook refused them already
+    (:mod:`vllm_kvmix.vllm.config_checks`); checked again where a worker builds the layer's metadata, for
+    configurations built without it.  And the device: a clear error at startup, not wrong tokens."""
+    check_config(vllm_config)
     check_device(fmt, device)
 
 

@@ -2,8 +2,9 @@
 
 vLLM's CpuPlatform always answers CPU_ATTN, and CudaPlatform knows nothing of
 kvmix.  ``KvmixCpuPlatform`` / ``KvmixCudaPlatform`` subclass vLLM's class,
-answer the kvmix backend for ``kvmix-*`` cache dtypes and defer every other
-question to vLLM.  They are installed through the ``vllm.platform_plugins``
+answer the kvmix backend for ``kvmix-*`` cache dtypes, refuse the settings kvmix
+cannot serve when vLLM checks its configuration (:mod:`vllm_kvmix.vllm.config_checks`),
+and defer every other question to vLLM.  They are installed through the ``vllm.platform_plugins``
 entry point (:func:`vllm_kvmix.vllm.platform_plugin`), which activates one
 exactly where vLLM would detect its own CPU or CUDA platform.  The classes are
 built on first access so that importing this module on a CPU machine never
@@ -48,7 +49,15 @@ def _make(name: str, base_path: str) -> type:
             selected_backend, attn_selector_config, num_heads
         )
 
-    new_cls = type(name, (base,), {"get_attn_backend_cls": get_attn_backend_cls, "__module__": __name__})
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        super(new_cls, cls).check_and_update_config(vllm_config)
+        from vllm_kvmix.vllm.config_checks import check
+
+        check(vllm_config)  # kvmix dtypes only: settings kvmix cannot serve end here, with the fix
+
+    new_cls = type(name, (base,), {"get_attn_backend_cls": get_attn_backend_cls,
+                                   "check_and_update_config": check_and_update_config, "__module__": __name__})
     new_cls.__qualname__ = name
     globals()[name] = new_cls
     return new_cls

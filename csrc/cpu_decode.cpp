@@ -51,7 +51,9 @@ struct Softmax {
       l[qi] *= alpha;
       for (int i = 0; i < d; ++i) acc[qi * d + i] *= alpha;
       m[qi] = m_new;
-      for (int t = 0; t < n; ++t) s[qi * n + t] = ok[t] ? std::exp(s[qi * n + t] - m_new) : 0.f;
+      float* row = &s[qi * n];
+      for (int t = 0; t < n; ++t) row[t] = ok[t] ? row[t] - m_new : -std::numeric_limits<float>::infinity();
+      for (int t = 0; t < n; ++t) row[t] = std::exp(row[t]);  // vectorizes (libmvec); exp(-inf) = 0
     }
     for (int t = 0; t < n; ++t) {
       if (!ok[t]) continue;

@@ -87,16 +87,23 @@ def step(
         if soft_cap:  # SDPA has no soft cap: the page blocks
             blocks.append(_prompt_blocks(query, cache, fmt, i, r, k8, v8, block_table, sliding_window))
         else:
-            out[r.q0 : r.q1] = _prompt_attention(query, cache, fmt, i, r, k8, v8, block_table, scale,
-                                                 sliding_window) @ rot
+            out[r.q0 : r.q1] = _rotate_back(_prompt_attention(query, cache, fmt, i, r, k8, v8, block_table, scale,
+                                                               sliding_window), rot)
     for rows, blk in blocks:
         o = (decode_kernel(cache, fmt, blk, scale, sliding_window, soft_cap) if blk.q.shape[1] == 1 else None)
         if o is None:
             o = attend(cache, fmt, blk, scale, sliding_window, soft_cap)
-        o = o @ rot  # [n, R, Hq, D]
+        o = _rotate_back(o, rot)  # [n, R, Hq, D]
         valid = blk.q_pos >= 0
         out[rows[valid]] = o[valid]
     return out
+
+
+def _rotate_back(o: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """``o @ rot`` in fp64, rounded to fp32: each row's result then does not depend on how many rows share the
+    product (BLAS picks its blocking by shape; in fp32 that moves last bits, so tensor-parallel ranks, which hold
+    fewer query heads, would round differently and a code written from the result could flip)."""
+    return (o.double() @ rot.double()).float()
 
 
 def _page_copies(stage, slay, r: RequestStep, k_new, v_new) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ def build():
 
     return load_inline(
         name="kvmix_cpu_decode", cpp_sources=[source_path().read_text()], functions=["decode"],
-        extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"], verbose=False,
+        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"], verbose=False,
     )
 
 

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -16,22 +17,26 @@ inline float half_to_float(uint16_t h) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
-// codes of one token: bytes -> out[0..d) as floats (low bits first)
+// the codes of every byte value as floats, low bits first: [256][8 / bits]
+struct Tables {
+  float four[256][2], two[256][4];
+  Tables() {
+    for (int b = 0; b < 256; ++b) {
+      for (int j = 0; j < 2; ++j) four[b][j] = (b >> (4 * j)) & 15;
+      for (int j = 0; j < 4; ++j) two[b][j] = (b >> (2 * j)) & 3;
+    }
+  }
+};
+const Tables tables;
+
+// codes of one token: bytes -> out[0..d) as floats (low bits first), one table row per byte
 inline void unpack(const uint8_t* row, int bits, int d, float* out) {
   if (bits == 8) {
     for (int i = 0; i < d; ++i) out[i] = row[i];
   } else if (bits == 4) {
-    for (int i = 0; i < d / 2; ++i) {
-      out[2 * i] = row[i] & 15;
-      out[2 * i + 1] = row[i] >> 4;
-    }
+    for (int i = 0; i < d / 2; ++i) std::memcpy(out + 2 * i, tables.four[row[i]], 2 * sizeof(float));
   } else {  // 2
-    for (int i = 0; i < d / 4; ++i) {
-      out[4 * i] = row[i] & 3;
-      out[4 * i + 1] = (row[i] >> 2) & 3;
-      out[4 * i + 2] = (row[i] >> 4) & 3;
-      out[4 * i + 3] = row[i] >> 6;
-    }
+    for (int i = 0; i < d / 4; ++i) std::memcpy(out + 4 * i, tables.two[row[i]], 4 * sizeof(float));
   }
 }
 
@@ -72,17 +77,20 @@ struct Softmax {
 }  // namespace
 
 // q [B, Hq, D] fp32 (unscaled); cache uint8 [nb, H, page_bytes]; pages [B, W] int64, num_pages [B], first_pos [B];
-// own_k / own_v [B, H, P, D] fp32, own_len [B]; q_pos [B].  layout: k_codes, k_meta, v_codes, v_meta offsets in a
-// head page; k_bits, v_bits, v_group; window <= 0: none; soft_cap <= 0: none.  Returns [B, Hq, D] (values rotated).
+// stage uint8 [slots, H, stage_bytes] (8-bit pages per token, groups of 64), slots [B], own_len [B]; q_pos [B].
+// layout: k_codes, k_meta, v_codes, v_meta offsets in a head page, and s_k_codes, s_k_meta, s_v_codes, s_v_meta in a
+// staging page; k_bits, v_bits, v_group; window <= 0: none; soft_cap <= 0: none.  Returns [B, Hq, D] (values
+// rotated).
 torch::Tensor decode(torch::Tensor q, torch::Tensor cache, torch::Tensor pages, torch::Tensor num_pages,
-                     torch::Tensor first_pos, torch::Tensor own_k, torch::Tensor own_v, torch::Tensor own_len,
+                     torch::Tensor first_pos, torch::Tensor stage, torch::Tensor slots, torch::Tensor own_len,
                      torch::Tensor q_pos, int64_t k_codes, int64_t k_meta, int64_t v_codes, int64_t v_meta,
+                     int64_t s_k_codes, int64_t s_k_meta, int64_t s_v_codes, int64_t s_v_meta,
                      int64_t k_bits, int64_t v_bits, int64_t v_group, double scale, int64_t window,
                      double soft_cap) {
-  TORCH_CHECK(q.is_contiguous() && cache.is_contiguous() && pages.is_contiguous() && own_k.is_contiguous() &&
-              own_v.is_contiguous(), "kvmix cpu decode: contiguous tensors expected");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t H = cache.size(1), page_bytes = cache.size(2), W = pages.size(1), P = own_k.size(2);
+  TORCH_CHECK(q.is_contiguous() && cache.is_contiguous() && pages.is_contiguous() && stage.is_contiguous(),
+              "kvmix cpu decode: contiguous tensors expected");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), P = 64;
+  const int64_t H = cache.size(1), page_bytes = cache.size(2), W = pages.size(1), stage_bytes = stage.size(2);
   const int64_t g = Hq / H, groups = D / v_group;
   const int64_t k_row = D * k_bits / 8, v_row = D * v_bits / 8;
   auto out = torch::zeros_like(q);
@@ -91,8 +99,8 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor cache, torch::Tensor pages, 
   const int64_t* pg = pages.data_ptr<int64_t>();
   const int64_t* np = num_pages.data_ptr<int64_t>();
   const int64_t* fp = first_pos.data_ptr<int64_t>();
-  const float* okp = own_k.data_ptr<float>();
-  const float* ovp = own_v.data_ptr<float>();
+  const uint8_t* sp = stage.data_ptr<uint8_t>();
+  const int64_t* slp = slots.data_ptr<int64_t>();
   const int64_t* olp = own_len.data_ptr<int64_t>();
   const int64_t* qpp = q_pos.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -148,23 +156,30 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor cache, torch::Tensor pages, 
           }
         }, v);
       }
-      // own page at 8 bits (already dequantized): keys before own_len; all lie at or before the query
-      const float* kb = okp + (b * H + h) * P * D;
-      const float* vb = ovp + (b * H + h) * P * D;
-      const int64_t own0 = pos_q - (olp[b] - 1);
+      // own page from the staging slot: 8 bits per token, groups of 64 channels; keys before own_len, all at or
+      // before the query
+      const uint8_t* own = sp + (slp[b] * H + h) * stage_bytes;
+      const uint16_t* skm = reinterpret_cast<const uint16_t*>(own + s_k_meta);  // [P][D / 64][2]
+      const uint16_t* svm = reinterpret_cast<const uint16_t*>(own + s_v_meta);
+      const int64_t own0 = pos_q - (olp[b] - 1), sg = D / 64;
+      auto dequant8 = [&](const uint8_t* codes_row, const uint16_t* meta, int64_t t, float* out_v) {
+        for (int64_t j = 0; j < sg; ++j) {
+          float sc = half_to_float(meta[(t * sg + j) * 2]), mn = half_to_float(meta[(t * sg + j) * 2 + 1]);
+          for (int64_t i = j * 64; i < (j + 1) * 64; ++i) out_v[i] = codes_row[i] * sc + mn;
+        }
+      };
       for (int64_t t = 0; t < P; ++t) {
         ok[t] = t < olp[b] && (window <= 0 || pos_q - (own0 + t) < window);
         if (!ok[t]) continue;
+        dequant8(own + s_k_codes + t * D, skm, t, codes.data());
         for (int64_t qi = 0; qi < g; ++qi) {
           float dot = 0.f;
-          for (int64_t i = 0; i < D; ++i) dot += qb[qi * D + i] * kb[t * D + i];
+          for (int64_t i = 0; i < D; ++i) dot += qb[qi * D + i] * codes[i];
           s[qi * P + t] = dot * static_cast<float>(scale);
         }
       }
       finish_scores(P);
-      sm.add(g, D, P, s, ok, [&](int64_t t, float* out_v) {
-        for (int64_t i = 0; i < D; ++i) out_v[i] = vb[t * D + i];
-      }, v);
+      sm.add(g, D, P, s, ok, [&](int64_t t, float* out_v) { dequant8(own + s_v_codes + t * D, svm, t, out_v); }, v);
       for (int64_t qi = 0; qi < g; ++qi) {
         float* o = op + (b * Hq + h * g + qi) * D;
         const float inv = sm.l[qi] > 0 ? 1.f / sm.l[qi] : 0.f;

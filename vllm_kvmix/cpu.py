@@ -1,14 +1,16 @@
-"""The page scheme on CPU, batched: what vLLM's CPU engine runs for a kvmix layer.
+"""The page scheme on CPU: what vLLM's CPU engine runs for a kvmix layer.
 
 The stored bytes are the reference's (:mod:`vllm_kvmix.reference.staged`, the oracle): the same 8-bit staging
-codes, the same packed pages, computed by the reference's own quantizers.  Attention differs in how, not what:
+codes and the same packed pages, written by the reference's own quantizers.  Attention differs in how, not what:
 
-* all of a step's decode rows attend in one batch, and a prompt's rows in one batch of page blocks (the rows of
-  one request inside one page: they see the pages before theirs packed and their own page at 8 bits);
-* pages are dequantized in chunks straight into head-major fp32 tiles and merged with an online softmax, so
-  the transient memory of a layer call is bounded by :data:`CHUNK_BYTES` whatever the batch and context;
-* fp32 instead of the reference's fp64 (outputs agree to fp32 rounding; a code written from them in the next
-  layer may differ by one level where a value sits on a rounding edge).
+* all of a step's decode rows attend in one call of the C++ kernel (:mod:`vllm_kvmix.cpu_kernel`), which reads
+  each packed page once and the own page from the staging slot; where it is not built, on :func:`attend`, which
+  dequantizes pages in chunks into a bounded workspace (:data:`CHUNK_BYTES`) and merges them with an online
+  softmax;
+* a prompt's rows attend per page on PyTorch's fused attention (the rows of page j see the pages before j
+  packed and page j at 8 bits), holding the request's visible context in fp32 while they run;
+* fp32 instead of the reference's fp64, except the output rotation (fp64, so a row's result does not depend on
+  how many rows share the step); outputs agree with the reference to fp32 rounding.
 """
 
 from __future__ import annotations

@@ -7,13 +7,13 @@ of 24 -- and under a long-prompt load the worker gets OOM-killed (every in-fligh
 refuses to start at all when other processes hold more than that tenth.
 
 The rule here: **KV cache = available memory - 2 x the checkpoint's bytes - 4 GiB, at most half the machine's
-memory and at least 1 GiB**, measured when
-the server starts, on NUMA node 0 where the kernel lists nodes (vLLM's CPU worker binds its memory to a node).
-The checkpoint counts twice (the weights and their load-time copy); the 4 GiB hold the three processes' own
-memory and the steps' transients; the half leaves room for whatever else the machine starts later (the budget is
-fixed when the cache is allocated, other processes' memory is not).  It applies only on a CPU machine and only when none of
-``--kv-cache-memory-bytes``, ``--gpu-memory-utilization`` or ``VLLM_CPU_KVCACHE_SPACE`` is given: any of them
-overrides it.  vLLM's GPU engine sizes its cache from GPU memory and is left alone.
+memory and at least 1 GiB**, measured when the server starts, on NUMA node 0 where the kernel lists nodes
+(vLLM's CPU worker binds its memory to a node).  The checkpoint counts twice (the weights and their load-time
+copy); the 4 GiB hold the three processes' own memory and the steps' transients; the half leaves room for
+whatever else the machine starts later (the budget is fixed when the cache is allocated, other processes'
+memory is not).  It applies only on a CPU machine and only when none of ``--kv-cache-memory-bytes``,
+``--gpu-memory-utilization`` or ``VLLM_CPU_KVCACHE_SPACE`` is given: any of them overrides it.  vLLM's GPU
+engine sizes its cache from GPU memory and is left alone.
 """
 
 from __future__ import annotations
@@ -75,6 +75,6 @@ def serve_args_with_kv_budget(args: list[str], on_cpu: bool) -> tuple[list[str],
     model = next((a for a in args if not a.startswith("-")), "")
     kv = default_kv_cache_bytes(model)
     note = (f"kvmix: KV cache budget {kv / 2**30:.1f} GiB on this CPU machine (available memory - 2 x checkpoint "
-            f"- {RESERVE_BYTES >> 30} GiB, at most half the memory; set --kv-cache-memory-bytes, --gpu-memory-utilization or "
-            f"{USER_ENV} to choose another)")
+            f"- {RESERVE_BYTES >> 30} GiB, at most half the memory; set --kv-cache-memory-bytes, "
+            f"--gpu-memory-utilization or {USER_ENV} to choose another)")
     return [*args, "--kv-cache-memory-bytes", str(kv)], note

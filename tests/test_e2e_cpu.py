@@ -334,6 +334,17 @@ if __name__ == "__main__":
 """
 
 
+def _file_logging(path) -> dict:
+    """A ``VLLM_LOGGING_CONFIG_PATH`` config: vLLM's records at INFO into ``path`` as ``<pid> <message>`` lines."""
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"pid": {"format": "%(process)d %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "pid",
+                              "level": "INFO"}},
+        "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+    }
+
+
 def test_tensor_parallel_ranks_plan_alike_and_match_one_rank(tmp_path):
     """``--tensor-parallel-size 2`` on the CPU engine (one core per rank) with kvmix-auto on Gemma-3-270M (1 KV
     head, replicated on both ranks), fp32: both ranks log the plan TP=1 logs, the KV cache gets the same blocks,
@@ -348,25 +359,31 @@ def test_tensor_parallel_ranks_plan_alike_and_match_one_rank(tmp_path):
     script.write_text(TP_CHILD)
     runs = {}
     for tp in (1, 2):
-        env = {**os.environ, "VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+        # each process's log records as whole lines in a file of its own lines, keyed by pid: several processes
+        # writing one pipe through block-buffered stdout can cut a line in two and attribute its half to another
+        record = tmp_path / f"tp{tp}.records"
+        config = tmp_path / f"tp{tp}.logging.json"
+        config.write_text(json.dumps(_file_logging(record)))
+        env = {**os.environ, "VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_OMP_THREADS_BIND": "0|1",
+               "VLLM_LOGGING_CONFIG_PATH": str(config)}
         p = subprocess.run([sys.executable, str(script), model, str(tp)], capture_output=True, text=True,
                            timeout=900, env=env)
-        logs = p.stdout + p.stderr
-        (tmp_path / f"tp{tp}.log").write_text(logs)
-        assert p.returncode == 0, logs[-4000:]
+        (tmp_path / f"tp{tp}.log").write_text(p.stdout + p.stderr)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
         ids = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT ")).split(" ", 1)[1])
-        plans = {}
-        for rank, row in re.findall(r"\((?:Worker_TP(\d)|Worker|EngineCore)[^)]*\).*kvmix: (model\.layers\.\d+\.\S+ \|.*)",
-                                    logs):
-            plans.setdefault(rank or "0", []).append(row)
-        blocks = re.findall(r"kvmix: KV cache (\d+) blocks", logs)
+        plans, blocks = {}, []
+        for line in record.read_text().splitlines():
+            pid, _, msg = line.partition(" ")
+            if re.match(r"kvmix: model\.layers\.\d+\.\S+ \|", msg):
+                plans.setdefault(pid, []).append(msg)
+            blocks += re.findall(r"kvmix: KV cache (\d+) blocks", msg)
         runs[tp] = (ids, plans, blocks)
     ids1, plans1, blocks1 = runs[1]
     ids2, plans2, blocks2 = runs[2]
     assert len(plans1) == 1 and len(plans2) == 2, (plans1.keys(), plans2.keys())
     (plan1,) = plans1.values()
-    assert len(plan1) == 18 and all(sorted(p) == sorted(plan1) for p in plans2.values()), {
-        rank: sorted(set(p) ^ set(plan1)) for rank, p in plans2.items()}
+    assert len(plan1) == 18 and all(p == plan1 for p in plans2.values()), {
+        pid: sorted(set(p) ^ set(plan1)) for pid, p in plans2.items()}
     assert blocks1 and blocks1[-1] == blocks2[-1]
     same = [sum(a == b for a, b in zip(x, y)) for x, y in zip(ids1, ids2)]
     assert all(x[0] == y[0] for x, y in zip(ids1, ids2)) and sum(s == 24 for s in same) >= 2, same

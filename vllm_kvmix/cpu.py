@@ -75,16 +75,19 @@ def step(
             raise RuntimeError("kvmix: a request step without a staging slot")
     slay = stage_layout(d)
     rot = hadamard(d, torch.float32)
-    # the reference's 8-bit codes of every new token (values rotated in fp64 by the fp32 matrix, as there)
-    k_new = quantize(key[:t].float(), slay.k.bits, slay.k.group)
-    v_new = quantize((value[:t].double() @ rot.double()).float(), slay.v.bits, slay.v.group)
+    # the reference's 8-bit codes of every new token (values rotated in fp64 by the fp32 matrix, as there); both
+    # sides in one call (same bits and groups, every group quantized on its own)
+    h = key.shape[1]
+    codes, meta = quantize(torch.cat([key[:t].float(), (value[:t].double() @ rot.double()).float()], dim=1),
+                           slay.k.bits, slay.k.group)
+    k_new, v_new = (codes[:, :h], meta[:, :h]), (codes[:, h:], meta[:, h:])
+    kernel = cpu_kernel.kernel()
     decodes = [(i, r) for i, r in live if r.q1 - r.q0 == 1]
     prompts = [(i, r) for i, r in live if r.q1 - r.q0 > 1]
     # a prompt's 8-bit page copies need the slot's older tokens before this step's stores overwrite them
     copies = [_page_copies(stage, slay, r, k_new, v_new) for _, r in prompts]
-    _store_last_pages(stage, slay, live, k_new, v_new)
+    _store_last_pages(stage, slay, live, codes, meta, kernel)
     blocks = []
-    kernel = cpu_kernel.kernel() if decodes else None
     if decodes:
         blocks.append(_decode_blocks(query, cache, stage, slay, fmt, decodes, block_table, sliding_window,
                                      dequantize_own=kernel is None))
@@ -93,23 +96,28 @@ def step(
             blocks.append(_prompt_blocks(query, cache, fmt, i, r, k8, v8, block_table, sliding_window))
         else:
             out[r.q0 : r.q1] = _rotate_back(_prompt_attention(query, cache, fmt, i, r, k8, v8, block_table, scale,
-                                                               sliding_window), rot)
+                                                               sliding_window), rot, kernel)
     for rows, blk in blocks:
         if blk.own_k is None:
             o = decode_kernel(kernel, cache, stage, fmt, blk, scale, sliding_window, soft_cap)
         else:
             o = attend(cache, fmt, blk, scale, sliding_window, soft_cap)
-        o = _rotate_back(o, rot)  # [n, R, Hq, D]
+        o = _rotate_back(o, rot, kernel)  # [n, R, Hq, D]
         valid = blk.q_pos >= 0
         out[rows[valid]] = o[valid]
     return out
 
 
-def _rotate_back(o: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """``o @ rot`` in fp64, rounded to fp32: each row's result then does not depend on how many rows share the
-    product (BLAS picks its blocking by shape; in fp32 that moves last bits, so tensor-parallel ranks, which hold
-    fewer query heads, would round differently and a code written from the result could flip)."""
-    return (o.double() @ rot.double()).float()
+def _rotate_back(o: torch.Tensor, rot: torch.Tensor, kernel) -> torch.Tensor:
+    """``o @ rot`` row by row in a fixed order (the C++ kernel's fast Walsh-Hadamard transform; without it, in
+    fp64, rounded to fp32): each row's result then does not depend on how many rows share the product (BLAS picks
+    its blocking by shape; in fp32 that moves last bits, so tensor-parallel ranks, which hold fewer query heads,
+    would round differently and a code written from the result could flip)."""
+    if kernel is None:
+        return (o.double() @ rot.double()).float()
+    x = o.float().contiguous()
+    kernel.rotate_rows(x.view(-1, x.shape[-1]))
+    return x
 
 
 def _page_copies(stage, slay, r: RequestStep, k_new, v_new) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,18 +136,24 @@ def _page_copies(stage, slay, r: RequestStep, k_new, v_new) -> tuple[torch.Tenso
     return k8, v8
 
 
-def _store_last_pages(stage, slay, live, k_new, v_new) -> None:
+def _store_last_pages(stage, slay, live, codes, meta, kernel) -> None:
     """Each request's new tokens of its last touched page go to its staging slot (dead data once that page
-    is full: the next step starts a page and reads nothing from the slot)."""
-    rows, slots = [], []
+    is full: the next step starts a page and reads nothing from the slot).  ``codes [T, 2H, D]``, ``meta [T, 2H,
+    G, 2]``: keys, then rotated values; copied by the C++ kernel's ``store_stage`` where it is built."""
+    rows, at = [], []
     for _, r in live:
         lo = max(r.ctx, ((r.seq - 1) // P) * P)
         rows.extend(range(r.q0 + lo - r.ctx, r.q1))
-        slots.extend(r.slot * P + pos % P for pos in range(lo, r.seq))
+        at.extend(r.slot * P + pos % P for pos in range(lo, r.seq))
     rows_t = torch.tensor(rows)
-    slots_t = torch.tensor(slots)
-    for side, (codes, meta) in zip((slay.k, slay.v), (k_new, v_new)):
-        store_tokens(stage, side, codes[rows_t], meta[rows_t], slots_t)
+    at_t = torch.tensor(at)
+    if kernel is not None:
+        kernel.store_stage(stage, codes, meta.view(torch.int16), rows_t, at_t, slay.k.codes_offset,
+                           slay.k.meta_offset, slay.v.codes_offset, slay.v.meta_offset)
+        return
+    h = codes.shape[1] // 2
+    for side, part in zip((slay.k, slay.v), (slice(0, h), slice(h, 2 * h))):
+        store_tokens(stage, side, codes[rows_t, part], meta[rows_t, part], at_t)
 
 
 def _dequant_stage(stage, slay, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +205,11 @@ def _prompt_attention(query, cache, fmt, i, r: RequestStep, k8, v8, block_table,
     touched page: its rows see the pages before theirs packed and their own page at 8 bits.  Packs the pages
     that are full after the step.  Returns fp32 ``[q1 - q0, Hq, D]`` (values still rotated).
 
-    Holds the request's visible context in fp32 (keys and values) while it runs."""
+    Runs in the model's precision as vLLM's own CPU attention does: fp32 for an fp32 model, else bf16 (keys and
+    values dequantized to fp32, then rounded to bf16; bf16 products on the CPU's matrix units where it has them,
+    at about twice fp32's speed).  Holds the request's visible context (keys and values) in that dtype while it
+    runs."""
+    dt = torch.float32 if query.dtype == torch.float32 else torch.bfloat16
     first_page, last_page = r.ctx // P, (r.seq - 1) // P
     n_full = r.seq // P - first_page
     h, d = k8.shape[1:]
@@ -200,8 +218,8 @@ def _prompt_attention(query, cache, fmt, i, r: RequestStep, k8, v8, block_table,
                    v8[: n_full * P].view(-1, P, h, d), fmt)
     first = _first_page(r.ctx, window)  # the first page any row of this step sees
     span = (last_page - first + 1) * P
-    keys = torch.empty((h, span, d))
-    values = torch.empty((h, span, d))
+    keys = torch.empty((h, span, d), dtype=dt)
+    values = torch.empty((h, span, d), dtype=dt)
     if last_page > first:  # pages before the last touched one are packed (now): dequantize them once
         pages = read_pages(cache, block_table[i, first:last_page].long().view(1, -1), fmt, d)
         keys[:, : span - P] = pages.keys()[0].transpose(0, 1).reshape(h, -1, d)
@@ -221,7 +239,7 @@ def _prompt_attention(query, cache, fmt, i, r: RequestStep, k8, v8, block_table,
         allowed = k_pos <= q_pos  # causal inside page j; the packed pages all lie before
         if window is not None:
             allowed &= q_pos - k_pos < window
-        rows = query[r.q0 + q_lo - r.ctx : r.q0 + q_hi - r.ctx].float().transpose(0, 1).unsqueeze(0)
+        rows = query[r.q0 + q_lo - r.ctx : r.q0 + q_hi - r.ctx].to(dt).transpose(0, 1).unsqueeze(0)
         o = torch.nn.functional.scaled_dot_product_attention(
             rows, keys[None, :, start : lo + P], values[None, :, start : lo + P], attn_mask=allowed, scale=scale,
             enable_gqa=True)

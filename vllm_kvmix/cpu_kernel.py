@@ -35,7 +35,7 @@ def build():
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(
-        name="kvmix_cpu_decode", cpp_sources=[source_path().read_text()], functions=["decode"],
+        name="kvmix_cpu_decode", cpp_sources=[source_path().read_text()], functions=["decode", "store_stage", "rotate_rows"],
         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"], verbose=False,
     )
 

@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, nargs="+", default=[0, 512, 1024])
     ap.add_argument("--heads", type=int, nargs=3, default=[3, 9, 64], metavar=("KV", "Q", "D"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="the model's dtype: what vLLM passes the attention (the prompt path runs in it)")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,7 +58,7 @@ def main() -> None:
                  [RequestStep(0, ctx, 0, ctx, i)], table[i : i + 1], d**-0.5)
     built = cpu_kernel.kernel()
     print(f"{args.format}, {b} decode rows at {ctx} tokens, KV heads {h}, query heads {hq}, head size {d}, "
-          f"{args.threads} thread(s); ms per layer step")
+          f"{args.threads} thread(s), {args.dtype} model; ms per layer step")
     print("| prompt tokens in the step | C++ decode kernel | eager decode | bf16 SDPA, same context |")
     print("|---|---|---|---|")
     for prompt in args.prompt:
@@ -65,8 +67,9 @@ def main() -> None:
         if prompt:
             reqs.append(RequestStep(b, b + prompt, 0, prompt, b))
             t += prompt
-        step_args = (torch.randn(t, hq, d), torch.randn(t, h, d), torch.randn(t, h, d), cache, stage, fmt, reqs,
-                     table, d**-0.5)
+        dt = getattr(torch, args.dtype)
+        step_args = (torch.randn(t, hq, d, dtype=dt), torch.randn(t, h, d, dtype=dt), torch.randn(t, h, d, dtype=dt),
+                     cache, stage, fmt, reqs, table, d**-0.5)
         times = {}
         for name, kernel in (("kernel", lambda: built), ("eager", lambda: None)):
             cpu_kernel.kernel = kernel

@@ -1,12 +1,16 @@
 // Decode attention of the kvmix page scheme (one query token per request): packed pages and the
 // request's own 8-bit staged page, in one launch per layer.
 //
-// Reads the page layouts of vllm_kvmix.formats (64-token pages, head size 128) as they are:
-//   packed keys   [64 tokens][128 * KB / 8 bytes], channel 2j / 2j+1 in the low / high bits of byte j
+// Reads the page layouts of vllm_kvmix.formats (64-token pages, head size D = 64, 128 or 256: a template
+// parameter, one instantiation per head size) as they are:
+//   packed keys   [64 tokens][D * KB / 8 bytes], channel 2j / 2j+1 in the low / high bits of byte j
 //                 (KB = 4), then fp16 (scale, minimum) per channel over the page;
-//   packed values [64 tokens][128 * VB / 8 bytes] (Hadamard-rotated), then fp16 (scale, minimum) per
-//                 token and 64-channel group;
+//   packed values [64 tokens][D * VB / 8 bytes] (Hadamard-rotated over the head), then fp16 (scale,
+//                 minimum) per token and 64-channel group;
 //   staged page   keys and rotated values at 8 bits per token, (scale, minimum) per token and group.
+// The thread layout scales with D (HeadShape): each lane quad position holds D / 4 query / key channels,
+// each mma row group g D / 8 value channels.  A page is read in passes of HeadShape::T tokens: the whole
+// page for D <= 128; 32 tokens for D = 256, so a pass holds as many code bytes as one page of head size 128.
 // Grid: (query block = one request's token, KV head, split); NW warps per block, each warp walks its own
 // pages (p = first + warp, + NW, ...) with its own online softmax, merged in shared memory at the end.
 // Pages [0, own) come from the cache, page `own` from the request's staging slot.
@@ -40,17 +44,18 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-#define KVMIX_D 128
 #define KVMIX_P 64
 #define KVMIX_ROWS 8         // query heads per KV head (the mma's rows g; workspace rows per split): cuda_decode.ROWS
 #define KVMIX_MAX_SPLITS 64  // split-K partials the last block merges (sm_w): cuda_decode.MAX_SPLITS
-// Blocks per SM the register allocation is bounded for: 4 (128 registers, ~72-96 bytes of spills) as served.
+// Blocks per SM the register allocation is bounded for at head sizes 64 / 128: 4 (128 registers, ~72-96 bytes of
+// spills at 128) as served; head size 256 (twice the accumulators and query registers) at KVMIX_MIN_BLOCKS_256.
 // page_bench.py --experiments KVMIX_MIN_BLOCKS=3 / 5 times the others beside it (H200: 3 blocks at 158-168
 // registers without spills and 5 at 96 with ~300 bytes of spills are both 13-26% slower at 64 x 8k; an L2
 // prefetch of each warp's next page, 1 or 2 turns ahead, was up to 1.6x slower for k8v4: docs/kernels.md).
 #ifndef KVMIX_MIN_BLOCKS
 #define KVMIX_MIN_BLOCKS 4
 #endif
+#define KVMIX_MIN_BLOCKS_256 2
 // S layout per key width (kvmix_page_decode): 4-bit keys compute S transposed (attend_page_st), 8-bit keys
 // S = Q K^T (attend_page).  Timed on the H200 (commit 71fda59, docs/kernels.md): the transposed S is
 // 0.88 / 0.90 of the step time for k4v2 / k4v4 at 64 x 8k, 1.02-1.05 for k8v4, whose wider key words take
@@ -59,6 +64,21 @@ typedef unsigned char u8;
 
 struct alignas(16) u32x4 {
   u32 x, y, z, w;
+};
+
+// What a thread holds at head size D (64, 128 or 256), and the page pass of T tokens.
+template <int D>
+struct HeadShape {
+  static_assert(D == 64 || D == 128 || D == 256, "head sizes 64, 128, 256");
+  static constexpr int QP = D / 8;    // query fp16 pairs per thread (channels of lane quad position qd: D / 4)
+  static constexpr int QC = D / 4;    // query / key channels per lane quad position
+  static constexpr int NK = D / 16;   // k-steps of the S mma (16 channels each)
+  static constexpr int VC = D / 8;    // value channels per row group g (acc rows)
+  static constexpr int VMT = D / 16;  // m-tiles of the value mma (acc[VMT][4])
+  static constexpr int NG = D / 64;   // 64-channel groups per token (value / staged meta)
+  static constexpr int LC = D / 32;   // channels per lane of a whole vector (staging, rotation, output)
+  static constexpr int T = D > 128 ? 32 : KVMIX_P;  // tokens per page pass
+  static constexpr int MIN_BLOCKS = D > 128 ? KVMIX_MIN_BLOCKS_256 : KVMIX_MIN_BLOCKS;
 };
 
 __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -143,38 +163,51 @@ __device__ __forceinline__ float in_to_f32(u16 h) {
   return f16_to_f32(h);
 }
 
-// x H for the normalized 128-point Sylvester Hadamard matrix (vllm_kvmix.quant.hadamard, symmetric) of a
-// vector spread over one warp, lane l holding channels 4 l .. 4 l + 3: butterflies of stride 1 and 2 in
-// registers, 4 .. 64 across lanes.  Exact fp32 adds; one rounding of the 1/sqrt(128) scale at the end.
-__device__ __forceinline__ void fwht128(float (&x)[4], int lane) {
-  const float a = x[0] + x[1], b = x[0] - x[1], c = x[2] + x[3], d = x[2] - x[3];
-  x[0] = a + c; x[1] = b + d; x[2] = a - c; x[3] = b - d;
+// x H for the normalized D-point Sylvester Hadamard matrix (vllm_kvmix.quant.hadamard, symmetric) of a
+// vector spread over one warp, lane l holding channels LC l .. LC l + LC - 1 (LC = D / 32): butterflies of
+// stride 1 .. LC / 2 in registers, LC .. D / 2 across lanes.  Exact fp32 adds; one rounding of the
+// 1/sqrt(D) scale at the end.
+template <int D>
+__device__ __forceinline__ void fwht(float (&x)[D / 32], int lane) {
+  constexpr int LC = D / 32;
+#pragma unroll
+  for (int h = 1; h < LC; h <<= 1) {
+    float y[LC];
+#pragma unroll
+    for (int i = 0; i < LC; ++i) y[i] = (i & h) ? x[i - h] - x[i] : x[i] + x[i + h];
+#pragma unroll
+    for (int i = 0; i < LC; ++i) x[i] = y[i];
+  }
 #pragma unroll
   for (int s = 0; s < 5; ++s) {
     const bool upper = (lane >> s) & 1;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < LC; ++i) {
       const float y = __shfl_xor_sync(0xffffffffu, x[i], 1 << s);
       x[i] = upper ? y - x[i] : x[i] + y;
     }
   }
+  constexpr float norm = D == 64 ? 0.125f : D == 128 ? 0.08838834764831845f : 0.0625f;  // 1 / sqrt(D)
 #pragma unroll
-  for (int i = 0; i < 4; ++i) x[i] *= 0.08838834764831845f;
+  for (int i = 0; i < LC; ++i) x[i] *= norm;
 }
 
-// One token's 128 channels (lane l holds 4 l .. 4 l + 3) at 8 bits per 64-channel group into a staged
-// page at token `off`: codes at codes_off + off * 128, fp16 (scale, minimum) at meta_off + off * 8 + 4 g.
+// One token's D channels (lane l holds LC l .. LC l + LC - 1) at 8 bits per 64-channel group into a staged
+// page at token `off`: codes at codes_off + off * D, fp16 (scale, minimum) at meta_off + off * 4 NG + 4 group.
 // The arithmetic of vllm_kvmix.quant.quantize (codec.minmax_meta / quant_rows in the Triton kernels).
-__device__ __forceinline__ void stage_row(u8* page, int off, float (&x)[4], int lane, int codes_off, int meta_off) {
+template <int D>
+__device__ __forceinline__ void stage_row(u8* page, int off, float (&x)[D / 32], int lane, int codes_off,
+                                          int meta_off) {
+  constexpr int LC = D / 32, GL = 64 / LC;  // channels per lane, lanes per 64-channel group
   float mn = 65504.f, mx = -65504.f;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < LC; ++i) {
     x[i] = fminf(fmaxf(x[i], -65504.f), 65504.f);
     mn = fminf(mn, x[i]);
     mx = fmaxf(mx, x[i]);
   }
 #pragma unroll
-  for (int s = 1; s < 16; s <<= 1) {  // the 16 lanes of the group
+  for (int s = 1; s < GL; s <<= 1) {  // the lanes of the group
     mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, s));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, s));
   }
@@ -184,15 +217,21 @@ __device__ __forceinline__ void stage_row(u8* page, int off, float (&x)[4], int 
   if (mnf + 255.f * f16_to_f32(sc16) > 65504.f) sc16 -= 1;  // one ulp toward zero keeps the top level finite
   const float sc = f16_to_f32(sc16);
   const float inv = sc > 0.f ? __fdiv_rn(1.f, sc) : 0.f;
-  u32 word = 0;
+  u32 word[(LC + 3) / 4] = {};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < LC; ++i) {
     const float y = fminf(fmaxf(floorf((x[i] - mnf) * inv + 0.5f), 0.f), 255.f);
-    word |= ((u32)y) << (8 * i);
+    word[i / 4] |= ((u32)y) << (8 * (i % 4));
   }
-  *reinterpret_cast<u32*>(page + codes_off + off * KVMIX_D + 4 * lane) = word;
-  if ((lane & 15) == 0)
-    *reinterpret_cast<u32*>(page + meta_off + off * 8 + 4 * (lane >> 4)) = (u32)sc16 | ((u32)mn16 << 16);
+  u8* codes = page + codes_off + off * D + LC * lane;
+  if constexpr (LC == 2) {
+    *reinterpret_cast<u16*>(codes) = (u16)word[0];
+  } else {
+#pragma unroll
+    for (int w = 0; w < LC / 4; ++w) reinterpret_cast<u32*>(codes)[w] = word[w];
+  }
+  if ((lane & (GL - 1)) == 0)
+    *reinterpret_cast<u32*>(page + meta_off + off * 4 * (D / 64) + 4 * (lane / GL)) = (u32)sc16 | ((u32)mn16 << 16);
 }
 
 // 16-bit halves of `w` hold codes at bit `shift` -> (1024 + code_lo, 1024 + code_hi) as fp16x2.
@@ -245,107 +284,125 @@ __device__ __forceinline__ float load_q(const u16* q, long long off) {
   return f16_to_f32(h);
 }
 
-// Key channel of pair `pi` (0..15: k-step pi / 2, register pi % 2), half `e`, for lane quad position qd:
-// word i = pi / (16 / KB) of the thread's 16 / 32 code bytes, extraction j = pi % (16 / KB).
-template <int KB>
+// Key channel of pair `pi` (0 .. QP - 1: k-step pi / 2, register pi % 2), half `e`, for lane quad position qd:
+// word i = pi / (16 / KB) of the thread's D * KB / 32 code bytes, extraction j = pi % (16 / KB).
+template <int KB, int D>
 __device__ __forceinline__ int key_channel(int qd, int pi, int e) {
   const int per_word = 16 / KB;  // extractions per 32-bit word
   const int i = pi / per_word, j = pi % per_word;
-  return 32 * qd + i * (32 / KB) + e * per_word + j;
+  return HeadShape<D>::QC * qd + i * (32 / KB) + e * per_word + j;
 }
 
 
-// A page's codes as one thread holds them: key codes of tokens 8 nt + g (the thread's quarter qd of each
-// token's row), value codes and meta of tokens 16 kt + 8 hh + 2 qd + e (channels 16 g .. 16 g + 15).
-template <int CKB, int VB>
+// A page pass's codes as one thread holds them (tokens t0 .. t0 + T - 1 of the page): key codes of tokens
+// t0 + 8 nt + g (the thread's quarter qd of each token's row), value codes and meta of tokens
+// t0 + 16 kt + 8 hh + 2 qd + e (channels VC g .. VC g + VC - 1).
+template <int CKB, int VB, int D>
 struct PageCodes {
-  static constexpr int CBK = KVMIX_D * CKB / 8;  // key code bytes per token
-  static constexpr int KW = CBK / 16;            // key code words per thread per token (4 or 8)
-  static constexpr int CBV = KVMIX_D * VB / 8;   // value code bytes per token
-  static constexpr int VW = VB / 2;              // value code words per thread per token (16 channels)
-  u32 kc[8][KW];
-  u32 vc[4][2][2][VW], vm[4][2][2];
+  static constexpr int T = HeadShape<D>::T;
+  static constexpr int CBK = D * CKB / 8;  // key code bytes per token
+  static constexpr int KW = CBK / 16;      // key code words per thread per token (2 .. 16)
+  static constexpr int CBV = D * VB / 8;   // value code bytes per token
+  static constexpr int VH = D * VB / 128;  // 16-bit halves of value codes per thread per token (VC channels)
+  static constexpr int VW = VH > 1 ? VH / 2 : 1;  // value code words per thread per token (VH = 1: the low half)
+  u32 kc[T / 8][KW];
+  u32 vc[T / 16][2][2][VW], vm[T / 16][2][2];
 
   // the thread's quarter qd of token t's key code row
   static __device__ __forceinline__ void load_key_row(const u8* page, int t, int qd, u32 (&row)[KW]) {
-    const u32x4* src = reinterpret_cast<const u32x4*>(page + t * CBK + qd * (CBK / 4));
+    if constexpr (KW % 4 == 0) {
+      const u32x4* src = reinterpret_cast<const u32x4*>(page + t * CBK + qd * (CBK / 4));
 #pragma unroll
-    for (int i = 0; i < KW / 4; ++i) {
-      u32x4 v = src[i];
-      row[4 * i] = v.x; row[4 * i + 1] = v.y; row[4 * i + 2] = v.z; row[4 * i + 3] = v.w;
+      for (int i = 0; i < KW / 4; ++i) {
+        u32x4 v = src[i];
+        row[4 * i] = v.x; row[4 * i + 1] = v.y; row[4 * i + 2] = v.z; row[4 * i + 3] = v.w;
+      }
+    } else {  // 8 bytes (head size 64, 4-bit keys)
+      const uint2 v = *reinterpret_cast<const uint2*>(page + t * CBK + qd * (CBK / 4));
+      row[0] = v.x; row[1] = v.y;
     }
   }
 
-  __device__ __forceinline__ void load(const u8* page, int g, int qd, int v_codes_off, int v_meta_off) {
+  __device__ __forceinline__ void load(const u8* page, int t0, int g, int qd, int v_codes_off, int v_meta_off) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) load_key_row(page, 8 * nt + g, qd, kc[nt]);
+    for (int nt = 0; nt < T / 8; ++nt) load_key_row(page, t0 + 8 * nt + g, qd, kc[nt]);
 #pragma unroll
-    for (int kt = 0; kt < 4; ++kt)
+    for (int kt = 0; kt < T / 16; ++kt)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int t = 16 * kt + 8 * hh + 2 * qd + e;
-          const u32* src = reinterpret_cast<const u32*>(page + v_codes_off + t * CBV + g * (2 * VB));
+          const int t = t0 + 16 * kt + 8 * hh + 2 * qd + e;
+          const u8* src = page + v_codes_off + t * CBV + g * (CBV / 8);
+          if constexpr (VH == 1) {
+            vc[kt][hh][e][0] = *reinterpret_cast<const u16*>(src);
+          } else {
 #pragma unroll
-          for (int w = 0; w < VW; ++w) vc[kt][hh][e][w] = src[w];
-          vm[kt][hh][e] = reinterpret_cast<const u32*>(page + v_meta_off)[t * 2 + (g >> 2)];
+            for (int w = 0; w < VW; ++w) vc[kt][hh][e][w] = reinterpret_cast<const u32*>(src)[w];
+          }
+          vm[kt][hh][e] = reinterpret_cast<const u32*>(page + v_meta_off)[t * (D / 64) + ((g * (D / 8)) >> 6)];
         }
   }
 };
 
-// A packed page's per-channel key meta (fp16 scale, minimum of the thread's 32 channels) into km, and the query
-// scaled per channel: qp = Q' = Q * scale, in the query's channel order (key_channel<QKB>).
-template <int QKB>
-__device__ __forceinline__ void scale_query(const u8* page, int k_meta_off, int qd, const u32 (&qs)[16],
-                                            u32 (&km)[32], u32 (&qp)[16]) {
-  const u32x4* src = reinterpret_cast<const u32x4*>(page + k_meta_off + 128 * qd);
+// A packed page's per-channel key meta (fp16 scale, minimum of the thread's QC channels) into km, and the query
+// scaled per channel: qp = Q' = Q * scale, in the query's channel order (key_channel<QKB, D>).
+template <int QKB, int D>
+__device__ __forceinline__ void scale_query(const u8* page, int k_meta_off, int qd, const u32 (&qs)[D / 8],
+                                            u32 (&km)[D / 4], u32 (&qp)[D / 8]) {
+  constexpr int QC = HeadShape<D>::QC;
+  const u32x4* src = reinterpret_cast<const u32x4*>(page + k_meta_off + 4 * QC * qd);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
+  for (int i = 0; i < QC / 4; ++i) {
     u32x4 v = src[i];
     km[4 * i] = v.x; km[4 * i + 1] = v.y; km[4 * i + 2] = v.z; km[4 * i + 3] = v.w;
   }
 #pragma unroll
-  for (int pi = 0; pi < 16; ++pi) {
-    const int c0 = key_channel<QKB>(qd, pi, 0) - 32 * qd, c1 = key_channel<QKB>(qd, pi, 1) - 32 * qd;
+  for (int pi = 0; pi < D / 8; ++pi) {
+    const int c0 = key_channel<QKB, D>(qd, pi, 0) - QC * qd, c1 = key_channel<QKB, D>(qd, pi, 1) - QC * qd;
     qp[pi] = hmul2(qs[pi], prmt(km[c0], km[c1], 0x5410));
   }
 }
 
 // The minima of the channels of query pair pi as an fp16 pair (from scale_query's km).
-template <int QKB>
-__device__ __forceinline__ u32 key_min_pair(const u32 (&km)[32], int qd, int pi) {
-  return prmt(km[key_channel<QKB>(qd, pi, 0) - 32 * qd], km[key_channel<QKB>(qd, pi, 1) - 32 * qd], 0x7632);
+template <int QKB, int D>
+__device__ __forceinline__ u32 key_min_pair(const u32 (&km)[D / 4], int qd, int pi) {
+  constexpr int QC = HeadShape<D>::QC;
+  return prmt(km[key_channel<QKB, D>(qd, pi, 0) - QC * qd], km[key_channel<QKB, D>(qd, pi, 1) - QC * qd], 0x7632);
 }
 
-// An 8-bit staged key token's (scale, minimum) for the thread's channels (64-channel group qd / 2), each
+// An 8-bit staged key token's (scale, minimum) for the thread's channels (64-channel group QC qd / 64), each
 // broadcast to an fp16 pair.
+template <int D>
 __device__ __forceinline__ void staged_key_meta(const u8* page, int k_meta_off, int t, int qd, u32& sc, u32& mn) {
-  const u32 w = reinterpret_cast<const u32*>(page + k_meta_off)[t * 2 + (qd >> 1)];
+  const u32 w = reinterpret_cast<const u32*>(page + k_meta_off)[t * (D / 64) + ((HeadShape<D>::QC * qd) >> 6)];
   sc = prmt(w, w, 0x1010);
   mn = prmt(w, w, 0x3232);
 }
 
-// An 8-bit staged key token (the thread's 32 code bytes: a PageCodes kc row) dequantized for the channels of
+// An 8-bit staged key token (the thread's QC code bytes: a PageCodes kc row) dequantized for the channels of
 // query pair pi: fp16 pair code * scale + minimum, with the token's group (scale, minimum) as pairs sc / mn.
-template <int QKB, int KW>
+template <int QKB, int D, int KW>
 __device__ __forceinline__ u32 staged_key_pair(const u32 (&row)[KW], int qd, int pi, u32 sc, u32 mn) {
-  const int c0 = key_channel<QKB>(qd, pi, 0) - 32 * qd, c1 = key_channel<QKB>(qd, pi, 1) - 32 * qd;
+  constexpr int QC = HeadShape<D>::QC;
+  const int c0 = key_channel<QKB, D>(qd, pi, 0) - QC * qd, c1 = key_channel<QKB, D>(qd, pi, 1) - QC * qd;
   const u32 sel = (c0 & 3) | ((c0 & 3) << 4) | ((4 + (c1 & 3)) << 8) | ((4 + (c1 & 3)) << 12);
   const u32 y = code_pair<8>(prmt(row[c0 >> 2], row[c1 >> 2], sel), 0);
   return hfma2(hadd2(y, 0xE400E400u), sc, mn);
 }
 
-// O^T += V^T P^T for one page: A rows g / g + 8 of m-tile mt = channels 16 g + 2 mt / + 1 (value codes
+// O^T += V^T P^T for one page pass: A rows g / g + 8 of m-tile mt = channels VC g + 2 mt / + 1 (value codes
 // dequantized in fp16: code field - its offset, then FMA per-token scale / minimum); B = pb[kt], the P^T tile
-// of tokens 16 kt .. 16 kt + 15.  STAGED: values of tokens >= n_valid are zeroed (stale bytes).
-template <int CKB, int VB, bool STAGED>
-__device__ __forceinline__ void add_values(const PageCodes<CKB, VB>& pc, const u32 (&pb)[4][2], int n_valid, int qd,
-                                           float (&acc)[8][4]) {
-  constexpr int VW = PageCodes<CKB, VB>::VW;
+// of the pass's tokens 16 kt .. 16 kt + 15.  STAGED: values of tokens >= n_valid (counted from the pass's
+// first token) are zeroed (stale bytes).
+template <int CKB, int VB, bool STAGED, int D>
+__device__ __forceinline__ void add_values(const PageCodes<CKB, VB, D>& pc, const u32 (&pb)[HeadShape<D>::T / 16][2],
+                                           int n_valid, int qd, float (&acc)[D / 16][4]) {
+  using PC = PageCodes<CKB, VB, D>;
+  constexpr int VW = PC::VW;
 #pragma unroll
-  for (int kt = 0; kt < 4; ++kt) {
-    u32 va[2][16];  // [hh][channel e = 0..15 of the thread]: fp16 pair (token 2qd, 2qd + 1)
+  for (int kt = 0; kt < PC::T / 16; ++kt) {
+    u32 va[2][D / 8];  // [hh][channel e = 0 .. VC - 1 of the thread]: fp16 pair (token 2qd, 2qd + 1)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const u32 sc = prmt(pc.vm[kt][hh][0], pc.vm[kt][hh][1], 0x5410);
@@ -358,7 +415,7 @@ __device__ __forceinline__ void add_values(const PageCodes<CKB, VB>& pc, const u
 #pragma unroll
       for (int w = 0; w < VW; ++w) {
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
+        for (int half = 0; half < (PC::VH > 1 ? 2 : 1); ++half) {
           const u32 inter = prmt(pc.vc[kt][hh][0][w], pc.vc[kt][hh][1][w], half ? 0x7632 : 0x5410);
           constexpr int per_half = 16 / VB;
 #pragma unroll
@@ -371,40 +428,42 @@ __device__ __forceinline__ void add_values(const PageCodes<CKB, VB>& pc, const u
       }
     }
 #pragma unroll
-    for (int mt = 0; mt < 8; ++mt)
+    for (int mt = 0; mt < D / 16; ++mt)
       mma16816(acc[mt], va[0][2 * mt], va[0][2 * mt + 1], va[1][2 * mt], va[1][2 * mt + 1], pb[kt][0], pb[kt][1]);
   }
 }
 
-// One page into the running softmax state of row g.  QKB: key bits of the format (the query's channel
-// order, key_channel<QKB>); CKB / VB: bits of this page's codes.  STAGED: the 8-bit own page -- keys per
-// token and 64-channel group (dequantized on the B operand in fp16), tokens >= n_valid masked (their
-// bytes may be stale); otherwise a full packed page (keys per channel, scale folded into the query).
-template <int QKB, int CKB, int VB, bool STAGED>
-__device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u32 (&qs)[16],
-                                            float& m_run, float& l_run, float (&acc)[8][4], int g, int qd,
+// One page pass (tokens t0 .. t0 + T - 1) into the running softmax state of row g.  QKB: key bits of the
+// format (the query's channel order, key_channel<QKB, D>); CKB / VB: bits of this page's codes.  STAGED: the
+// 8-bit own page -- keys per token and 64-channel group (dequantized on the B operand in fp16), tokens
+// >= n_valid (counted from t0) masked (their bytes may be stale); otherwise a full packed page (keys per
+// channel, scale folded into the query).
+template <int QKB, int CKB, int VB, bool STAGED, int D>
+__device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid, const u32 (&qs)[D / 8],
+                                            float& m_run, float& l_run, float (&acc)[D / 16][4], int g, int qd,
                                             int k_meta_off, int v_codes_off, int v_meta_off) {
-  PageCodes<CKB, VB> pc;
-  pc.load(page, g, qd, v_codes_off, v_meta_off);
+  constexpr int T = HeadShape<D>::T, NK = HeadShape<D>::NK;
+  PageCodes<CKB, VB, D> pc;
+  pc.load(page, t0, g, qd, v_codes_off, v_meta_off);
 
-  float s[8][4];
+  float s[T / 8][4];
   if (!STAGED) {
     // ---- S = Q' K^T + (sum_c Q m - sum_c offset Q'), Q' = Q * per-channel scale
-    u32 km[32], qp[16];
-    scale_query<QKB>(page, k_meta_off, qd, qs, km, qp);
+    u32 km[D / 4], qp[D / 8];
+    scale_query<QKB, D>(page, k_meta_off, qd, qs, km, qp);
     float corr[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
+    for (int kk = 0; kk < NK; ++kk) {
       const int a = 2 * kk, bb = 2 * kk + 1;
-      mma16816(corr, qs[a], 0u, qs[bb], 0u, key_min_pair<QKB>(km, qd, a), key_min_pair<QKB>(km, qd, bb));
+      mma16816(corr, qs[a], 0u, qs[bb], 0u, key_min_pair<QKB, D>(km, qd, a), key_min_pair<QKB, D>(km, qd, bb));
       constexpr int per_word = 16 / CKB;  // -offset of each channel pair's code field (the codes' offsets)
       mma16816(corr, qp[a], 0u, qp[bb], 0u, field_offset_neg<CKB>(CKB * (a % per_word)),
                field_offset_neg<CKB>(CKB * (bb % per_word)));
     }
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < T / 8; ++nt) {
 #pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
+      for (int kk = 0; kk < NK; ++kk) {
         constexpr int per_word = 16 / CKB;
         const int a = 2 * kk, bb = 2 * kk + 1;
         const u32 b0 = code_field<CKB>(pc.kc[nt][a / per_word], CKB * (a % per_word));
@@ -418,14 +477,14 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
   } else {
     // ---- S = Q K^T with 8-bit keys dequantized per token: channels of pair pi in the query's order
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < T / 8; ++nt) {
       u32 sc, mn;
-      staged_key_meta(page, k_meta_off, 8 * nt + g, qd, sc, mn);
+      staged_key_meta<D>(page, k_meta_off, t0 + 8 * nt + g, qd, sc, mn);
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < 8; ++kk)
-        mma16816(s[nt], qs[2 * kk], 0u, qs[2 * kk + 1], 0u, staged_key_pair<QKB>(pc.kc[nt], qd, 2 * kk, sc, mn),
-                 staged_key_pair<QKB>(pc.kc[nt], qd, 2 * kk + 1, sc, mn));
+      for (int kk = 0; kk < NK; ++kk)
+        mma16816(s[nt], qs[2 * kk], 0u, qs[2 * kk + 1], 0u, staged_key_pair<QKB, D>(pc.kc[nt], qd, 2 * kk, sc, mn),
+                 staged_key_pair<QKB, D>(pc.kc[nt], qd, 2 * kk + 1, sc, mn));
       if (8 * nt + 2 * qd >= n_valid) s[nt][0] = KVMIX_NEG_INF;
       if (8 * nt + 2 * qd + 1 >= n_valid) s[nt][1] = KVMIX_NEG_INF;
     }
@@ -434,15 +493,15 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
   // ---- online softmax (base 2) for row g; the quad (qd = 0..3) shares the row
   float mx = KVMIX_NEG_INF;
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][0], s[nt][1]));
+  for (int nt = 0; nt < T / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][0], s[nt][1]));
   mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
   mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
   const float m_new = fmaxf(m_run, mx);
   const float alpha = ex2(m_run - m_new);
   float psum = 0.f;
-  u32 pb[4][2];
+  u32 pb[T / 16][2];
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < T / 8; ++nt) {
     const float p0 = ex2(s[nt][0] - m_new), p1 = ex2(s[nt][1] - m_new);
     psum += p0 + p1;
     pb[nt >> 1][nt & 1] = pack_f16x2(p0, p1);
@@ -453,11 +512,11 @@ __device__ __forceinline__ void attend_page(const u8* page, int n_valid, const u
   const float al0 = __shfl_sync(0xffffffffu, alpha, 8 * qd);
   const float al1 = __shfl_sync(0xffffffffu, alpha, 8 * qd + 4);
 #pragma unroll
-  for (int mt = 0; mt < 8; ++mt) {
+  for (int mt = 0; mt < D / 16; ++mt) {
     acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
   }
 
-  add_values<CKB, VB, STAGED>(pc, pb, n_valid, qd, acc);
+  add_values<CKB, VB, STAGED, D>(pc, pb, n_valid, qd, acc);
 }
 
 __device__ __forceinline__ u32 movmatrix_t(u32 x) {  // 8 x 8 fp16 tile (row lane / 4, cols 2 (lane % 4), + 1) transposed
@@ -468,33 +527,34 @@ __device__ __forceinline__ u32 movmatrix_t(u32 x) {  // 8 x 8 fp16 tile (row lan
 
 // attend_page with S transposed (served for 4-bit keys): S^T = K Q'^T, A = key codes (rows = tokens 16 mt + g and
 // 16 mt + 8 + g: the thread's words of kc[2 mt] and kc[2 mt + 1]), B = the query pair of head g; the thread
-// holds heads 2 qd, 2 qd + 1 of 8 tokens, so the softmax state is per (thread, head i = 0, 1) and the maxima
+// holds heads 2 qd, 2 qd + 1 of T / 8 tokens, so the softmax state is per (thread, head i = 0, 1) and the maxima
 // are reduced over g (lanes 4, 8, 16 apart).  P^T tiles transposed by movmatrix are the value mma's B.
-template <int QKB, int CKB, int VB, bool STAGED>
-__device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, const u32 (&qs)[16],
-                                               float (&m_run)[2], float (&l_run)[2], float (&acc)[8][4], int g,
+template <int QKB, int CKB, int VB, bool STAGED, int D>
+__device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_valid, const u32 (&qs)[D / 8],
+                                               float (&m_run)[2], float (&l_run)[2], float (&acc)[D / 16][4], int g,
                                                int qd, int k_meta_off, int v_codes_off, int v_meta_off) {
-  PageCodes<CKB, VB> pc;
-  pc.load(page, g, qd, v_codes_off, v_meta_off);
+  constexpr int T = HeadShape<D>::T, NK = HeadShape<D>::NK;
+  PageCodes<CKB, VB, D> pc;
+  pc.load(page, t0, g, qd, v_codes_off, v_meta_off);
 
-  float st[4][4];  // [mt]: (token 16 mt + g: heads 2 qd, 2 qd + 1), (token 16 mt + 8 + g: same heads)
+  float st[T / 16][4];  // [mt]: (token 16 mt + g: heads 2 qd, 2 qd + 1), (token 16 mt + 8 + g: same heads)
   if (!STAGED) {
     // ---- S^T = K Q'^T + (sum_c Q m - sum_c offset Q') per head (all token rows alike)
-    u32 km[32], qp[16];
-    scale_query<QKB>(page, k_meta_off, qd, qs, km, qp);
+    u32 km[D / 4], qp[D / 8];
+    scale_query<QKB, D>(page, k_meta_off, qd, qs, km, qp);
     float corr[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
+    for (int kk = 0; kk < NK; ++kk) {
       const int a = 2 * kk, bb = 2 * kk + 1;
-      const u32 m0 = key_min_pair<QKB>(km, qd, a), m1 = key_min_pair<QKB>(km, qd, bb);
+      const u32 m0 = key_min_pair<QKB, D>(km, qd, a), m1 = key_min_pair<QKB, D>(km, qd, bb);
       mma16816(corr, m0, m0, m1, m1, qs[a], qs[bb]);
       constexpr int pw = 16 / CKB;
       const u32 na = field_offset_neg<CKB>(CKB * (a % pw)), nb = field_offset_neg<CKB>(CKB * (bb % pw));
       mma16816(corr, na, na, nb, nb, qp[a], qp[bb]);
     }
 #pragma unroll
-    for (int mt = 0; mt < 4; ++mt) {
-      constexpr int KW = PageCodes<CKB, VB>::KW;
+    for (int mt = 0; mt < T / 16; ++mt) {
+      constexpr int KW = PageCodes<CKB, VB, D>::KW;
       u32 kr[2][KW];  // key rows of tokens 16 mt + g, 16 mt + 8 + g
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -502,7 +562,7 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
         for (int i = 0; i < KW; ++i) kr[h][i] = pc.kc[2 * mt + h][i];
       }
 #pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
+      for (int kk = 0; kk < NK; ++kk) {
         constexpr int per_word = 16 / CKB;
         const int a = 2 * kk, bb = 2 * kk + 1;
         const u32 a0 = code_field<CKB>(kr[0][a / per_word], CKB * (a % per_word));
@@ -518,18 +578,19 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
   } else {
     // ---- S^T with 8-bit keys dequantized per token (rows): channels of pair pi in the query's order
 #pragma unroll
-    for (int mt = 0; mt < 4; ++mt) {
+    for (int mt = 0; mt < T / 16; ++mt) {
       u32 sc[2], mn[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) staged_key_meta(page, k_meta_off, 16 * mt + 8 * h + g, qd, sc[h], mn[h]);
+      for (int h = 0; h < 2; ++h) staged_key_meta<D>(page, k_meta_off, t0 + 16 * mt + 8 * h + g, qd, sc[h], mn[h]);
       st[mt][0] = st[mt][1] = st[mt][2] = st[mt][3] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < 8; ++kk) {
+      for (int kk = 0; kk < NK; ++kk) {
         u32 ak[2][2];  // [token row h][pair r]
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) ak[h][r] = staged_key_pair<QKB>(pc.kc[2 * mt + h], qd, 2 * kk + r, sc[h], mn[h]);
+          for (int r = 0; r < 2; ++r)
+            ak[h][r] = staged_key_pair<QKB, D>(pc.kc[2 * mt + h], qd, 2 * kk + r, sc[h], mn[h]);
         mma16816(st[mt], ak[0][0], ak[1][0], ak[0][1], ak[1][1], qs[2 * kk], qs[2 * kk + 1]);
       }
       if (16 * mt + g >= n_valid) st[mt][0] = st[mt][1] = KVMIX_NEG_INF;
@@ -540,7 +601,7 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
   // ---- online softmax (base 2) for heads 2 qd + i; the 8 lanes of one qd share them
   float mx[2] = {KVMIX_NEG_INF, KVMIX_NEG_INF};
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
+  for (int mt = 0; mt < T / 16; ++mt) {
     mx[0] = fmaxf(mx[0], fmaxf(st[mt][0], st[mt][2]));
     mx[1] = fmaxf(mx[1], fmaxf(st[mt][1], st[mt][3]));
   }
@@ -554,9 +615,9 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
     m_run[i] = m_new;
   }
   float psum[2] = {0.f, 0.f};
-  u32 pb[4][2];
+  u32 pb[T / 16][2];
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
+  for (int mt = 0; mt < T / 16; ++mt) {
     const float p00 = ex2(st[mt][0] - m_run[0]), p01 = ex2(st[mt][1] - m_run[1]);
     const float p10 = ex2(st[mt][2] - m_run[0]), p11 = ex2(st[mt][3] - m_run[1]);
     psum[0] += p00 + p10;
@@ -567,27 +628,27 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int n_valid, cons
   l_run[0] = l_run[0] * alpha[0] + psum[0];
   l_run[1] = l_run[1] * alpha[1] + psum[1];
 #pragma unroll
-  for (int mt = 0; mt < 8; ++mt) {  // acc columns are this thread's heads 2 qd, 2 qd + 1
+  for (int mt = 0; mt < D / 16; ++mt) {  // acc columns are this thread's heads 2 qd, 2 qd + 1
     acc[mt][0] *= alpha[0]; acc[mt][1] *= alpha[1]; acc[mt][2] *= alpha[0]; acc[mt][3] *= alpha[1];
   }
 
-  add_values<CKB, VB, STAGED>(pc, pb, n_valid, qd, acc);
+  add_values<CKB, VB, STAGED, D>(pc, pb, n_valid, qd, acc);
 }
 
 // The S layout of a format's key width: transposed for 4-bit keys (see the note at the top).
 __host__ __device__ constexpr bool s_transposed(int key_bits) { return key_bits == 4; }
 
-// One page into the softmax state (m_run, l_run per the layout: attend_page uses [0], head g).
-template <int QKB, int CKB, int VB, bool STAGED>
-__device__ __forceinline__ void attend(const u8* page, int n_valid, const u32 (&qs)[16], float (&m_run)[2],
-                                       float (&l_run)[2], float (&acc)[8][4], int g, int qd, int k_meta_off,
+// One page pass into the softmax state (m_run, l_run per the layout: attend_page uses [0], head g).
+template <int QKB, int CKB, int VB, bool STAGED, int D>
+__device__ __forceinline__ void attend(const u8* page, int t0, int n_valid, const u32 (&qs)[D / 8], float (&m_run)[2],
+                                       float (&l_run)[2], float (&acc)[D / 16][4], int g, int qd, int k_meta_off,
                                        int v_codes_off, int v_meta_off) {
   if constexpr (s_transposed(QKB))
-    attend_page_st<QKB, CKB, VB, STAGED>(page, n_valid, qs, m_run, l_run, acc, g, qd, k_meta_off, v_codes_off,
-                                         v_meta_off);
+    attend_page_st<QKB, CKB, VB, STAGED, D>(page, t0, n_valid, qs, m_run, l_run, acc, g, qd, k_meta_off, v_codes_off,
+                                            v_meta_off);
   else
-    attend_page<QKB, CKB, VB, STAGED>(page, n_valid, qs, m_run[0], l_run[0], acc, g, qd, k_meta_off, v_codes_off,
-                                      v_meta_off);
+    attend_page<QKB, CKB, VB, STAGED, D>(page, t0, n_valid, qs, m_run[0], l_run[0], acc, g, qd, k_meta_off,
+                                         v_codes_off, v_meta_off);
 }
 
 // The launch's arguments, passed by value as one struct: vllm_kvmix.kernels.cuda_decode.DecodeParams mirrors
@@ -633,8 +694,9 @@ struct DecodeParams {
   int sv_meta_off;
 };
 
-template <int KB, int VB, int NW, bool BF16>
-__global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(const DecodeParams args) {
+template <int KB, int VB, int NW, bool BF16, int D>
+__global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_decode(const DecodeParams args) {
+  using HS = HeadShape<D>;
   const u16* __restrict__ q = args.q;
   const u16* __restrict__ key = args.key;
   const u16* __restrict__ value = args.value;
@@ -665,7 +727,7 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(c
   const float scale_log2e = (float)scale_log2e_d;
 
   __shared__ float sm_m[NW][KVMIX_ROWS], sm_l[NW][KVMIX_ROWS];
-  __shared__ float sm_acc[NW][KVMIX_ROWS][KVMIX_D + 4];
+  __shared__ float sm_acc[NW][KVMIX_ROWS][D + 4];
   __shared__ float sm_w[KVMIX_MAX_SPLITS][KVMIX_ROWS];  // last block of a split row: per (split, head) weights
   __shared__ int sm_last;
 
@@ -685,30 +747,30 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(c
     if (warp < 2) {
       const u16* src = warp == 0 ? key + (long long)q0 * stride_kt + (long long)kvh * stride_kh
                                  : value + (long long)q0 * stride_vt + (long long)kvh * stride_vh;
-      float x[4];
+      float x[HS::LC];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) x[i] = in_to_f32<BF16>(src[4 * lane + i]);
-      if (warp == 1) fwht128(x, lane);
+      for (int i = 0; i < HS::LC; ++i) x[i] = in_to_f32<BF16>(src[HS::LC * lane + i]);
+      if (warp == 1) fwht<D>(x, lane);
       const int off = seq - 1 - own * KVMIX_P;
       if (warp == 0)
-        stage_row(own_page, off, x, lane, 0, sk_meta_off);
+        stage_row<D>(own_page, off, x, lane, 0, sk_meta_off);
       else
-        stage_row(own_page, off, x, lane, sv_codes_off, sv_meta_off);
+        stage_row<D>(own_page, off, x, lane, sv_codes_off, sv_meta_off);
     }
     __syncthreads();
   }
 
   // ---- the query as A fragments (row g = head kvh * rep + g), scaled by softmax scale * log2(e)
-  u32 qs[16];
+  u32 qs[HS::QP];
   {
     const bool row_ok = g < rep;
     const long long qoff = (long long)q0 * stride_qt + (long long)(kvh * rep + g) * stride_qh;
 #pragma unroll
-    for (int pi = 0; pi < 16; ++pi) {
+    for (int pi = 0; pi < HS::QP; ++pi) {
       float lo = 0.f, hi = 0.f;
       if (row_ok) {
-        lo = load_q<BF16>(q, qoff + key_channel<KB>(qd, pi, 0)) * scale_log2e;
-        hi = load_q<BF16>(q, qoff + key_channel<KB>(qd, pi, 1)) * scale_log2e;
+        lo = load_q<BF16>(q, qoff + key_channel<KB, D>(qd, pi, 0)) * scale_log2e;
+        hi = load_q<BF16>(q, qoff + key_channel<KB, D>(qd, pi, 1)) * scale_log2e;
         lo = fminf(fmaxf(lo, -65504.f), 65504.f);
         hi = fminf(fmaxf(hi, -65504.f), 65504.f);
       }
@@ -718,18 +780,29 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(c
 
   // softmax state: heads 2 qd, 2 qd + 1 with S transposed (4-bit keys); head g in [0] with S = Q K^T
   float m_run[2] = {KVMIX_NEG_INF, KVMIX_NEG_INF}, l_run[2] = {0.f, 0.f};
-  float acc[8][4];
+  float acc[HS::VMT][4];
 #pragma unroll
-  for (int mt = 0; mt < 8; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  for (int mt = 0; mt < HS::VMT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
   for (int p = p_begin + warp; p < p_end; p += NW) {
     if (p == own) {  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64)
-      attend<KB, 8, 8, true>(own_page, seq - own * KVMIX_P, qs, m_run, l_run, acc, g, qd, sk_meta_off,
-                             sv_codes_off, sv_meta_off);
+      const int n = seq - own * KVMIX_P;
+      if constexpr (HS::T == KVMIX_P) {
+        attend<KB, 8, 8, true, D>(own_page, 0, n, qs, m_run, l_run, acc, g, qd, sk_meta_off, sv_codes_off,
+                                  sv_meta_off);
+      } else {
+#pragma unroll 1
+        for (int t0 = 0; t0 < n; t0 += HS::T)  // passes holding a valid token only (no all-masked softmax)
+          attend<KB, 8, 8, true, D>(own_page, t0, n - t0, qs, m_run, l_run, acc, g, qd, sk_meta_off, sv_codes_off,
+                                    sv_meta_off);
+      }
     } else {
       const long long blk = block_table[(long long)b * stride_bt + p];
-      attend<KB, KB, VB, false>(cache + blk * (long long)stride_cb + (long long)kvh * stride_ch, KVMIX_P, qs, m_run,
-                                l_run, acc, g, qd, k_meta_off, v_codes_off, v_meta_off);
+      const u8* page = cache + blk * (long long)stride_cb + (long long)kvh * stride_ch;
+#pragma unroll 1
+      for (int t0 = 0; t0 < KVMIX_P; t0 += HS::T)
+        attend<KB, KB, VB, false, D>(page, t0, HS::T, qs, m_run, l_run, acc, g, qd, k_meta_off, v_codes_off,
+                                     v_meta_off);
     }
   }
 
@@ -753,8 +826,8 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(c
     }
   }
 #pragma unroll
-  for (int mt = 0; mt < 8; ++mt) {
-    const int c = 16 * g + 2 * mt;
+  for (int mt = 0; mt < HS::VMT; ++mt) {
+    const int c = HS::VC * g + 2 * mt;
     sm_acc[warp][2 * qd][c] = acc[mt][0];
     sm_acc[warp][2 * qd + 1][c] = acc[mt][1];
     sm_acc[warp][2 * qd][c + 1] = acc[mt][2];
@@ -763,8 +836,8 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(c
   __syncthreads();
   // this block's (max, sum, acc) per (head r, channel c); acc lands in sm_acc[0] (each thread its own cells)
   const long long base = ((long long)qb * num_kv + kvh) * num_splits;  // + split: the workspace row block
-  for (int i = threadIdx.x; i < rep * KVMIX_D; i += NW * 32) {
-    const int r = i / KVMIX_D, c = i % KVMIX_D;
+  for (int i = threadIdx.x; i < rep * D; i += NW * 32) {
+    const int r = i / D, c = i % D;
     float M = KVMIX_NEG_INF;
 #pragma unroll
     for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w][r]);
@@ -781,7 +854,7 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(c
       sm_acc[0][r][c] = L > 0.f ? A / L : 0.f;
     } else {
       const long long row = (base + split) * KVMIX_ROWS + r;
-      ws_acc[row * KVMIX_D + c] = A;
+      ws_acc[row * D + c] = A;
       if (c == 0) {
         ws_ml[row * 2] = M;  // base-2 units; -inf stays -inf
         ws_ml[row * 2 + 1] = L;
@@ -814,14 +887,14 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(c
       if (lane == 0) sm_l[0][r] = L > 0.f ? 1.f / L : 0.f;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < rep * (KVMIX_D / 4); i += NW * 32) {  // 4 channels per thread
-      const int r = i / (KVMIX_D / 4), c = 4 * (i % (KVMIX_D / 4));
+    for (int i = threadIdx.x; i < rep * (D / 4); i += NW * 32) {  // 4 channels per thread
+      const int r = i / (D / 4), c = 4 * (i % (D / 4));
       float4 A;
       A.x = A.y = A.z = A.w = 0.f;
 #pragma unroll 8
       for (int sp = 0; sp < num_splits; ++sp) {
         const float f = sm_w[sp][r];
-        const float4 v = __ldcg(reinterpret_cast<const float4*>(ws_acc + ((base + sp) * KVMIX_ROWS + r) * KVMIX_D + c));
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(ws_acc + ((base + sp) * KVMIX_ROWS + r) * D + c));
         A.x += f * v.x; A.y += f * v.y; A.z += f * v.z; A.w += f * v.w;
       }
       const float inv = sm_l[0][r];
@@ -834,21 +907,25 @@ __global__ void __launch_bounds__(NW * 32, KVMIX_MIN_BLOCKS) kvmix_page_decode(c
 
   // ---- rotate back (values were stored rotated) and store: warp w, heads w, w + NW
   for (int r = warp; r < rep; r += NW) {
-    float x[4];
+    float x[HS::LC];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) x[i] = sm_acc[0][r][4 * lane + i];
-    fwht128(x, lane);
-    u32* dst = reinterpret_cast<u32*>(out + (long long)q0 * stride_ot + (long long)(kvh * rep + r) * stride_oh + 4 * lane);
-    dst[0] = (u32)f32_to_out<BF16>(x[0]) | ((u32)f32_to_out<BF16>(x[1]) << 16);
-    dst[1] = (u32)f32_to_out<BF16>(x[2]) | ((u32)f32_to_out<BF16>(x[3]) << 16);
+    for (int i = 0; i < HS::LC; ++i) x[i] = sm_acc[0][r][HS::LC * lane + i];
+    fwht<D>(x, lane);
+    u32* dst = reinterpret_cast<u32*>(out + (long long)q0 * stride_ot + (long long)(kvh * rep + r) * stride_oh +
+                                      HS::LC * lane);
+#pragma unroll
+    for (int i = 0; i < HS::LC / 2; ++i)
+      dst[i] = (u32)f32_to_out<BF16>(x[2 * i]) | ((u32)f32_to_out<BF16>(x[2 * i + 1]) << 16);
   }
 }
 
 // nvcc builds (tests/test_page_kernels.py, SASS inspection): the variants NVRTC instantiates by name at run time.
 #ifdef KVMIX_INSTANTIATE
-#define KVMIX_VARIANT(KB, VB, BF16) template __global__ void kvmix_page_decode<KB, VB, 4, BF16>(const DecodeParams);
-KVMIX_VARIANT(4, 2, false)
-KVMIX_VARIANT(4, 2, true)
-KVMIX_VARIANT(4, 4, true)
-KVMIX_VARIANT(8, 4, true)
+#define KVMIX_VARIANT(KB, VB, BF16, D) \
+  template __global__ void kvmix_page_decode<KB, VB, 4, BF16, D>(const DecodeParams);
+#define KVMIX_HEAD_SIZE(D) KVMIX_VARIANT(4, 2, false, D) KVMIX_VARIANT(4, 2, true, D) KVMIX_VARIANT(4, 4, true, D) \
+  KVMIX_VARIANT(8, 4, true, D)
+KVMIX_HEAD_SIZE(128)
+KVMIX_HEAD_SIZE(64)
+KVMIX_HEAD_SIZE(256)
 #endif

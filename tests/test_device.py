@@ -59,8 +59,10 @@ def test_decode_kernel_option(monkeypatch):
 def test_layers_outside_the_cuda_kernel_say_so(monkeypatch):
     monkeypatch.delenv(DECODE_KERNEL_ENV, raising=False)
     line = prepare_decode(parse_format("kvmix-k2v4"), 128, 4, torch.bfloat16)
-    assert "kvmix-k2v4 decode on the Triton page kernel: the CUDA decode kernel covers head size 128" in line
-    assert "Triton" in prepare_decode(K4V2, 64, 4, torch.bfloat16)
+    assert ("kvmix-k2v4 decode on the Triton page kernel: the CUDA decode kernel covers head sizes (64, 128, 256)"
+            in line)
+    assert "Triton" in prepare_decode(K4V2, 512, 4, torch.bfloat16)
+    assert "Triton" in prepare_decode(K4V2, 256, 4, torch.bfloat16, sliding_window=1024)
 
 
 def test_missing_kernel_source_is_a_startup_error(monkeypatch, tmp_path):
@@ -91,10 +93,11 @@ def test_kernel_that_does_not_compile_is_a_startup_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cuda_decode, "compile_cuda", nvrtc_only)
     with pytest.raises(cuda_decode.KernelUnavailable,
-                       match=r"compiling the CUDA decode kernel kvmix_page_decode<4, 2, 4, true> .* failed"):
+                       match=r"compiling the CUDA decode kernel kvmix_page_decode<4, 2, 4, true, 128> .* failed"):
         prepare_decode(K4V2, 128, 4, torch.bfloat16)
     monkeypatch.setattr(cuda_decode, "source_path", lambda: bad.with_name("x.cu"))  # the good source compiles
     good = tmp_path / "x.cu"
     good.write_text(bad.read_text().replace("struct DecodeParams {{", "struct DecodeParams {", 1))
     cuda_decode.compiled.cache_clear()
-    assert "decode on the CUDA kernel (kvmix_page_decode<4, 2, 4, true>" in prepare_decode(K4V2, 128, 4, torch.bfloat16)
+    line = prepare_decode(K4V2, 128, 4, torch.bfloat16)
+    assert "decode on the CUDA kernel (kvmix_page_decode<4, 2, 4, true, 128>" in line

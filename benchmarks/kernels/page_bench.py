@@ -184,7 +184,8 @@ def main():
             # experiments of the CUDA source (csrc/page_decode.cu, off as served), against the rows above
             served = cuda_decode.compiled
             for defines in experiments:
-                cuda_decode.compiled = lambda k_bits, v_bits, bf16, d=defines: served(k_bits, v_bits, bf16, d)
+                cuda_decode.compiled = (lambda k_bits, v_bits, bf16, head_size=D, d=defines:
+                                        served(k_bits, v_bits, bf16, d, head_size))
                 tag = "+" + "+".join(defines)
                 try:
                     res[f"{fname} graph {tag}"] = (

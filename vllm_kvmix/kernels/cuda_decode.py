@@ -6,8 +6,9 @@ channels and tokens each lane's mma registers hold so the codes arrive as whole 
 LOP3 per fp16 pair) -- ``docs/kernels.md`` has the counts and timings.
 
 Scope: decode steps (one query token per request: ``StepPlan.decode`` and any batch whose
-``max_query_len`` is 1), head size 128, GQA groups of at most 8, fp16 / bf16 queries, no sliding window
-or soft cap, keys 4 / 8 bits, values 2 / 4 bits.  One launch per layer does what the Triton path does in
+``max_query_len`` is 1), head sizes 64, 128 and 256 (one instantiation each: the pages of head size 256
+are read in passes of 32 tokens, at 2 blocks per SM), GQA groups of at most 8, fp16 / bf16 queries, no
+sliding window or soft cap, keys 4 / 8 bits, values 2 / 4 bits.  One launch per layer does what the Triton path does in
 three: stage the new token (``stage=(key, value)``: 8-bit, value rotated, into the staging slot; what
 ``page._stage_kernel`` does), attend over the packed pages and the own page, merge the split-K partials in
 the last block of each (row, KV head) and rotate the output back
@@ -36,11 +37,11 @@ import torch
 
 from vllm_kvmix.formats import KVFormat
 
-WARPS = 4  # warps per block (each walks its own pages); 4 blocks per SM at <= 128 registers
+WARPS = 4  # warps per block (each walks its own pages); 4 blocks per SM at <= 128 registers (head size 256: 2)
 MAX_SPLITS = 64  # split-K partials one block merges (the kernel's KVMIX_MAX_SPLITS: shared memory sm_w)
 ROWS = 8  # workspace rows per (query block, KV head, split): the GQA group, padded (the kernel's KVMIX_ROWS)
 SOURCE_NAME = "page_decode.cu"
-HEAD_SIZE = 128
+HEAD_SIZES = (64, 128, 256)  # the kernel's template parameter D (csrc/page_decode.cu HeadShape)
 KEY_BITS = (4, 8)
 VALUE_BITS = (2, 4)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -72,19 +73,19 @@ def nvrtc_options(defines: tuple[str, ...] = ()) -> list[str]:
     return ["-std=c++17", *(f"-D{d}" for d in defines)]
 
 
-def kernel_name(k_bits: int, v_bits: int, bf16: bool) -> str:
-    """The template instantiation NVRTC compiles by name for a format and query dtype."""
-    return f"kvmix_page_decode<{k_bits}, {v_bits}, {WARPS}, {'true' if bf16 else 'false'}>"
+def kernel_name(k_bits: int, v_bits: int, bf16: bool, head_size: int = 128) -> str:
+    """The template instantiation NVRTC compiles by name for a format, query dtype and head size."""
+    return f"kvmix_page_decode<{k_bits}, {v_bits}, {WARPS}, {'true' if bf16 else 'false'}, {head_size}>"
 
 
 def nvrtc_cubin(source: str, k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = (),
-                arch: str = "90") -> tuple[bytes, str]:
+                arch: str = "90", head_size: int = 128) -> tuple[bytes, str]:
     """(cubin, mangled name) of one instantiation as the launcher compiles it, for ``arch`` -- NVRTC alone,
     no GPU needed (tests and benchmarks/kernels/sass.py run it on a CPU).  Private API of torch 2.11: the
     compile step ``torch.cuda._compile_kernel`` runs before loading the module."""
     from torch.cuda import _utils
 
-    return _utils._nvrtc_compile(source, kernel_name(k_bits, v_bits, bf16), compute_capability=arch,
+    return _utils._nvrtc_compile(source, kernel_name(k_bits, v_bits, bf16, head_size), compute_capability=arch,
                                  nvcc_options=nvrtc_options(defines))
 
 
@@ -129,9 +130,9 @@ class Launcher:
 
 
 @functools.cache
-def compiled(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = ()) -> Launcher:
+def compiled(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = (), head_size: int = 128) -> Launcher:
     """The compiled instantiation (once per process); benchmarks pass build ``defines`` of an experiment."""
-    path, name = source_path(), kernel_name(k_bits, v_bits, bf16)
+    path, name = source_path(), kernel_name(k_bits, v_bits, bf16, head_size)
     try:
         return compile_cuda(path.read_text(), name, defines)
     except Exception as e:  # noqa: BLE001 -- NVRTC's log is in the message; say which kernel and what to do
@@ -142,15 +143,16 @@ def compiled(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = ()
 
 
 def covers(fmt: KVFormat, head_size: int, rep: int, dtype: torch.dtype, sliding_window=None, soft_cap=None) -> bool:
-    """Whether the CUDA kernel implements this layer's decode: head size 128, GQA groups of <= 8, fp16 / bf16,
-    keys 4 / 8 bits, values 2 / 4 bits, no sliding window or soft cap (the Triton kernel takes the rest)."""
-    return (head_size == HEAD_SIZE and rep <= ROWS and dtype in DTYPES and fmt.k_bits in KEY_BITS
+    """Whether the CUDA kernel implements this layer's decode: head sizes 64 / 128 / 256, GQA groups of <= 8,
+    fp16 / bf16, keys 4 / 8 bits, values 2 / 4 bits, no sliding window or soft cap (the Triton kernel takes the
+    rest)."""
+    return (head_size in HEAD_SIZES and rep <= ROWS and dtype in DTYPES and fmt.k_bits in KEY_BITS
             and fmt.v_bits in VALUE_BITS and not sliding_window and not soft_cap)
 
 
-def prepare(fmt: KVFormat, dtype: torch.dtype) -> Launcher:
+def prepare(fmt: KVFormat, dtype: torch.dtype, head_size: int) -> Launcher:
     """Compile the instantiation a layer will use, at startup (raises :class:`KernelUnavailable`)."""
-    return compiled(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16)
+    return compiled(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16, head_size=head_size)
 
 
 def supports(fmt: KVFormat, query: torch.Tensor, head_size: int, num_kv_heads: int,
@@ -190,8 +192,10 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, 
     ``bits`` / ``stage_consts``: the byte offsets of the packed and staged page
     (:func:`vllm_kvmix.kernels.page._constants`, the Triton kernels' constexprs); key codes start each
     head page in both, as the Triton kernels also assume."""
-    h = cache.shape[1]
+    h, d = cache.shape[1], query.shape[2]
     rep = query.shape[1] // h
+    if d not in HEAD_SIZES:
+        raise ValueError(f"kvmix: CUDA decode takes head sizes {HEAD_SIZES}, not {d}")
     if bits["K_CODES"] != 0:
         raise ValueError("kvmix: the CUDA decode kernel expects key codes at the start of a head page")
     if not 1 <= num_splits <= MAX_SPLITS or rep > ROWS:
@@ -213,7 +217,7 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, 
         raise ValueError("kvmix: CUDA decode takes int32 block tables, lengths and slots")
     nqb = qb_req.numel()
     if num_splits > 1:
-        ws_acc = torch.empty(nqb * h * num_splits * ROWS * HEAD_SIZE, dtype=torch.float32, device=query.device)
+        ws_acc = torch.empty(nqb * h * num_splits * ROWS * d, dtype=torch.float32, device=query.device)
         ws_ml = torch.empty(nqb * h * num_splits * ROWS * 2, dtype=torch.float32, device=query.device)
         arrivals = counters(nqb * h, query.device)
     else:
@@ -231,4 +235,5 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, 
         stride_ss=stage.stride(0), stride_sh=stage.stride(1), sk_meta_off=stage_consts["SK_META"],
         sv_codes_off=stage_consts["SV_CODES"], sv_meta_off=stage_consts["SV_META"],
     )
-    compiled(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16)((nqb, h, num_splits), (WARPS * 32, 1, 1), params)
+    kernel = compiled(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16, head_size=d)
+    kernel((nqb, h, num_splits), (WARPS * 32, 1, 1), params)

@@ -59,10 +59,10 @@ def prepare_decode(fmt: KVFormat, head_size: int, rep: int, dtype: torch.dtype, 
         return (f"kvmix: {fmt.name} decode on the Triton page kernel ({DECODE_KERNEL_ENV}={choice}); "
                 "the CUDA decode kernel is not used")
     if not cuda_decode.covers(fmt, head_size, rep, dtype, sliding_window, soft_cap):
-        return (f"kvmix: {fmt.name} decode on the Triton page kernel: the CUDA decode kernel covers head size "
-                f"{cuda_decode.HEAD_SIZE}, keys {cuda_decode.KEY_BITS} / values {cuda_decode.VALUE_BITS} bits, "
+        return (f"kvmix: {fmt.name} decode on the Triton page kernel: the CUDA decode kernel covers head sizes "
+                f"{cuda_decode.HEAD_SIZES}, keys {cuda_decode.KEY_BITS} / values {cuda_decode.VALUE_BITS} bits, "
                 f"fp16 / bf16, no sliding window or soft cap (this layer: head size {head_size}, "
                 f"{dtype}, window {sliding_window}, soft cap {soft_cap})")
-    cuda_decode.prepare(fmt, dtype)
-    name = cuda_decode.kernel_name(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16)
+    cuda_decode.prepare(fmt, dtype, head_size)
+    name = cuda_decode.kernel_name(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16, head_size)
     return f"kvmix: {fmt.name} decode on the CUDA kernel ({name} from {cuda_decode.source_path()})"

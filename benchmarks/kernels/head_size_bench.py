@@ -1,0 +1,148 @@
+"""Decode attention at head sizes 64, 128 and 256: the kvmix page scheme vs a bf16 baseline, in one process.
+
+    python benchmarks/kernels/head_size_bench.py [--shapes 64x32768,256x8192] [--formats kvmix-k4v2] [--out DIR]
+
+Heads (query / KV) per head size: 64 -> Llama-3.2-1B (32 / 8), 128 -> Llama-3.1-8B (32 / 8), 256 -> Gemma-3-12B
+(16 / 8); one query token per sequence, batch x context as given.  kvmix: ``PageStep.attend`` (packed pages + the
+8-bit own page, output rotated back), on the CUDA decode kernel as served (row ``graph``: replayed from a CUDA
+graph, as vLLM runs decode) and on the Triton page kernel alone (``triton``).  bf16 baseline: FA3
+(vllm_flash_attn, paged, block 16, shuffled blocks) where vLLM is installed, else torch's
+``scaled_dot_product_attention`` on contiguous bf16 K / V (``sdpa_bf16``: no paging, whichever backend torch
+picks for GQA).  GB/s counts the K/V bytes each kernel must read; the device copy bandwidth is measured in the
+same run.  Caches hold random bytes with valid fp16 metadata, as in page_bench.py (timing does not depend on
+the values; tests/test_page_kernels.py checks the numbers).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+try:  # the installed package (wheel or editable); a source tree run without installing: the tree
+    import vllm_kvmix  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from vllm_kvmix.formats import PAGE_TOKENS, parse_format, stage_layout  # noqa: E402
+from vllm_kvmix.options import DECODE_KERNEL_ENV  # noqa: E402
+from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from peers import PEER_BS, bench, copy_bw  # noqa: E402
+
+dev = "cuda"
+HEADS = {64: (32, 8), 128: (32, 8), 256: (16, 8)}  # head size -> (query heads, KV heads)
+
+
+def random_pages(n, hkv, nbytes, metas, gen):
+    """uint8[n, hkv, nbytes] random codes; fp16 (scale, min) pairs at ``metas`` [(offset, count)]."""
+    pages = torch.randint(0, 256, (n, hkv, nbytes), dtype=torch.uint8, device=dev, generator=gen)
+    for off, count in metas:
+        m = torch.empty(n, hkv, count, 2, dtype=torch.float16, device=dev)
+        m[..., 0] = 0.02
+        m[..., 1] = -1.0
+        pages[:, :, off : off + 4 * count] = m.view(n, hkv, -1).view(torch.uint8)
+    return pages
+
+
+def kvmix_case(fmt, d, hkv, B, L, gen):
+    """(cache, staging, block table) of B sequences of L tokens at head size d."""
+    lay, slay = fmt.layout(d, PAGE_TOKENS), stage_layout(d)
+    n_pages = B * triton.cdiv(L, PAGE_TOKENS)
+    groups = PAGE_TOKENS * d // 64
+    cache = random_pages(n_pages, hkv, lay.head_page_bytes, [(lay.k.meta_offset, d), (lay.v.meta_offset, groups)], gen)
+    stage = random_pages(B, hkv, slay.head_page_bytes, [(slay.k.meta_offset, groups), (slay.v.meta_offset, groups)],
+                         gen)
+    bt = torch.randperm(n_pages, device=dev, dtype=torch.int32, generator=gen).view(B, -1)
+    return cache, stage, bt
+
+
+def kvmix_bytes(fmt, d, hkv, B, seq):
+    """Bytes attention reads: full pages packed, the own page's tokens at 8 bits."""
+    own = (seq - 1) // PAGE_TOKENS
+    packed = own * PAGE_TOKENS * fmt.bytes_per_token_head(d)
+    staged = (seq - own * PAGE_TOKENS) * fmt.stage_bytes_per_seq_head(d) // PAGE_TOKENS
+    return B * hkv * (packed + staged)
+
+
+def baseline(B, L, d, hq, hkv, q, out, gen):
+    """(name, ms, bytes) of bf16 attention over B x L tokens: FA3 if vLLM is installed, else torch SDPA."""
+    kv_bytes = 2 * 2 * B * L * hkv * d
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        nb = B * L // PEER_BS
+        k = torch.randn(nb, PEER_BS, hkv, d, dtype=torch.bfloat16, device=dev, generator=gen)
+        v = torch.randn_like(k)
+        bt = torch.randperm(nb, device=dev, dtype=torch.int32, generator=gen).view(B, L // PEER_BS)
+        cu_q = torch.arange(B + 1, device=dev, dtype=torch.int32)
+        seq = torch.full((B,), L, device=dev, dtype=torch.int32)
+        f = lambda: flash_attn_varlen_func(q, k, v, 1, cu_q, L, seqused_k=seq, softmax_scale=d**-0.5,  # noqa: E731
+                                           causal=True, block_table=bt, out=out, fa_version=3)
+        return "fa3_bf16", bench(f), kv_bytes
+    except Exception as e:  # noqa: BLE001
+        print("FA3 unavailable, timing torch SDPA bf16 instead:", repr(e)[:200], flush=True)
+    k = torch.randn(B, hkv, L, d, dtype=torch.bfloat16, device=dev, generator=gen)
+    v = torch.randn_like(k)
+    qq = q.view(B, hq, 1, d)
+    f = lambda: torch.nn.functional.scaled_dot_product_attention(qq, k, v, scale=d**-0.5, enable_gqa=True)  # noqa: E731
+    ms = bench(f)
+    del k, v
+    return "sdpa_bf16", ms, kv_bytes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--shapes", default="64x32768,256x8192", help="batch x context, e.g. 64x32768,256x8192")
+    ap.add_argument("--head-sizes", default="64,128,256")
+    ap.add_argument("--formats", default="kvmix-k4v2,kvmix-k4v4,kvmix-k8v4")
+    args = ap.parse_args()
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    bw = copy_bw()
+    name = torch.cuda.get_device_name()
+    print(f"device copy bandwidth {bw:.0f} GB/s ({name})", flush=True)
+    print(f"{'d':>4} {'B':>4} {'L':>7}  {'kernel':<24}{'ms':>8} {'GB/s':>7} {'%copy':>6} {'vs bf16':>8}", flush=True)
+    rows = []
+    for d in map(int, args.head_sizes.split(",")):
+        hq, hkv = HEADS[d]
+        for B, L in shapes:
+            q = torch.randn(B, hq, d, dtype=torch.bfloat16, device=dev, generator=gen)
+            out = torch.empty_like(q)
+            base_name, base_ms, base_bytes = baseline(B, L, d, hq, hkv, q, out, gen)
+            res = {base_name: (base_ms, base_bytes)}
+            torch.cuda.empty_cache()
+            seq_len = L - 32  # a typical decode step: the own page half full
+            for fname in args.formats.split(","):
+                fmt = parse_format(fname)
+                cache, stage, bt = kvmix_case(fmt, d, hkv, B, L, gen)
+                k = torch.randn(B, hkv, d, dtype=torch.bfloat16, device=dev, generator=gen)
+                qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)
+                seq = torch.full((B,), seq_len, dtype=torch.int32, device=dev)
+                slots = torch.arange(B, dtype=torch.int32, device=dev)
+                plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), seq_len, hq, hkv)
+                st = PageStep(k, cache, stage, fmt, slots, bt, plan)
+                nbytes = kvmix_bytes(fmt, d, hkv, B, seq_len)
+                res[fname] = (bench(lambda: st.attend(q, out, d**-0.5)), nbytes)
+                res[fname + " graph"] = (triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, d**-0.5)), nbytes)
+                os.environ[DECODE_KERNEL_ENV] = "triton"  # the same step on the Triton kernel alone
+                res[fname + " triton"] = (bench(lambda: st.attend(q, out, d**-0.5)), nbytes)
+                os.environ.pop(DECODE_KERNEL_ENV)
+                del cache, stage
+                torch.cuda.empty_cache()
+            for kname, (ms, byt) in res.items():
+                gbs = byt / (ms * 1e-3) / 1e9
+                rows.append(dict(d=d, hq=hq, hkv=hkv, B=B, L=L, kernel=kname, ms=ms, gbs=gbs, pct_copy=100 * gbs / bw,
+                                 baseline=base_name, speedup_vs_baseline=base_ms / ms))
+                print(f"{d:>4} {B:>4} {L:>7}  {kname:<24}{ms:8.3f} {gbs:7.0f} {100 * gbs / bw:6.1f} "
+                      f"{base_ms / ms:7.2f}x", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "head_size_bench.json"), "w") as f:
+        json.dump(dict(device=name, copy_gbs=bw, attention=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,9 +8,12 @@ codes and the same packed pages, written by the reference's own quantizers.  Att
   dequantizes pages in chunks into a bounded workspace (:data:`CHUNK_BYTES`) and merges them with an online
   softmax;
 * a prompt's rows attend per page on PyTorch's fused attention (the rows of page j see the pages before j
-  packed and page j at 8 bits), holding the request's visible context in fp32 while they run;
-* fp32 instead of the reference's fp64, except the output rotation (fp64, so a row's result does not depend on
-  how many rows share the step); outputs agree with the reference to fp32 rounding.
+  packed and page j at 8 bits), in the model's precision as vLLM's own CPU attention: fp32 for an fp32 model,
+  else bf16;
+* fp32 instead of the reference's fp64 elsewhere; the output rotation row by row in a fixed order (the kernel's
+  fast Walsh-Hadamard transform, or fp64), so a row's result does not depend on how many rows share the step.
+  Decode rows and an fp32 model's prompt rows agree with the reference to fp32 rounding, a bf16 model's prompt
+  rows to bf16's.
 """
 
 from __future__ import annotations

@@ -11,14 +11,17 @@
 // The thread layout scales with D (HeadShape): each lane quad position holds D / 4 query / key channels,
 // each mma row group g D / 8 value channels.  A page is read in passes of HeadShape::T tokens: the whole
 // page for D <= 128; 32 tokens for D = 256, so a pass holds as many code bytes as one page of head size 128.
-// Grid: (query block = one request's token, KV head, split); NW warps per block, each warp walks its own
+// Grid: (query block = one request's token, (KV head, chunk), split): a KV head's GQA group of rep query
+// heads in chunks of up to 8 (the mma's rows), one block each; NW warps per block, each warp walks its own
 // pages (p = first + warp, + NW, ...) with its own online softmax, merged in shared memory at the end.
-// Pages [0, own) come from the cache, page `own` from the request's staging slot.
+// Pages [0, own) come from the cache, page `own` from the request's staging slot; with a sliding window
+// (WINDOW), pages from the window's first one, its tokens before the window masked.
 //   Staging (`stage_new`): the block whose split holds page `own` first quantizes the step's new key and
 //   value (the value Hadamard-rotated by a fast Walsh-Hadamard transform across the warp) to 8 bits into
-//   the staging slot -- what page.py's _stage_kernel does for a general batch -- and then reads the page.
+//   the staging slot -- what page.py's _stage_kernel does for a general batch -- and then reads the page
+//   (each chunk's block writes the same bytes).
 //   Split-K: each block writes its (max, sum, acc) partial to the workspace; the last block of a (row, KV
-//   head) to finish (a counter per pair, reset by that block) merges them.  With one split the block
+//   head, chunk) to finish (a counter each, reset by that block) merges them.  With one split the block
 //   merges its warps only.  The merged output is rotated back (x H, the same transform) and stored in
 //   the query's dtype.
 //
@@ -45,7 +48,7 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 
 #define KVMIX_P 64
-#define KVMIX_ROWS 8         // query heads per KV head (the mma's rows g; workspace rows per split): cuda_decode.ROWS
+#define KVMIX_ROWS 8         // query heads per block (the mma's rows g; workspace rows per split): cuda_decode.ROWS
 #define KVMIX_MAX_SPLITS 64  // split-K partials the last block merges (sm_w): cuda_decode.MAX_SPLITS
 // Blocks per SM the register allocation is bounded for at head sizes 64 / 128: 4 (128 registers, ~72-96 bytes of
 // spills at 128) as served; head size 256 (twice the accumulators and query registers) at KVMIX_MIN_BLOCKS_256.
@@ -437,9 +440,10 @@ __device__ __forceinline__ void add_values(const PageCodes<CKB, VB, D>& pc, cons
 // format (the query's channel order, key_channel<QKB, D>); CKB / VB: bits of this page's codes.  STAGED: the
 // 8-bit own page -- keys per token and 64-channel group (dequantized on the B operand in fp16), tokens
 // >= n_valid (counted from t0) masked (their bytes may be stale); otherwise a full packed page (keys per
-// channel, scale folded into the query).
-template <int QKB, int CKB, int VB, bool STAGED, int D>
-__device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid, const u32 (&qs)[D / 8],
+// channel, scale folded into the query).  LO: tokens < lo (counted from t0: the sliding window's start) are
+// masked too; the pass holds at least one token in [lo, n_valid).
+template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D>
+__device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid, int lo, const u32 (&qs)[D / 8],
                                             float& m_run, float& l_run, float (&acc)[D / 16][4], int g, int qd,
                                             int k_meta_off, int v_codes_off, int v_meta_off) {
   constexpr int T = HeadShape<D>::T, NK = HeadShape<D>::NK;
@@ -489,6 +493,13 @@ __device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid,
       if (8 * nt + 2 * qd + 1 >= n_valid) s[nt][1] = KVMIX_NEG_INF;
     }
   }
+  if (LO) {
+#pragma unroll
+    for (int nt = 0; nt < T / 8; ++nt) {
+      if (8 * nt + 2 * qd < lo) s[nt][0] = KVMIX_NEG_INF;
+      if (8 * nt + 2 * qd + 1 < lo) s[nt][1] = KVMIX_NEG_INF;
+    }
+  }
 
   // ---- online softmax (base 2) for row g; the quad (qd = 0..3) shares the row
   float mx = KVMIX_NEG_INF;
@@ -529,8 +540,8 @@ __device__ __forceinline__ u32 movmatrix_t(u32 x) {  // 8 x 8 fp16 tile (row lan
 // 16 mt + 8 + g: the thread's words of kc[2 mt] and kc[2 mt + 1]), B = the query pair of head g; the thread
 // holds heads 2 qd, 2 qd + 1 of T / 8 tokens, so the softmax state is per (thread, head i = 0, 1) and the maxima
 // are reduced over g (lanes 4, 8, 16 apart).  P^T tiles transposed by movmatrix are the value mma's B.
-template <int QKB, int CKB, int VB, bool STAGED, int D>
-__device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_valid, const u32 (&qs)[D / 8],
+template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D>
+__device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_valid, int lo, const u32 (&qs)[D / 8],
                                                float (&m_run)[2], float (&l_run)[2], float (&acc)[D / 16][4], int g,
                                                int qd, int k_meta_off, int v_codes_off, int v_meta_off) {
   constexpr int T = HeadShape<D>::T, NK = HeadShape<D>::NK;
@@ -597,6 +608,13 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_val
       if (16 * mt + 8 + g >= n_valid) st[mt][2] = st[mt][3] = KVMIX_NEG_INF;
     }
   }
+  if (LO) {
+#pragma unroll
+    for (int mt = 0; mt < T / 16; ++mt) {
+      if (16 * mt + g < lo) st[mt][0] = st[mt][1] = KVMIX_NEG_INF;
+      if (16 * mt + 8 + g < lo) st[mt][2] = st[mt][3] = KVMIX_NEG_INF;
+    }
+  }
 
   // ---- online softmax (base 2) for heads 2 qd + i; the 8 lanes of one qd share them
   float mx[2] = {KVMIX_NEG_INF, KVMIX_NEG_INF};
@@ -639,16 +657,44 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_val
 __host__ __device__ constexpr bool s_transposed(int key_bits) { return key_bits == 4; }
 
 // One page pass into the softmax state (m_run, l_run per the layout: attend_page uses [0], head g).
-template <int QKB, int CKB, int VB, bool STAGED, int D>
-__device__ __forceinline__ void attend(const u8* page, int t0, int n_valid, const u32 (&qs)[D / 8], float (&m_run)[2],
-                                       float (&l_run)[2], float (&acc)[D / 16][4], int g, int qd, int k_meta_off,
-                                       int v_codes_off, int v_meta_off) {
+template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D>
+__device__ __forceinline__ void attend(const u8* page, int t0, int n_valid, int lo, const u32 (&qs)[D / 8],
+                                       float (&m_run)[2], float (&l_run)[2], float (&acc)[D / 16][4], int g, int qd,
+                                       int k_meta_off, int v_codes_off, int v_meta_off) {
   if constexpr (s_transposed(QKB))
-    attend_page_st<QKB, CKB, VB, STAGED, D>(page, t0, n_valid, qs, m_run, l_run, acc, g, qd, k_meta_off, v_codes_off,
-                                            v_meta_off);
+    attend_page_st<QKB, CKB, VB, STAGED, LO, D>(page, t0, n_valid, lo, qs, m_run, l_run, acc, g, qd, k_meta_off,
+                                                v_codes_off, v_meta_off);
   else
-    attend_page<QKB, CKB, VB, STAGED, D>(page, t0, n_valid, qs, m_run[0], l_run[0], acc, g, qd, k_meta_off,
-                                         v_codes_off, v_meta_off);
+    attend_page<QKB, CKB, VB, STAGED, LO, D>(page, t0, n_valid, lo, qs, m_run[0], l_run[0], acc, g, qd, k_meta_off,
+                                             v_codes_off, v_meta_off);
+}
+
+// One page (64 tokens: passes of T) into the softmax state: tokens [lo, n_valid) of it (WINDOW: lo = the window's
+// start counted from the page's first token, > 0 on the window's first page only).  Passes without a token in
+// that range are skipped, so every softmax update sees at least one unmasked score.
+template <int QKB, int CKB, int VB, bool STAGED, bool WINDOW, int D>
+__device__ __forceinline__ void attend_tokens(const u8* page, int n_valid, int lo, const u32 (&qs)[D / 8],
+                                              float (&m_run)[2], float (&l_run)[2], float (&acc)[D / 16][4], int g,
+                                              int qd, int k_meta_off, int v_codes_off, int v_meta_off) {
+  constexpr int T = HeadShape<D>::T;
+  if constexpr (T == KVMIX_P) {
+    if (WINDOW && lo > 0)
+      attend<QKB, CKB, VB, STAGED, true, D>(page, 0, n_valid, lo, qs, m_run, l_run, acc, g, qd, k_meta_off,
+                                            v_codes_off, v_meta_off);
+    else
+      attend<QKB, CKB, VB, STAGED, false, D>(page, 0, n_valid, 0, qs, m_run, l_run, acc, g, qd, k_meta_off,
+                                             v_codes_off, v_meta_off);
+  } else {
+#pragma unroll 1
+    for (int t0 = WINDOW && lo > 0 ? lo / T * T : 0; t0 < n_valid; t0 += T) {  // lo < 0 past the first page
+      if (WINDOW && lo > t0)
+        attend<QKB, CKB, VB, STAGED, true, D>(page, t0, n_valid - t0, lo - t0, qs, m_run, l_run, acc, g, qd,
+                                              k_meta_off, v_codes_off, v_meta_off);
+      else
+        attend<QKB, CKB, VB, STAGED, false, D>(page, t0, n_valid - t0, 0, qs, m_run, l_run, acc, g, qd, k_meta_off,
+                                               v_codes_off, v_meta_off);
+    }
+  }
 }
 
 // The launch's arguments, passed by value as one struct: vllm_kvmix.kernels.cuda_decode.DecodeParams mirrors
@@ -692,9 +738,10 @@ struct DecodeParams {
   int sk_meta_off;
   int sv_codes_off;
   int sv_meta_off;
+  int window;  // sliding window in tokens (WINDOW instantiations): keys at positions >= seq - window
 };
 
-template <int KB, int VB, int NW, bool BF16, int D>
+template <int KB, int VB, int NW, bool BF16, int D, bool WINDOW>
 __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_decode(const DecodeParams args) {
   using HS = HeadShape<D>;
   const u16* __restrict__ q = args.q;
@@ -721,9 +768,13 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   const int sk_meta_off = args.sk_meta_off, sv_codes_off = args.sv_codes_off, sv_meta_off = args.sv_meta_off;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, qd = lane & 3;
-  const int qb = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;  // query block = one request's token
+  // query block = one request's token; blockIdx.y = (KV head, chunk of <= KVMIX_ROWS of its rep query heads)
+  const int qb = blockIdx.x, pair = blockIdx.y, split = blockIdx.z;
+  const int chunks = (rep + KVMIX_ROWS - 1) / KVMIX_ROWS;
+  const int kvh = pair / chunks, head0 = kvh * rep + (pair - kvh * chunks) * KVMIX_ROWS;  // row g: head head0 + g
+  const int rows = min(KVMIX_ROWS, kvh * rep + rep - head0);
   const int b = qb_req[qb];
-  const int num_kv = gridDim.y;
+  const int num_pairs = gridDim.y;
   const float scale_log2e = (float)scale_log2e_d;
 
   __shared__ float sm_m[NW][KVMIX_ROWS], sm_l[NW][KVMIX_ROWS];
@@ -737,8 +788,10 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   // pages [0, own) packed, page `own` from the staging slot
   const int own = (seq - 1) / KVMIX_P;
   const int n_pages = own + 1;
-  const int per = (n_pages + num_splits - 1) / num_splits;
-  const int p_begin = split * per;
+  const int lo = WINDOW ? max(seq - args.window, 0) : 0;  // the first key position attended
+  const int p_first = lo / KVMIX_P;
+  const int per = (n_pages - p_first + num_splits - 1) / num_splits;
+  const int p_begin = p_first + split * per;
   const int p_end = min(n_pages, p_begin + per);
   u8* own_page = stage + (long long)slots[b] * stride_ss + (long long)kvh * stride_sh;
 
@@ -763,8 +816,8 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   // ---- the query as A fragments (row g = head kvh * rep + g), scaled by softmax scale * log2(e)
   u32 qs[HS::QP];
   {
-    const bool row_ok = g < rep;
-    const long long qoff = (long long)q0 * stride_qt + (long long)(kvh * rep + g) * stride_qh;
+    const bool row_ok = g < rows;
+    const long long qoff = (long long)q0 * stride_qt + (long long)(head0 + g) * stride_qh;
 #pragma unroll
     for (int pi = 0; pi < HS::QP; ++pi) {
       float lo = 0.f, hi = 0.f;
@@ -785,24 +838,15 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   for (int mt = 0; mt < HS::VMT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
   for (int p = p_begin + warp; p < p_end; p += NW) {
+    const int page_lo = WINDOW ? lo - p * KVMIX_P : 0;  // > 0 on the window's first page only
     if (p == own) {  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64)
-      const int n = seq - own * KVMIX_P;
-      if constexpr (HS::T == KVMIX_P) {
-        attend<KB, 8, 8, true, D>(own_page, 0, n, qs, m_run, l_run, acc, g, qd, sk_meta_off, sv_codes_off,
-                                  sv_meta_off);
-      } else {
-#pragma unroll 1
-        for (int t0 = 0; t0 < n; t0 += HS::T)  // passes holding a valid token only (no all-masked softmax)
-          attend<KB, 8, 8, true, D>(own_page, t0, n - t0, qs, m_run, l_run, acc, g, qd, sk_meta_off, sv_codes_off,
-                                    sv_meta_off);
-      }
+      attend_tokens<KB, 8, 8, true, WINDOW, D>(own_page, seq - own * KVMIX_P, page_lo, qs, m_run, l_run, acc, g, qd,
+                                               sk_meta_off, sv_codes_off, sv_meta_off);
     } else {
       const long long blk = block_table[(long long)b * stride_bt + p];
-      const u8* page = cache + blk * (long long)stride_cb + (long long)kvh * stride_ch;
-#pragma unroll 1
-      for (int t0 = 0; t0 < KVMIX_P; t0 += HS::T)
-        attend<KB, KB, VB, false, D>(page, t0, HS::T, qs, m_run, l_run, acc, g, qd, k_meta_off, v_codes_off,
-                                     v_meta_off);
+      attend_tokens<KB, KB, VB, false, WINDOW, D>(cache + blk * (long long)stride_cb + (long long)kvh * stride_ch,
+                                                  KVMIX_P, page_lo, qs, m_run, l_run, acc, g, qd, k_meta_off,
+                                                  v_codes_off, v_meta_off);
     }
   }
 
@@ -835,8 +879,8 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   }
   __syncthreads();
   // this block's (max, sum, acc) per (head r, channel c); acc lands in sm_acc[0] (each thread its own cells)
-  const long long base = ((long long)qb * num_kv + kvh) * num_splits;  // + split: the workspace row block
-  for (int i = threadIdx.x; i < rep * D; i += NW * 32) {
+  const long long base = ((long long)qb * num_pairs + pair) * num_splits;  // + split: the workspace row block
+  for (int i = threadIdx.x; i < rows * D; i += NW * 32) {
     const int r = i / D, c = i % D;
     float M = KVMIX_NEG_INF;
 #pragma unroll
@@ -866,12 +910,12 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
     // ---- the last block of (row, KV head) to finish merges every split's partial
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) sm_last = atomicAdd(counters + (long long)qb * num_kv + kvh, 1) == num_splits - 1;
+    if (threadIdx.x == 0) sm_last = atomicAdd(counters + (long long)qb * num_pairs + pair, 1) == num_splits - 1;
     __syncthreads();
     if (!sm_last) return;
     __threadfence();
     // warp w: heads w, w + NW; lanes over splits -> the global max, each split's weight, the sum
-    for (int r = warp; r < rep; r += NW) {
+    for (int r = warp; r < rows; r += NW) {
       float M = KVMIX_NEG_INF;
       for (int sp = lane; sp < num_splits; sp += 32) M = fmaxf(M, __ldcg(ws_ml + ((base + sp) * KVMIX_ROWS + r) * 2));
 #pragma unroll
@@ -887,7 +931,7 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
       if (lane == 0) sm_l[0][r] = L > 0.f ? 1.f / L : 0.f;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < rep * (D / 4); i += NW * 32) {  // 4 channels per thread
+    for (int i = threadIdx.x; i < rows * (D / 4); i += NW * 32) {  // 4 channels per thread
       const int r = i / (D / 4), c = 4 * (i % (D / 4));
       float4 A;
       A.x = A.y = A.z = A.w = 0.f;
@@ -901,17 +945,17 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
       sm_acc[0][r][c] = A.x * inv; sm_acc[0][r][c + 1] = A.y * inv;
       sm_acc[0][r][c + 2] = A.z * inv; sm_acc[0][r][c + 3] = A.w * inv;
     }
-    if (threadIdx.x == 0) counters[(long long)qb * num_kv + kvh] = 0;  // ready for the next launch
+    if (threadIdx.x == 0) counters[(long long)qb * num_pairs + pair] = 0;  // ready for the next launch
   }
   __syncthreads();
 
   // ---- rotate back (values were stored rotated) and store: warp w, heads w, w + NW
-  for (int r = warp; r < rep; r += NW) {
+  for (int r = warp; r < rows; r += NW) {
     float x[HS::LC];
 #pragma unroll
     for (int i = 0; i < HS::LC; ++i) x[i] = sm_acc[0][r][HS::LC * lane + i];
     fwht<D>(x, lane);
-    u32* dst = reinterpret_cast<u32*>(out + (long long)q0 * stride_ot + (long long)(kvh * rep + r) * stride_oh +
+    u32* dst = reinterpret_cast<u32*>(out + (long long)q0 * stride_ot + (long long)(head0 + r) * stride_oh +
                                       HS::LC * lane);
 #pragma unroll
     for (int i = 0; i < HS::LC / 2; ++i)
@@ -921,11 +965,14 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
 
 // nvcc builds (tests/test_page_kernels.py, SASS inspection): the variants NVRTC instantiates by name at run time.
 #ifdef KVMIX_INSTANTIATE
-#define KVMIX_VARIANT(KB, VB, BF16, D) \
-  template __global__ void kvmix_page_decode<KB, VB, 4, BF16, D>(const DecodeParams);
-#define KVMIX_HEAD_SIZE(D) KVMIX_VARIANT(4, 2, false, D) KVMIX_VARIANT(4, 2, true, D) KVMIX_VARIANT(4, 4, true, D) \
-  KVMIX_VARIANT(8, 4, true, D)
+#define KVMIX_VARIANT(KB, VB, BF16, D, WINDOW) \
+  template __global__ void kvmix_page_decode<KB, VB, 4, BF16, D, WINDOW>(const DecodeParams);
+#define KVMIX_HEAD_SIZE(D) KVMIX_VARIANT(4, 2, false, D, false) KVMIX_VARIANT(4, 2, true, D, false) \
+  KVMIX_VARIANT(4, 4, true, D, false) KVMIX_VARIANT(8, 4, true, D, false)
 KVMIX_HEAD_SIZE(128)
 KVMIX_HEAD_SIZE(64)
 KVMIX_HEAD_SIZE(256)
+// sliding-window layers (Gemma-3: head size 256; either S layout)
+KVMIX_VARIANT(4, 2, true, 256, true)
+KVMIX_VARIANT(8, 4, true, 128, true)
 #endif

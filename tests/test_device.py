@@ -62,7 +62,7 @@ def test_layers_outside_the_cuda_kernel_say_so(monkeypatch):
     assert ("kvmix-k2v4 decode on the Triton page kernel: the CUDA decode kernel covers head sizes (64, 128, 256)"
             in line)
     assert "Triton" in prepare_decode(K4V2, 512, 4, torch.bfloat16)
-    assert "Triton" in prepare_decode(K4V2, 256, 4, torch.bfloat16, sliding_window=1024)
+    assert "Triton" in prepare_decode(K4V2, 256, 4, torch.bfloat16, soft_cap=30.0)
 
 
 def test_missing_kernel_source_is_a_startup_error(monkeypatch, tmp_path):
@@ -93,11 +93,11 @@ def test_kernel_that_does_not_compile_is_a_startup_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cuda_decode, "compile_cuda", nvrtc_only)
     with pytest.raises(cuda_decode.KernelUnavailable,
-                       match=r"compiling the CUDA decode kernel kvmix_page_decode<4, 2, 4, true, 128> .* failed"):
+                       match=r"compiling the CUDA decode kernel kvmix_page_decode<4, 2, 4, true, 128, false> .* failed"):
         prepare_decode(K4V2, 128, 4, torch.bfloat16)
     monkeypatch.setattr(cuda_decode, "source_path", lambda: bad.with_name("x.cu"))  # the good source compiles
     good = tmp_path / "x.cu"
     good.write_text(bad.read_text().replace("struct DecodeParams {{", "struct DecodeParams {", 1))
     cuda_decode.compiled.cache_clear()
     line = prepare_decode(K4V2, 128, 4, torch.bfloat16)
-    assert "decode on the CUDA kernel (kvmix_page_decode<4, 2, 4, true, 128>" in line
+    assert "decode on the CUDA kernel (kvmix_page_decode<4, 2, 4, true, 128, false>" in line

@@ -399,7 +399,10 @@ def test_cuda_decode_compiles_with_nvrtc(defines, d):
         for bf16 in ((True, False) if not defines else (True,)):
             cubin, mangled = cuda_decode.nvrtc_cubin(src, k_bits, v_bits, bf16, defines, head_size=d)
             assert len(cubin) > 10_000 and mangled.startswith("_Z17kvmix_page_decodeI"), (k_bits, v_bits, bf16)
-            assert mangled.endswith(f"ELi{d}EEv12DecodeParams"), mangled
+            assert mangled.endswith(f"ELi{d}ELb0EEv12DecodeParams"), mangled
+    for k_bits, v_bits in ((4, 2), (8, 4)):  # sliding-window layers, both S layouts
+        cubin, mangled = cuda_decode.nvrtc_cubin(src, k_bits, v_bits, True, defines, head_size=d, window=True)
+        assert len(cubin) > 10_000 and mangled.endswith(f"ELi{d}ELb1EEv12DecodeParams"), mangled
 
 
 def _decode_pages(fmt, seq_lens, h, d, gen):
@@ -433,8 +436,9 @@ def _decode_pages(fmt, seq_lens, h, d, gen):
     return cache, stage, table
 
 
-def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
-    """fp64 attention of each request's query over its pages as the reference reads them, rotated back."""
+def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale, window=None):
+    """fp64 attention of each request's query over its pages as the reference reads them, rotated back
+    (``window``: over its last ``window`` tokens)."""
     from vllm_kvmix.quant import hadamard
     from vllm_kvmix.reference.paged import read_pages
 
@@ -450,6 +454,8 @@ def _decode_oracle(q, cache, stage, table, seq_lens, fmt, d, scale):
         kst, vst = read_pages(stage, torch.tensor([i]), stage_layout(d))
         ks.append(kst[: s - own * P]), vs.append(vst[: s - own * P])
         k, v = torch.cat(ks).double(), torch.cat(vs).double()
+        if window is not None:
+            k, v = k[-window:], v[-window:]
         qi = q[i].double().view(h, -1, d)  # [H, rep, D]
         w = torch.softmax(torch.einsum("hrd,thd->hrt", qi, k) * scale, dim=-1)
         out[i] = (torch.einsum("hrt,thd->hrd", w, v) @ rot).reshape(-1, d)
@@ -462,16 +468,20 @@ _DECODE_SHAPES = {64: 7, 128: 4, 256: 2}
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name, defines, d", [
-    *[(f, (), d) for d in (64, 128, 256) for f in ("kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4")],
-    ("kvmix-k4v2", ("KVMIX_MIN_BLOCKS=3",), 128),
-    *[(f, _TRIAL_DEFINES, 128) for f in ("kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4") if _TRIAL_DEFINES]])
+@pytest.mark.parametrize("name, defines, d, window, rep", [
+    *[(f, (), d, None, None) for d in (64, 128, 256) for f in ("kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4")],
+    # sliding windows: starting inside a packed page (70) or inside the staged own page (10), both S layouts
+    *[(f, (), d, w, None) for f, d in (("kvmix-k4v2", 256), ("kvmix-k8v4", 128), ("kvmix-k4v4", 64)) for w in (10, 70)],
+    # GQA groups over 8 query heads: blocks of 8 (12 = 8 + 4, 16 = 8 + 8), both S layouts
+    ("kvmix-k4v2", (), 128, None, 12), ("kvmix-k8v4", (), 64, None, 16), ("kvmix-k4v2", (), 256, 70, 12),
+    ("kvmix-k4v2", ("KVMIX_MIN_BLOCKS=3",), 128, None, None),
+    *[(f, _TRIAL_DEFINES, 128, None, None) for f in ("kvmix-k4v2", "kvmix-k4v4", "kvmix-k8v4") if _TRIAL_DEFINES]])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_decode_matches_oracle_and_triton(name, defines, d, dtype, monkeypatch):
+def test_cuda_decode_matches_oracle_and_triton(name, defines, d, window, rep, dtype, monkeypatch):
     """Decode steps through the CUDA packed-page kernel (csrc/page_decode.cu) + the Triton own-page split,
     against the fp64 oracle and against the Triton-only path on the same caches, for each head size the kernel
-    covers (its GQA group from ``_DECODE_SHAPES``); rows padded past the
-    real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K; also
+    covers (its GQA group from ``_DECODE_SHAPES`` unless ``rep`` is given: groups over 8 run in blocks of 8) and
+    with sliding windows; rows padded past the real requests (qsl repeats, seq_len 0), 1-3000 token contexts, automatic and forced split-K; also
     built with ``KVMIX_MIN_BLOCKS=3`` (another register allocation, no spills) and with a trial's defines
     (``KVMIX_TEST_DEFINES``, e.g. after applying a patch of benchmarks/kernels/experiments).  As served, k4v2 / k4v4 run the S-transposed page loop, k8v4 the S = Q K^T one.
 
@@ -482,17 +492,17 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, d, dtype, monkeypa
     from vllm_kvmix.kernels.page import PageStep, StepPlan
 
     served = cuda_decode.compiled
-    monkeypatch.setattr(cuda_decode, "compiled",
-                        lambda k_bits, v_bits, bf16, head_size: served(k_bits, v_bits, bf16, defines, head_size))
+    monkeypatch.setattr(cuda_decode, "compiled", lambda k_bits, v_bits, bf16, head_size, window:
+                        served(k_bits, v_bits, bf16, defines, head_size, window))
     fmt = parse_format(name)
-    h, rep, scale = 2, _DECODE_SHAPES[d], 0.09
+    h, rep, scale = 2, rep or _DECODE_SHAPES[d], 0.09
     seq_lens = [1, 64, 65, 700, 3000, 129]
     n, n_pad = len(seq_lens), len(seq_lens) + 2
     gen = torch.Generator().manual_seed(7)
     cache, stage, table = _decode_pages(fmt, seq_lens, h, d, gen)
     q = torch.randn(n_pad, h * rep, d, generator=gen).to(dtype)
     q[:, :, 3] *= 4.0
-    want = _decode_oracle(q[:n].float(), cache, stage, table, seq_lens, fmt, d, scale)
+    want = _decode_oracle(q[:n].float(), cache, stage, table, seq_lens, fmt, d, scale, window)
     cache, stage = cache.to(DEV), stage.to(DEV)
     table = torch.cat([table, table[:1].expand(n_pad - n, -1)]).to(DEV)
     qsl = torch.tensor(list(range(n + 1)) + [n] * (n_pad - n), dtype=torch.int32, device=DEV)
@@ -505,13 +515,13 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, d, dtype, monkeypa
         plan = StepPlan(qsl, seq, n_pad, 1, qsl.tolist(), max(seq_lens), h * rep, h, num_splits=splits)
         step = PageStep(query[:, :h], cache, stage, fmt, slots, table, plan)
         out = torch.full_like(query, float("nan"))
-        step.attend(query, out, scale)
+        step.attend(query, out, scale, window)
         outs[(path, splits)] = out[:n].double().cpu()
         assert torch.isfinite(outs[(path, splits)]).all(), (path, splits)
     errs = {key: _rel(got, want) for key, got in outs.items()}
     errs["cuda-triton"] = _rel(outs[("cuda", None)], outs[("triton", None)])
     errs["split5-auto"] = _rel(outs[("cuda", 5)], outs[("cuda", None)])
-    print(name, d, dtype, errs)
+    print(name, d, window, rep, dtype, errs)
     assert all(e < 1e-2 for e in errs.values()), errs
     # split-K merges in another order: the output's last bit differs on some elements (bf16's unit is 8x fp16's;
     # measured on H200 up to 1.6e-4 for bf16 at head size 64, 3e-5 for fp16)
@@ -520,8 +530,8 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, d, dtype, monkeypa
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_cuda_decode_stages_like_the_triton_kernel(dtype, d):
+@pytest.mark.parametrize("d, window", [(64, None), (128, None), (256, None), (256, 70)])
+def test_cuda_decode_stages_like_the_triton_kernel(dtype, d, window):
     """A decode step as one CUDA launch (``PageStep.run``: the kernel stages the new key / value itself)
     against the Triton stage kernel + the same attention on twin caches: the staged bytes (keys: the same
     arithmetic, identical; values: a fast Walsh-Hadamard transform instead of a tf32x3 dot, so a code may
@@ -549,12 +559,12 @@ def test_cuda_decode_stages_like_the_triton_kernel(dtype, d):
         plan = StepPlan(qsl, seq, n_pad, 1, qsl.tolist(), max(seq_lens), h * rep, h)
         step = PageStep(k, c, s_, fmt, slots, table, plan)
         out = torch.full_like(q, float("nan"))
-        assert step._fused_decode(q, k, None, None)
+        assert step._fused_decode(q, k, window, None)
         if path == "fused":
-            step.run(q, k, v, out, scale)
+            step.run(q, k, v, out, scale, window)
         else:
             step.write(k, v)
-            step.attend(q, out, scale)
+            step.attend(q, out, scale, window)
         twins[path], outs[path] = (c.cpu(), s_.cpu()), out[:n].float().cpu()
     (cf, sf), (ct, st) = twins["fused"], twins["triton-stage"]
     slay = stage_layout(d)
@@ -603,7 +613,7 @@ def test_cuda_decode_params_struct_matches_the_source():
     kinds = {"double": ctypes.c_double, "int": ctypes.c_int}
     want = [(name, ctypes.c_void_p if "*" in ctype else kinds[ctype.strip()]) for ctype, name in fields]
     assert [(n, t) for n, t in cuda_decode.DecodeParams._fields_] == want
-    assert len(want) == 37
+    assert len(want) == 38
     assert "kvmix_page_decode(const DecodeParams args)" in src
 
 
@@ -623,8 +633,8 @@ def test_cuda_decode_source_compiles_for_sm90(tmp_path, defines):
                           "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cuda_decode.source_path())],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    # k4v2 fp16/bf16, k4v4, k8v4 per head size
-    assert res.stderr.count("Compiling entry function") == 4 * len(cuda_decode.HEAD_SIZES)
+    # k4v2 fp16/bf16, k4v4, k8v4 per head size, and two sliding-window builds
+    assert res.stderr.count("Compiling entry function") == 4 * len(cuda_decode.HEAD_SIZES) + 2
 
 
 _CODE_FIELDS_MAIN = r"""

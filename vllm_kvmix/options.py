@@ -3,7 +3,7 @@
 ``KVMIX_DECODE_KERNEL``  ``cuda`` (default) or ``triton``: the kernel of decode rows on a CUDA GPU.
     ``cuda`` runs the CUDA decode kernel (``csrc/page_decode.cu``) wherever it covers the layer
     (:func:`vllm_kvmix.kernels.cuda_decode.covers`: head sizes 64 / 128 / 256, keys 4 / 8 bits, values
-    2 / 4 bits, no sliding window or soft cap) and the Triton page kernel elsewhere; ``triton`` runs every decode
+    2 / 4 bits, with or without a sliding window, no soft cap) and the Triton page kernel elsewhere; ``triton`` runs every decode
     row on the Triton kernel (slower; for comparison, or where the CUDA kernel cannot be compiled).
     The engine logs the choice per format at startup.
 

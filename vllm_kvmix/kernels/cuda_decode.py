@@ -7,8 +7,10 @@ LOP3 per fp16 pair) -- ``docs/kernels.md`` has the counts and timings.
 
 Scope: decode steps (one query token per request: ``StepPlan.decode`` and any batch whose
 ``max_query_len`` is 1), head sizes 64, 128 and 256 (one instantiation each: the pages of head size 256
-are read in passes of 32 tokens, at 2 blocks per SM), GQA groups of at most 8, fp16 / bf16 queries, no
-sliding window or soft cap, keys 4 / 8 bits, values 2 / 4 bits.  One launch per layer does what the Triton path does in
+are read in passes of 32 tokens, at 2 blocks per SM), any GQA group (a block per 8 query heads of a KV head:
+the mma's rows), fp16 / bf16 queries, with or
+without a sliding window (an instantiation of its own), no soft cap, keys 4 / 8 bits, values 2 / 4 bits.  One
+launch per layer does what the Triton path does in
 three: stage the new token (``stage=(key, value)``: 8-bit, value rotated, into the staging slot; what
 ``page._stage_kernel`` does), attend over the packed pages and the own page, merge the split-K partials in
 the last block of each (row, KV head) and rotate the output back
@@ -39,7 +41,7 @@ from vllm_kvmix.formats import KVFormat
 
 WARPS = 4  # warps per block (each walks its own pages); 4 blocks per SM at <= 128 registers (head size 256: 2)
 MAX_SPLITS = 64  # split-K partials one block merges (the kernel's KVMIX_MAX_SPLITS: shared memory sm_w)
-ROWS = 8  # workspace rows per (query block, KV head, split): the GQA group, padded (the kernel's KVMIX_ROWS)
+ROWS = 8  # query heads per block; workspace rows per (query block, KV head, chunk, split): the kernel's KVMIX_ROWS
 SOURCE_NAME = "page_decode.cu"
 HEAD_SIZES = (64, 128, 256)  # the kernel's template parameter D (csrc/page_decode.cu HeadShape)
 KEY_BITS = (4, 8)
@@ -73,19 +75,22 @@ def nvrtc_options(defines: tuple[str, ...] = ()) -> list[str]:
     return ["-std=c++17", *(f"-D{d}" for d in defines)]
 
 
-def kernel_name(k_bits: int, v_bits: int, bf16: bool, head_size: int = 128) -> str:
-    """The template instantiation NVRTC compiles by name for a format, query dtype and head size."""
-    return f"kvmix_page_decode<{k_bits}, {v_bits}, {WARPS}, {'true' if bf16 else 'false'}, {head_size}>"
+def kernel_name(k_bits: int, v_bits: int, bf16: bool, head_size: int = 128, window: bool = False) -> str:
+    """The template instantiation NVRTC compiles by name for a format, query dtype, head size and whether the
+    layer has a sliding window."""
+    flag = lambda x: "true" if x else "false"  # noqa: E731
+    return f"kvmix_page_decode<{k_bits}, {v_bits}, {WARPS}, {flag(bf16)}, {head_size}, {flag(window)}>"
 
 
 def nvrtc_cubin(source: str, k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = (),
-                arch: str = "90", head_size: int = 128) -> tuple[bytes, str]:
+                arch: str = "90", head_size: int = 128, window: bool = False) -> tuple[bytes, str]:
     """(cubin, mangled name) of one instantiation as the launcher compiles it, for ``arch`` -- NVRTC alone,
     no GPU needed (tests and benchmarks/kernels/sass.py run it on a CPU).  Private API of torch 2.11: the
     compile step ``torch.cuda._compile_kernel`` runs before loading the module."""
     from torch.cuda import _utils
 
-    return _utils._nvrtc_compile(source, kernel_name(k_bits, v_bits, bf16, head_size), compute_capability=arch,
+    return _utils._nvrtc_compile(source, kernel_name(k_bits, v_bits, bf16, head_size, window),
+                                 compute_capability=arch,
                                  nvcc_options=nvrtc_options(defines))
 
 
@@ -105,7 +110,7 @@ class DecodeParams(ctypes.Structure):
         *[(name, ctypes.c_int) for name in (
             "stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh",
             "stride_cb", "stride_ch", "stride_bt", "rep", "k_meta_off", "v_codes_off", "v_meta_off",
-            "stride_ss", "stride_sh", "sk_meta_off", "sv_codes_off", "sv_meta_off")],
+            "stride_ss", "stride_sh", "sk_meta_off", "sv_codes_off", "sv_meta_off", "window")],
     ]
 
 
@@ -130,9 +135,10 @@ class Launcher:
 
 
 @functools.cache
-def compiled(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = (), head_size: int = 128) -> Launcher:
+def compiled(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = (), head_size: int = 128,
+             window: bool = False) -> Launcher:
     """The compiled instantiation (once per process); benchmarks pass build ``defines`` of an experiment."""
-    path, name = source_path(), kernel_name(k_bits, v_bits, bf16, head_size)
+    path, name = source_path(), kernel_name(k_bits, v_bits, bf16, head_size, window)
     try:
         return compile_cuda(path.read_text(), name, defines)
     except Exception as e:  # noqa: BLE001 -- NVRTC's log is in the message; say which kernel and what to do
@@ -143,16 +149,17 @@ def compiled(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = ()
 
 
 def covers(fmt: KVFormat, head_size: int, rep: int, dtype: torch.dtype, sliding_window=None, soft_cap=None) -> bool:
-    """Whether the CUDA kernel implements this layer's decode: head sizes 64 / 128 / 256, GQA groups of <= 8,
-    fp16 / bf16, keys 4 / 8 bits, values 2 / 4 bits, no sliding window or soft cap (the Triton kernel takes the
-    rest)."""
-    return (head_size in HEAD_SIZES and rep <= ROWS and dtype in DTYPES and fmt.k_bits in KEY_BITS
-            and fmt.v_bits in VALUE_BITS and not sliding_window and not soft_cap)
+    """Whether the CUDA kernel implements this layer's decode: head sizes 64 / 128 / 256, any GQA group (in
+    chunks of ``ROWS`` query heads), fp16 / bf16, keys 4 / 8 bits, values 2 / 4 bits, any sliding window, no
+    soft cap (the Triton kernel takes the rest)."""
+    return (head_size in HEAD_SIZES and rep >= 1 and dtype in DTYPES and fmt.k_bits in KEY_BITS
+            and fmt.v_bits in VALUE_BITS and not soft_cap)
 
 
-def prepare(fmt: KVFormat, dtype: torch.dtype, head_size: int) -> Launcher:
+def prepare(fmt: KVFormat, dtype: torch.dtype, head_size: int, sliding_window=None) -> Launcher:
     """Compile the instantiation a layer will use, at startup (raises :class:`KernelUnavailable`)."""
-    return compiled(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16, head_size=head_size)
+    return compiled(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16, head_size=head_size,
+                    window=sliding_window is not None)
 
 
 def supports(fmt: KVFormat, query: torch.Tensor, head_size: int, num_kv_heads: int,
@@ -171,7 +178,7 @@ def _counters_for(device: torch.device) -> list:
 
 
 def counters(n: int, device: torch.device) -> torch.Tensor:
-    """The split-K arrival counters of ``n`` (row, KV head) pairs: zero between launches (the last block of
+    """The split-K arrival counters of ``n`` (row, KV head, chunk) triples: zero between launches (the last block of
     each pair resets its own), one buffer per device, grown outside CUDA-graph capture.  Launches on one
     stream run in order, so layers share it; two streams running decode at once would not."""
     held = _counters_for(device)
@@ -184,10 +191,11 @@ def counters(n: int, device: torch.device) -> torch.Tensor:
 
 
 def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, num_splits: int, scale: float,
-           fmt: KVFormat, bits: dict, stage_consts: dict, new_kv=None) -> None:
+           fmt: KVFormat, bits: dict, stage_consts: dict, new_kv=None, sliding_window=None) -> None:
     """Attention of each decode row over its packed pages and staged own page into ``out`` (rotated back),
     split-K merged in the kernel.  ``new_kv = (key, value)``: first stage the step's new tokens (else they
-    are already staged).
+    are already staged).  ``sliding_window``: the row at position ``seq - 1`` attends to keys at positions
+    ``>= seq - sliding_window`` (the Triton kernel's rule); None: to all.
 
     ``bits`` / ``stage_consts``: the byte offsets of the packed and staged page
     (:func:`vllm_kvmix.kernels.page._constants`, the Triton kernels' constexprs); key codes start each
@@ -198,8 +206,9 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, 
         raise ValueError(f"kvmix: CUDA decode takes head sizes {HEAD_SIZES}, not {d}")
     if bits["K_CODES"] != 0:
         raise ValueError("kvmix: the CUDA decode kernel expects key codes at the start of a head page")
-    if not 1 <= num_splits <= MAX_SPLITS or rep > ROWS:
-        raise ValueError(f"kvmix: CUDA decode takes 1..{MAX_SPLITS} splits and GQA groups of <= {ROWS}")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"kvmix: CUDA decode takes 1..{MAX_SPLITS} splits")
+    pairs = h * -(-rep // ROWS)  # (KV head, chunk of <= ROWS query heads): one block each per split
     key, value = new_kv if new_kv is not None else (query, query)  # unread without new_kv
     named = (("cache", cache), ("stage", stage), ("block_table", block_table), ("query_start_loc", qsl),
              ("seq_lens", seq_lens), ("slots", slots), ("query", query), ("key", key), ("value", value), ("out", out))
@@ -217,9 +226,9 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, 
         raise ValueError("kvmix: CUDA decode takes int32 block tables, lengths and slots")
     nqb = qb_req.numel()
     if num_splits > 1:
-        ws_acc = torch.empty(nqb * h * num_splits * ROWS * d, dtype=torch.float32, device=query.device)
-        ws_ml = torch.empty(nqb * h * num_splits * ROWS * 2, dtype=torch.float32, device=query.device)
-        arrivals = counters(nqb * h, query.device)
+        ws_acc = torch.empty(nqb * pairs * num_splits * ROWS * d, dtype=torch.float32, device=query.device)
+        ws_ml = torch.empty(nqb * pairs * num_splits * ROWS * 2, dtype=torch.float32, device=query.device)
+        arrivals = counters(nqb * pairs, query.device)
     else:
         ws_acc = ws_ml = arrivals = out  # unread with one split
     params = DecodeParams(
@@ -234,6 +243,8 @@ def launch(query, cache, stage, slots, block_table, qsl, seq_lens, qb_req, out, 
         k_meta_off=bits["K_META"], v_codes_off=bits["V_CODES"], v_meta_off=bits["V_META"],
         stride_ss=stage.stride(0), stride_sh=stage.stride(1), sk_meta_off=stage_consts["SK_META"],
         sv_codes_off=stage_consts["SV_CODES"], sv_meta_off=stage_consts["SV_META"],
+        window=int(sliding_window or 0),
     )
-    kernel = compiled(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16, head_size=d)
-    kernel((nqb, h, num_splits), (WARPS * 32, 1, 1), params)
+    kernel = compiled(fmt.k_bits, fmt.v_bits, query.dtype == torch.bfloat16, head_size=d,
+                      window=sliding_window is not None)
+    kernel((nqb, pairs, num_splits), (WARPS * 32, 1, 1), params)

@@ -566,7 +566,7 @@ class PageStep:
         kernel takes is one launch (stage the new tokens, attend, merge the splits, rotate back) and then
         ``pack`` (the kernel writes the 8-bit copy that packing reads)."""
         if self._fused_decode(query, key, sliding_window, soft_cap):
-            self._attend_blocks(query, out, scale, None, None, self.plan.attn, True, new_kv=(key, value))
+            self._attend_blocks(query, out, scale, sliding_window, None, self.plan.attn, True, new_kv=(key, value))
             self.pack()
             return
         self.write(key, value)
@@ -627,7 +627,7 @@ class PageStep:
         # merged and the output rotated back in the same launch
         if one_token and cuda_decode.supports(self.fmt, query, d, h, sliding_window, soft_cap):
             cuda_decode.launch(query, cache, stage, self.slots, self.block_table, self.plan.qsl, self.plan.seq, qb_req,
-                               out, num_splits, scale, self.fmt, self.bits, self.stage_consts, new_kv)
+                               out, num_splits, scale, self.fmt, self.bits, self.stage_consts, new_kv, sliding_window)
             return
         if new_kv is not None:
             raise ValueError("kvmix: only the CUDA decode kernel stages new tokens in its launch")

@@ -61,8 +61,9 @@ def prepare_decode(fmt: KVFormat, head_size: int, rep: int, dtype: torch.dtype, 
     if not cuda_decode.covers(fmt, head_size, rep, dtype, sliding_window, soft_cap):
         return (f"kvmix: {fmt.name} decode on the Triton page kernel: the CUDA decode kernel covers head sizes "
                 f"{cuda_decode.HEAD_SIZES}, keys {cuda_decode.KEY_BITS} / values {cuda_decode.VALUE_BITS} bits, "
-                f"fp16 / bf16, no sliding window or soft cap (this layer: head size {head_size}, "
+                f"fp16 / bf16, no soft cap (this layer: head size {head_size}, "
                 f"{dtype}, window {sliding_window}, soft cap {soft_cap})")
-    cuda_decode.prepare(fmt, dtype, head_size)
-    name = cuda_decode.kernel_name(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16, head_size)
+    cuda_decode.prepare(fmt, dtype, head_size, sliding_window)
+    name = cuda_decode.kernel_name(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16, head_size,
+                                   sliding_window is not None)
     return f"kvmix: {fmt.name} decode on the CUDA kernel ({name} from {cuda_decode.source_path()})"

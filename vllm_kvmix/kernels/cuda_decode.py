@@ -7,13 +7,12 @@ LOP3 per fp16 pair) -- ``docs/kernels.md`` has the counts and timings.
 
 Scope: decode steps (one query token per request: ``StepPlan.decode`` and any batch whose
 ``max_query_len`` is 1), head sizes 64, 128 and 256 (one instantiation each: the pages of head size 256
-are read in passes of 32 tokens, at 2 blocks per SM), any GQA group (a block per 8 query heads of a KV head:
-the mma's rows), fp16 / bf16 queries, with or
-without a sliding window (an instantiation of its own), no soft cap, keys 4 / 8 bits, values 2 / 4 bits.  One
-launch per layer does what the Triton path does in
-three: stage the new token (``stage=(key, value)``: 8-bit, value rotated, into the staging slot; what
-``page._stage_kernel`` does), attend over the packed pages and the own page, merge the split-K partials in
-the last block of each (row, KV head) and rotate the output back
+are read in passes of 32 tokens, at 2 blocks per SM), any GQA group (a block per 8 query heads of a KV
+head: the mma's rows), fp16 / bf16 queries, with or without a sliding window (an instantiation of its
+own), no soft cap, keys 4 / 8 bits, values 2 / 4 bits.  One launch per layer does what the Triton path
+does in three: stage the new token (``stage=(key, value)``: 8-bit, value rotated, into the staging slot;
+what ``page._stage_kernel`` does), attend over the packed pages and the own page, merge the split-K
+partials in the last block of each (row, KV head, chunk of query heads) and rotate the output back
 (:meth:`vllm_kvmix.kernels.page.PageStep.run`).  Pages that fill are packed after it (``page._pack_kernel``).
 Everything else runs the Triton kernels, the reference-tested path for all shapes; so does every
 decode row when the user sets ``KVMIX_DECODE_KERNEL=triton`` (:mod:`vllm_kvmix.options`).

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -30,6 +29,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import provenance  # noqa: E402
 
 
 def free_port() -> int:
@@ -142,16 +144,6 @@ def one_run(args, kv_dtype: str, log: Path) -> dict:
     return row
 
 
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+changes" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| format | run | wall s | done / failed | req/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
              "| peak RSS proc / tree GiB | server died |", "|---" * 10 + "|"]
@@ -212,10 +204,7 @@ def main(argv=None) -> int:
         from vllm_kvmix.models import ensure_model
 
         args.model = ensure_model()
-    import vllm
-
-    key = {"commit": commit(), "vllm": vllm.__version__, "machine": f"{platform.node()} ({os.cpu_count()} CPUs, "
-           f"{psutil.virtual_memory().total / 2**30:.1f} GiB)", "command": " ".join(["python", *sys.argv])}
+    key = provenance.key()
     print(f"server logs: {args.logs}", flush=True)
     rows = []
     for run in range(1, args.runs + 1):

@@ -219,6 +219,9 @@ def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32",
     from vllm_kvmix.evaluate import make_llm
     from vllm_kvmix.models import ensure_model
 
+    from benchmarks import provenance
+
+    key = provenance.key()
     rows = []
     bar = tqdm(total=len(models) * len(formats), desc="quality", unit="engine")
     for model in models:
@@ -244,7 +247,7 @@ def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32",
                 base_ppl = metrics["ppl"]
             if fmt in formats:
                 rows.append({
-                    "model": model, "kv_cache_dtype": fmt, **metrics,
+                    **key, "model": model, "kv_cache_dtype": fmt, **metrics,
                     "dppl_pct": 100 * (metrics["ppl"] / base_ppl - 1),
                     "bits_per_element": bits_per_element(name, shape["head_size"], n_tokens),
                     "bits_per_element_2k": bits_per_element(name, shape["head_size"], 2048),

@@ -30,21 +30,11 @@ from vllm_kvmix.options import DECODE_KERNEL_ENV  # noqa: E402
 from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from peers import PEER_BS, bench, copy_bw  # noqa: E402
+from page_bench import random_pages  # noqa: E402
+from peers import bench, copy_bw, paged_bf16  # noqa: E402
 
 dev = "cuda"
 HEADS = {64: (32, 8), 128: (32, 8), 256: (16, 8)}  # head size -> (query heads, KV heads)
-
-
-def random_pages(n, hkv, nbytes, metas, gen):
-    """uint8[n, hkv, nbytes] random codes; fp16 (scale, min) pairs at ``metas`` [(offset, count)]."""
-    pages = torch.randint(0, 256, (n, hkv, nbytes), dtype=torch.uint8, device=dev, generator=gen)
-    for off, count in metas:
-        m = torch.empty(n, hkv, count, 2, dtype=torch.float16, device=dev)
-        m[..., 0] = 0.02
-        m[..., 1] = -1.0
-        pages[:, :, off : off + 4 * count] = m.view(n, hkv, -1).view(torch.uint8)
-    return pages
 
 
 def kvmix_case(fmt, d, hkv, B, L, gen):
@@ -73,12 +63,7 @@ def baseline(B, L, d, hq, hkv, q, out, gen):
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
-        nb = B * L // PEER_BS
-        k = torch.randn(nb, PEER_BS, hkv, d, dtype=torch.bfloat16, device=dev, generator=gen)
-        v = torch.randn_like(k)
-        bt = torch.randperm(nb, device=dev, dtype=torch.int32, generator=gen).view(B, L // PEER_BS)
-        cu_q = torch.arange(B + 1, device=dev, dtype=torch.int32)
-        seq = torch.full((B,), L, device=dev, dtype=torch.int32)
+        k, v, bt, cu_q, seq = paged_bf16(B, L, hkv, d, gen)
         f = lambda: flash_attn_varlen_func(q, k, v, 1, cu_q, L, seqused_k=seq, softmax_scale=d**-0.5,  # noqa: E731
                                            causal=True, block_table=bt, out=out, fa_version=3)
         return "fa3_bf16", bench(f), kv_bytes

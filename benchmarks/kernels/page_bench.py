@@ -47,14 +47,14 @@ SHAPES = [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192), (16, 32768),
           (64, 1024), (64, 8192), (64, 32768), (256, 1024), (256, 8192)]
 
 
-def random_pages(n, nbytes, metas, gen):
-    """uint8[n, HKV, nbytes] random codes; fp16 (scale, min) pairs at ``metas`` [(offset, count)]."""
-    pages = torch.randint(0, 256, (n, HKV, nbytes), dtype=torch.uint8, device=dev, generator=gen)
+def random_pages(n, hkv, nbytes, metas, gen):
+    """uint8[n, hkv, nbytes] random codes; fp16 (scale, min) pairs at ``metas`` [(offset, count)]."""
+    pages = torch.randint(0, 256, (n, hkv, nbytes), dtype=torch.uint8, device=dev, generator=gen)
     for off, count in metas:
-        m = torch.empty(n, HKV, count, 2, dtype=torch.float16, device=dev)
+        m = torch.empty(n, hkv, count, 2, dtype=torch.float16, device=dev)
         m[..., 0] = 0.02
         m[..., 1] = -1.0
-        pages[:, :, off : off + 4 * count] = m.view(n, HKV, -1).view(torch.uint8)
+        pages[:, :, off : off + 4 * count] = m.view(n, hkv, -1).view(torch.uint8)
     return pages
 
 
@@ -62,9 +62,9 @@ def kvmix_case(fmt, B, L, gen):
     lay = fmt.layout(D, PAGE_TOKENS)
     slay = stage_layout(D)
     n_pages = B * triton.cdiv(L, PAGE_TOKENS)
-    cache = random_pages(n_pages, lay.head_page_bytes,
+    cache = random_pages(n_pages, HKV, lay.head_page_bytes,
                          [(lay.k.meta_offset, D), (lay.v.meta_offset, PAGE_TOKENS * D // 64)], gen)
-    stage = random_pages(B, slay.head_page_bytes,
+    stage = random_pages(B, HKV, slay.head_page_bytes,
                          [(slay.k.meta_offset, PAGE_TOKENS * D // 64), (slay.v.meta_offset, PAGE_TOKENS * D // 64)], gen)
     bt = torch.randperm(n_pages, device=dev, dtype=torch.int32, generator=gen).view(B, -1)
     return cache, stage, bt

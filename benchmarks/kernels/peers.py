@@ -37,14 +37,20 @@ def copy_bw():
     return 2 * x.numel() / (bench(lambda: y.copy_(x)) * 1e-3) / 1e9
 
 
-def peers(B, L, q, out, gen):
-    res = {}
+def paged_bf16(B, L, hkv, d, gen):
+    """A paged bf16 cache of B x L tokens in shuffled blocks of PEER_BS: k, v, block table, cu_q, seq lens."""
     nb = B * L // PEER_BS
-    k = torch.randn(nb, PEER_BS, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
+    k = torch.randn(nb, PEER_BS, hkv, d, dtype=torch.bfloat16, device=dev, generator=gen)
     v = torch.randn_like(k)
     bt = torch.randperm(nb, device=dev, dtype=torch.int32, generator=gen).view(B, L // PEER_BS)
     cu_q = torch.arange(B + 1, device=dev, dtype=torch.int32)
     seq = torch.full((B,), L, device=dev, dtype=torch.int32)
+    return k, v, bt, cu_q, seq
+
+
+def peers(B, L, q, out, gen):
+    res = {}
+    k, v, bt, cu_q, seq = paged_bf16(B, L, HKV, D, gen)
     kv_bytes = 2 * B * L * HKV * D
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func

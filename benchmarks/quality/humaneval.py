@@ -147,12 +147,12 @@ def main(argv=None) -> int:
         for model in args.models:
             for fmt in args.formats:
                 rows.append({**key, **evaluate(model, fmt, problems, args.max_tokens, args.timeout)})
-                out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+                (out.parent / (out.name + ".json")).write_text(json.dumps(rows, indent=1) + "\n")
                 print(f"{model} {fmt}: pass@1 {rows[-1]['pass_at_1']:.1f}% ({rows[-1]['passed']}/{len(problems)}), "
                       f"{rows[-1]['generation_s']} s", flush=True)
     md = markdown(rows)
-    out.with_suffix(".md").write_text(md + "\n")
-    plot(rows, out.with_suffix(".png"))
+    (out.parent / (out.name + ".md")).write_text(md + "\n")
+    plot(rows, out.parent / (out.name + ".png"))
     print(md)
     return 0
 

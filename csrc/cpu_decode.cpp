@@ -117,6 +117,28 @@ inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// One page's values for Softmax::add_tile: token t's codes (``row_bytes`` bytes from ``codes + t * row_bytes``,
+// ``bits`` per code, ``span`` bytes per plane and channel group) times its groups' scales, plane-major, in
+// tile[t][d]; its groups' minima in tile_min[t][groups] (meta [n][groups][2] fp16: scale, minimum).  Tokens
+// not ok get zeros (their metadata may be stale).
+inline void value_tile(const uint8_t* codes, int64_t bits, int64_t row_bytes, int64_t span, const uint16_t* meta,
+                       int64_t groups, const char* ok, int64_t n, int64_t d, float* scl, float* tile,
+                       float* tile_min) {
+  for (int64_t t = 0; t < n; ++t) {
+    float* row = tile + t * d;
+    if (!ok[t]) {
+      for (int64_t i = 0; i < d; ++i) row[i] = 0.f;
+      for (int64_t j = 0; j < groups; ++j) tile_min[t * groups + j] = 0.f;
+      continue;
+    }
+    for (int64_t j = 0; j < groups; ++j) {
+      scl[j] = half_to_float(meta[(t * groups + j) * 2]);
+      tile_min[t * groups + j] = half_to_float(meta[(t * groups + j) * 2 + 1]);
+    }
+    unpack_scaled(codes + t * row_bytes, bits, row_bytes, span, scl, row);
+  }
+}
+
 // per query head: running max, sum, output accumulator [g][D] (plane-major codes times scales) and the summed
 // value minima [g][groups]
 struct Softmax {
@@ -255,21 +277,8 @@ torch::Tensor decode_sized(torch::Tensor q, torch::Tensor cache, torch::Tensor p
         }
         finish_scores();
         vsm.probabilities(P, s.data(), ok.data());
-        const uint16_t* vmeta = reinterpret_cast<const uint16_t*>(page + v_meta);  // [P][groups][2]
-        const int64_t span = v_group / v_per;  // bytes (per plane) of one channel group
-        for (int64_t t = 0; t < P; ++t) {  // the page's values, scaled, plane-major: tile[t][D]
-          float* row = &tile[t * D];
-          if (!ok[t]) {
-            for (int64_t i = 0; i < D; ++i) row[i] = 0.f;
-            for (int64_t j = 0; j < v_groups; ++j) tile_min[t * v_groups + j] = 0.f;
-            continue;
-          }
-          for (int64_t j = 0; j < v_groups; ++j) {
-            scl[j] = half_to_float(vmeta[(t * v_groups + j) * 2]);
-            tile_min[t * v_groups + j] = half_to_float(vmeta[(t * v_groups + j) * 2 + 1]);
-          }
-          unpack_scaled(page + v_codes + t * v_row, v_bits, v_row, span, scl.data(), row);
-        }
+        value_tile(page + v_codes, v_bits, v_row, v_group / v_per, reinterpret_cast<const uint16_t*>(page + v_meta),
+                   v_groups, ok.data(), P, D, scl.data(), tile.data(), tile_min.data());
         vsm.add_tile(P, s.data(), tile.data(), tile_min.data());
       }
       // own page from the staging slot: 8 bits per token (channel order), scale and minimum per token and 64
@@ -314,19 +323,7 @@ torch::Tensor decode_sized(torch::Tensor q, torch::Tensor cache, torch::Tensor p
         for (int64_t i = 0; i < D; ++i) vsm.acc[qi * D + i] *= alpha;
         for (int64_t j = 0; j < v_groups; ++j) vsm.acc_min[qi * v_groups + j] *= alpha;
       }
-      for (int64_t t = 0; t < P; ++t) {
-        float* row = &tile[t * D];
-        if (!ok[t]) {
-          for (int64_t i = 0; i < D; ++i) row[i] = 0.f;
-          for (int64_t j = 0; j < s_groups; ++j) tile_min[t * s_groups + j] = 0.f;
-          continue;
-        }
-        for (int64_t j = 0; j < s_groups; ++j) {
-          scl[j] = half_to_float(svm[(t * s_groups + j) * 2]);
-          tile_min[t * s_groups + j] = half_to_float(svm[(t * s_groups + j) * 2 + 1]);
-        }
-        unpack_scaled(own + s_v_codes + t * D, 8, D, SG, scl.data(), row);
-      }
+      value_tile(own + s_v_codes, 8, D, SG, svm, s_groups, ok.data(), P, D, scl.data(), tile.data(), tile_min.data());
       osm.add_tile(P, s.data(), tile.data(), tile_min.data());
       for (int64_t qi = 0; qi < g; ++qi) {
         float* o = op + (b * Hq + h * g + qi) * D;

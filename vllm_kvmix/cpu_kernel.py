@@ -2,7 +2,7 @@
 
 :mod:`vllm_kvmix.cpu` runs a step's decode rows on it: it reads each packed page once, with no dequantized copy
 (the eager path writes one per page and reads it back).  ``torch.utils.cpp_extension`` compiles it on first use
-(about 30 s on 2 cores; cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) with the compiler
+(under a minute on 2 cores; cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) with the compiler
 vLLM's CPU engine already needs for its own compiled graphs.  Where no compiler works, :func:`kernel` logs why
 once and returns None, and the decode rows take the eager path: same results, slower.
 """
@@ -35,7 +35,8 @@ def build():
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(
-        name="kvmix_cpu_decode", cpp_sources=[source_path().read_text()], functions=["decode", "store_stage", "rotate_rows"],
+        name="kvmix_cpu_decode", cpp_sources=[source_path().read_text()],
+        functions=["decode", "store_stage", "rotate_rows"],
         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"], verbose=False,
     )
 

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 from vllm_kvmix import evaluate  # noqa: E402
 from vllm_kvmix.formats import BF16_BYTES, parse_format  # noqa: E402
-from vllm_kvmix.staging import stage_rows  # noqa: E402
+from vllm_kvmix.staging import STAGING_SHARE, fit_slots, stage_rows  # noqa: E402
 
 PROMPTS = evaluate.DEFAULT_PROMPTS
 MAX_TOKENS = 24
@@ -194,6 +194,50 @@ def test_kvmix_auto_plans_at_startup_under_llm(smollm2_dir):
     page = res["block_size"] * 30 * 3 * k8v2.bytes_per_token_head(64)
     assert res["blocks"] == (evaluate.KV_BUDGET_BYTES - staging) // page
     assert "Paris" in res["text"]
+
+
+def test_default_max_num_seqs_is_fitted_to_the_staging_and_engines_follow_one_another(smollm2_dir):
+    """With vLLM's default max_num_seqs and a small KV budget, the engine runs only the sequences whose staging
+    fits in 1/16 of the budget, so k4v2 keeps >= 4x bf16's tokens; more prompts than that all complete.  A second
+    engine in the same process starts with every staging slot free (the first engine's last finished requests
+    are never reported to it).  In a child process with the engine in-process and vLLM's INFO logs on."""
+    code = (
+        "import gc, json\n"
+        "from vllm import SamplingParams\n"
+        "from vllm_kvmix import evaluate\n"
+        "runs = []\n"
+        "for _ in range(2):\n"
+        f"    llm = evaluate.make_llm({smollm2_dir!r}, 'kvmix-k4v2', max_num_seqs=None, max_model_len=1024,\n"
+        "                            kv_cache_memory_bytes=64 << 20)\n"
+        "    cfg = llm.llm_engine.vllm_config\n"
+        "    outs = llm.generate(evaluate.DEFAULT_PROMPTS * 3, SamplingParams(max_tokens=12, temperature=0),\n"
+        "                        use_tqdm=False)\n"
+        "    runs.append(dict(seqs=cfg.scheduler_config.max_num_seqs, blocks=cfg.cache_config.num_gpu_blocks,\n"
+        "                     block_size=cfg.cache_config.block_size, texts=[o.outputs[0].text for o in outs]))\n"
+        "    del llm; gc.collect()\n"
+        "print('RESULT', json.dumps(runs))\n"
+    )
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "INFO"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    logs = p.stdout + p.stderr
+    assert p.returncode == 0, logs[-4000:]
+    runs = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
+    m = re.search(r"kvmix: max_num_seqs (\d+) \(vLLM's default\) -> (\d+):", logs)
+    assert m, logs[-4000:]
+    default, seqs = int(m.group(1)), int(m.group(2))
+    fmt = parse_format("kvmix-k4v2")
+    slot = 30 * 3 * fmt.stage_bytes_per_seq_head(64)
+    budget = 64 << 20
+    assert seqs == fit_slots(default, budget, slot) < default
+    assert stage_rows(seqs) * slot <= budget / STAGING_SHARE
+    for run in runs:
+        assert run["seqs"] == seqs  # the scheduler runs at most that many
+        page = run["block_size"] * 30 * 3 * fmt.bytes_per_token_head(64)
+        assert run["blocks"] == (budget - stage_rows(seqs) * slot) // page
+        assert run["blocks"] * run["block_size"] >= 4.0 * budget / BF16_TOKEN_BYTES  # >= 4x bf16's tokens
+        assert len(run["texts"]) == 3 * len(PROMPTS) and all(t.strip() for t in run["texts"])
+        assert "Paris" in run["texts"][0]
+    assert runs[1]["texts"] == runs[0]["texts"]
 
 
 @pytest.mark.parametrize("dtype", ["kvmix-k4v2", "kvmix-auto"])

@@ -202,3 +202,9 @@ def test_staging_slots():
     g = slots.generation
     slots.on_step([], set())
     assert slots.generation == g + 1
+    slots.on_step(["d", "e"], set())  # an engine whose last finished requests are never reported...
+    assert sorted(slots.slots_for_rows(2)) == [0, 1] and slots.in_use == 2
+    slots.reset(2)  # ...is followed by a new one: every slot free, no rows announced
+    assert slots.in_use == 0 and slots.rows == [] and slots.capacity == 2
+    slots.on_step(["x", "y"], set())
+    assert sorted(slots.slots_for_rows(2)) == [0, 1]

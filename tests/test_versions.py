@@ -295,9 +295,45 @@ def test_staging_is_reserved_out_of_the_budget():
     bf16_specs = {f"l{i}": FullAttentionSpec(**{**common, "dtype": torch.bfloat16}) for i in range(30)}
     assert staging_bytes(specs, 16) == (16 + 1) * 30 * 3 * 64 * 136  # + the padded rows' slot
     assert staging_bytes(bf16_specs, 16) == 0  # vLLM's own dtypes reserve nothing
-    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256))
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256), additional_config={})  # the user's 256
     with pytest.raises(ValueError, match="lower max_num_seqs"):
         core.get_kv_cache_configs(cfg, [specs], [64 << 20])
+
+
+@pytest.mark.skipif(CUDA_WHEEL, reason="0.33+'s VllmConfig needs a detected platform; none without a GPU")
+@pytest.mark.parametrize("memory", [64 << 20, 4 << 30])
+def test_default_max_num_seqs_is_lowered_to_fit_the_staging(memory):
+    """vLLM's default max_num_seqs (marked in additional_config): where its staging would take over 1/16 of the
+    KV memory, the scheduler's max_num_seqs is lowered to what fits, the workers' specs carry the count and the
+    blocks get the rest (>= 4x bf16's tokens for k4v2); where it fits, nothing changes.  A max_num_seqs the user
+    set is kept (test_staging_is_reserved_out_of_the_budget)."""
+    import types
+
+    from vllm.config import VllmConfig
+    from vllm.v1.engine import core
+
+    from vllm_kvmix.staging import DEFAULT_SEQS_KEY, STAGING_SHARE, fit_slots, stage_rows
+    from vllm_kvmix.vllm.budget import staging_bytes
+    from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, stage_slots_of
+
+    common = dict(block_size=64, num_kv_heads=3, head_size=64, dtype=torch.uint8)
+    specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common) for i in range(30)}
+    cfg = VllmConfig()
+    cfg.model_config = types.SimpleNamespace(max_model_len=1024, original_max_model_len=1024)
+    cfg.scheduler_config.max_num_seqs = 256
+    cfg.additional_config[DEFAULT_SEQS_KEY] = True
+    (config,) = core.get_kv_cache_configs(cfg, [specs], [memory])
+    slot = staging_bytes(specs, 0)
+    seqs = cfg.scheduler_config.max_num_seqs
+    assert seqs == fit_slots(256, memory, slot)
+    if memory == 64 << 20:
+        assert seqs == 4 and stage_rows(seqs) * slot <= memory / STAGING_SHARE
+    else:
+        assert seqs == 256  # 257 slots take 4.7% of 4 GiB: vLLM's default kept
+    assert stage_slots_of(config.kv_cache_groups[0].kv_cache_spec) == seqs
+    page = 64 * 30 * 3 * 56  # k4v2, head size 64: 56 bytes per token and head
+    assert config.num_blocks == (memory - staging_bytes(specs, seqs)) // page
+    assert config.num_blocks * 64 >= 4.0 * memory / (30 * 3 * 2 * 64 * 2)  # >= 4x bf16's tokens
 
 
 @pytest.mark.skipif(CUDA_WHEEL, reason="0.33+'s VllmConfig needs a detected platform; none without a GPU")

@@ -4,8 +4,13 @@ The page scheme keeps the last, partial page of every running request at 8
 bits until it fills (:mod:`vllm_kvmix.reference.staged`).  A request owns one
 slot from its first step until vLLM reports it finished or preempted (a
 preempted request recomputes from its first token, so its staged tokens are
-dead).  Running requests never exceed ``max_num_seqs``, so that many slots
-per layer always suffice; they are reserved out of the KV-cache budget.
+dead).  Running requests never exceed vLLM's ``max_num_seqs``, so that many
+slots per layer always suffice; they are reserved out of the KV-cache budget.
+Where ``max_num_seqs`` is vLLM's default (1024 on a large GPU), its staging
+would take a large share of a small budget: :func:`fit_slots` then lowers it
+to the sequences whose staging fits in 1/:data:`STAGING_SHARE` of the KV-cache
+memory (the version layer does it where vLLM sizes the cache, before the
+scheduler exists).  A ``max_num_seqs`` the user set is kept.
 
 Pure Python.  vLLM's model runner tells :data:`SLOTS` about every step
 (``vllm_kvmix.vllm.versions``, ``patch_step_requests``): the request ids of the
@@ -44,6 +49,18 @@ class StagingSlots:
         if self.in_use != self._reported:
             self._reported = self.in_use
             logger.debug("kvmix: staging slots in use: %d of %s", self.in_use, self.capacity)
+
+    def reset(self, capacity: int) -> None:
+        """A new KV cache (a new engine in this process): no request holds a slot in it.
+
+        Slots of an earlier engine's requests are dropped: its last finished
+        requests are never reported (vLLM reports finished ids in the next step).
+        """
+        self.capacity = capacity
+        self.slot_of = {}
+        self._free = list(range(capacity - 1, -1, -1))
+        self.rows = []
+        self._report()
 
     def configure(self, capacity: int) -> None:
         """Set the number of slots (``max_num_seqs``); the first build of a process does it."""
@@ -97,6 +114,19 @@ def stage_rows(max_num_seqs: int) -> int:
     """Staging slots per layer: one per running request, plus one (the last) for the padded rows of
     CUDA-graph batches, which is never a request's."""
     return max_num_seqs + 1
+
+
+# Where max_num_seqs is vLLM's default, staging takes at most 1/STAGING_SHARE of the KV-cache memory: the
+# block pool then holds ~2,300 tokens per running sequence (a staging slot is ~150 tokens of k4v2 pages).
+STAGING_SHARE = 16
+# The key in vLLM's ``additional_config`` (its field for plugins) saying that max_num_seqs is vLLM's default
+DEFAULT_SEQS_KEY = "kvmix_default_max_num_seqs"
+
+
+def fit_slots(max_num_seqs: int, kv_memory: int, slot_bytes: int) -> int:
+    """Running sequences (at most ``max_num_seqs``, at least 1) whose staging, ``slot_bytes`` each plus the padded
+    rows' slot, fits in 1/:data:`STAGING_SHARE` of ``kv_memory``."""
+    return max(1, min(max_num_seqs, kv_memory // (STAGING_SHARE * slot_bytes) - 1))
 
 
 # One table per process: a slot is a request's, whatever layer or KV-cache group asks.

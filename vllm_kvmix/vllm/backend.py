@@ -38,6 +38,7 @@ from vllm_kvmix.staging import SLOTS, stage_rows
 from vllm_kvmix.vllm import flash_prefill
 from vllm_kvmix.vllm.config_checks import check as check_config
 from vllm_kvmix.vllm.device import check_device, prepare_decode
+from vllm_kvmix.vllm.spec import stage_slots_of
 
 logger = logging.getLogger("vllm.kvmix")
 
@@ -118,8 +119,10 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.heads = None
         self.fmt = parse_format(kv_cache_spec.kvmix_format)
-        self.stage_slots = vllm_config.scheduler_config.max_num_seqs
+        # the engine core's count (vLLM's default max_num_seqs may have been lowered to fit), else max_num_seqs
+        self.stage_slots = stage_slots_of(kv_cache_spec) or vllm_config.scheduler_config.max_num_seqs
         self.max_model_len = vllm_config.model_config.max_model_len
+        SLOTS.reset(self.stage_slots)  # a new KV cache: no earlier engine's request holds a slot in it
         # builds before the first announced step (profiling, warm-up, graph capture) are dummies
         self._generation = SLOTS.generation
         self._decode_bufs = None
@@ -133,8 +136,11 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             from vllm_kvmix.kernels.page import DecodeBuffers
             from vllm_kvmix.kernels.prefill import max_pages_for
 
-            # the staging tensor has one more slot than max_num_seqs: the padded rows' (stage_rows)
-            self._decode_bufs = DecodeBuffers(self.stage_slots, self.stage_slots, device)
+            # rows: any batch vLLM runs or pads to a captured size; the staging tensor has one more slot than
+            # the running sequences: the padded rows' (stage_rows)
+            rows = max(self.stage_slots, vllm_config.scheduler_config.max_num_seqs,
+                       vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+            self._decode_bufs = DecodeBuffers(rows, self.stage_slots, device)
             # prefill on FlashAttention: groups of at most this many dequantized pages (one request's most)
             self._prefill_pages = max_pages_for(self.max_model_len,
                                                 vllm_config.scheduler_config.max_num_batched_tokens)

@@ -40,12 +40,33 @@ class KvmixFullAttentionSpec(_KvmixPage, FullAttentionSpec):
     kvmix_format: str = ""
     # the layer's own format where it differs from the page format (kvmix-auto, even mode); logs only
     kvmix_layer_format: str = field(default="", compare=False)
+    # staging slots per layer for running sequences (set where vLLM sizes the cache; 0: max_num_seqs)
+    kvmix_stage_slots: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)
 class KvmixSlidingWindowSpec(_KvmixPage, SlidingWindowSpec):
     kvmix_format: str = ""
     kvmix_layer_format: str = field(default="", compare=False)
+    kvmix_stage_slots: int = field(default=0, compare=False)
+
+
+def set_stage_slots(kv_cache_config, slots: int) -> None:
+    """Record the staging slots in the kvmix specs of a worker's KV-cache config (in place), so that the
+    worker's attention metadata builders use the count the engine core's scheduler runs with."""
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: per-layer specs
+        for s in (inner.values() if inner else [spec]):
+            if isinstance(s, _KvmixPage):
+                object.__setattr__(s, "kvmix_stage_slots", slots)  # frozen dataclass; a compare=False field
+
+
+def stage_slots_of(kv_cache_spec) -> int:
+    """The staging slots recorded by :func:`set_stage_slots` (0: none recorded)."""
+    inner = getattr(kv_cache_spec, "kv_cache_specs", None)
+    specs = list(inner.values()) if inner else [kv_cache_spec]
+    return max((getattr(s, "kvmix_stage_slots", 0) for s in specs), default=0)
 
 
 def kvmix_spec_for_layer(layer, vllm_config):

@@ -19,7 +19,7 @@ import functools
 import torch
 
 from vllm_kvmix.formats import all_format_names, is_kvmix, parse_any
-from vllm_kvmix.staging import SLOTS
+from vllm_kvmix.staging import DEFAULT_SEQS_KEY, SLOTS, STAGING_SHARE, fit_slots
 from vllm_kvmix.vllm.budget import kv_cache_summary, log_info, staging_bytes
 
 VERSIONS = ("0.26.0",)
@@ -102,6 +102,10 @@ def patch_engine_args_validation() -> None:
     Without it a misspelt name fails deep in pydantic with a list of ~60
     literals; this raises :class:`KVFormatError` naming the kvmix choices
     before any config is built.  Remove when vLLM validates plugin dtypes.
+    Also marks, in the config's ``additional_config`` (vLLM's field for
+    plugins), that ``max_num_seqs`` is vLLM's default rather than the user's:
+    only then may :func:`patch_kv_cache_config_logging` lower it to fit the
+    staging.  Keep that part while vLLM gives no other way to tell.
     """
     from vllm.engine.arg_utils import EngineArgs
 
@@ -112,8 +116,12 @@ def patch_engine_args_validation() -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         name = self.kv_cache_dtype
-        if isinstance(name, str) and name.startswith("kvmix"):
+        kvmix = isinstance(name, str) and name.startswith("kvmix")
+        if kvmix:
             parse_any(name)  # raises KVFormatError with the valid choices
+        if kvmix and self.max_num_seqs is None and isinstance(self.additional_config or {}, dict):
+            # vLLM fills in its default max_num_seqs below; the config (and its checks) must know it did
+            self.additional_config = {**(self.additional_config or {}), DEFAULT_SEQS_KEY: True}
         return original(self, *args, **kwargs)
 
     create_engine_config._kvmix_patched = True
@@ -128,7 +136,10 @@ def patch_kv_cache_config_logging() -> None:
     entry per worker).  Page-scheme layers keep ``max_num_seqs`` 8-bit staging
     pages per layer outside vLLM's blocks (:mod:`vllm_kvmix.staging`); their
     bytes come out of the memory vLLM may give to blocks, so a kvmix cache
-    never exceeds the budget the user set.  Remove if vLLM grows per-layer
+    never exceeds the budget the user set.  Where ``max_num_seqs`` is vLLM's
+    default, it is lowered here (the scheduler is built after this call) to
+    what :func:`vllm_kvmix.staging.fit_slots` allows; the count reaches the
+    workers in the kvmix specs of the configs (``set_stage_slots``).  Remove if vLLM grows per-layer
     side allocations in its KV-cache specs, or logs per-spec page sizes itself.
     """
     from vllm.v1.engine import core
@@ -139,7 +150,16 @@ def patch_kv_cache_config_logging() -> None:
 
     @functools.wraps(original)
     def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory, *rest):  # rest: 0.34's global groups
-        max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+        scheduler = vllm_config.scheduler_config
+        max_num_seqs = default_seqs = scheduler.max_num_seqs
+        slot_bytes = [staging_bytes(specs, 0) for specs in kv_cache_specs]  # one slot
+        extra = vllm_config.additional_config
+        if any(slot_bytes) and isinstance(extra, dict) and extra.get(DEFAULT_SEQS_KEY):
+            # vLLM's default max_num_seqs: as many running sequences as staging fits in its share of the memory;
+            # the scheduler, built after this call, runs at most that many
+            max_num_seqs = min(fit_slots(default_seqs, m, b) for m, b in zip(available_memory, slot_bytes) if b)
+            if max_num_seqs < default_seqs:
+                scheduler.max_num_seqs = max_num_seqs
         reserved = [staging_bytes(specs, max_num_seqs) for specs in kv_cache_specs]
         if any(reserved):
             left = [m - r for m, r in zip(available_memory, reserved)]
@@ -151,7 +171,18 @@ def patch_kv_cache_config_logging() -> None:
                 )
             available_memory = left
         configs = original(vllm_config, kv_cache_specs, available_memory, *rest)
+        if any(reserved):
+            from vllm_kvmix.vllm.spec import set_stage_slots
+
+            for config in configs:  # the workers' builders size their staging from the spec
+                set_stage_slots(config, max_num_seqs)
         try:
+            if max_num_seqs < default_seqs:
+                log_info(
+                    f"kvmix: max_num_seqs {default_seqs} (vLLM's default) -> {max_num_seqs}: the staging of more "
+                    f"running sequences would take over 1/{STAGING_SHARE} of the KV-cache memory; "
+                    f"--max-num-seqs sets it (its staging then comes out of the KV cache)"
+                )
             if reserved[0]:
                 log_info(
                     f"kvmix: staging: {max_num_seqs} + 1 slots (max_num_seqs + padding) per layer x 64 tokens at "
@@ -344,7 +375,7 @@ PATCHES = (
      "AttentionBackend.customize_spec with the CUSTOM backend (0.28)"),
     (patch_engine_args_validation, "EngineArgs.create_engine_config (kvmix names validated first)",
      "register_kv_cache_dtype validation (0.33)"),
-    (patch_kv_cache_config_logging, "vllm.v1.engine.core.get_kv_cache_configs (staging reserved, summary)",
+    (patch_kv_cache_config_logging, "vllm.v1.engine.core.get_kv_cache_configs (staging reserved, default max_num_seqs fitted to it, summary)",
      "none yet: no per-spec side allocation in vLLM"),
     (patch_step_requests, "GPUModelRunner._update_states (V1), GPUModelRunner.prepare_inputs/finish_requests "
      "(V2): the step's request ids", "none yet: attention metadata carries no request ids"),

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # One e2e workload for several KV formats, each in its own process, rows appended to $OUT/e2e.jsonl.
 #   bash benchmarks/e2e/rows.sh WORKLOAD PER_RUN_TIMEOUT_S CONFIG...      CONFIG = BACKEND:KV_DTYPE
-# (BENCH_FLAGS="--steps --eager": extra bench.py flags; RUN="commit abc1234, nvidia-h200": the rows' key)
+# (MODEL=benchmarks/e2e/models/NAME: another architecture; BENCH_FLAGS="--steps --eager": extra bench.py flags; RUN="commit abc1234, nvidia-h200": the rows' key)
 # e.g. bash benchmarks/e2e/rows.sh cap 240 FLASH_ATTN:auto FLASH_ATTN:fp8 TRITON_ATTN:int4_per_token_head AUTO:kvmix-k4v2
 set -u
 wl=$1; limit=$2; shift 2
-model=benchmarks/e2e/models/llama-3.1-8b
+model=${MODEL:-benchmarks/e2e/models/llama-3.1-8b}
 out=${OUT:-.}
 for cfg in "$@"; do
   backend=${cfg%%:*}; kvd=${cfg#*:}
   start=$(date +%s)
   timeout "$limit" python3 benchmarks/e2e/bench.py "$model" "$backend" "$kvd" "$wl" --out "$out/e2e.jsonl" ${BENCH_FLAGS:-} \
-    > "$out/log-$wl-$kvd.txt" 2>&1
+    > "$out/log-$(basename $model)-$wl-$kvd.txt" 2>&1
   rc=$?
-  echo "$wl $cfg rc=$rc $(( $(date +%s) - start ))s $(grep '^RESULT' "$out/log-$wl-$kvd.txt" | tail -1)"
-  if [ $rc -ne 0 ]; then tail -5 "$out/log-$wl-$kvd.txt"; fi
+  echo "$wl $cfg rc=$rc $(( $(date +%s) - start ))s $(grep '^RESULT' "$out/log-$(basename $model)-$wl-$kvd.txt" | tail -1)"
+  if [ $rc -ne 0 ]; then tail -5 "$out/log-$(basename $model)-$wl-$kvd.txt"; fi
 done

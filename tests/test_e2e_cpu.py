@@ -168,6 +168,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _child_result(code: str):
+    """Run ``code`` in a child process with the engine in-process and vLLM's INFO logs on; returns the JSON of
+    its ``RESULT`` line and its logs."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "INFO"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    logs = p.stdout + p.stderr
+    assert p.returncode == 0, logs[-4000:]
+    line = next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.split(" ", 1)[1]), logs
+
+
 def test_kvmix_auto_plans_at_startup_under_llm(smollm2_dir):
     """kvmix-auto-b5 through LLM(...): a per-layer plan from the loaded weights, logged as a table;
     KV blocks exactly those of k8v2 (same bytes); sensible greedy text.  In a child process with
@@ -180,13 +191,9 @@ def test_kvmix_auto_plans_at_startup_under_llm(smollm2_dir):
         "print('RESULT', json.dumps(dict(plan=autoplan.LAST_PLAN, blocks=r.num_blocks, "
         "block_size=r.block_size, text=r.completions[0])))\n"
     )
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "INFO"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
-    logs = p.stdout + p.stderr
-    assert p.returncode == 0, logs[-4000:]
+    res, logs = _child_result(code)
     assert "kvmix: kvmix-auto-b5: 5 bits/element on average over K and V, 30 layers, per-layer page sizes" in logs
     assert logs.count("self_attn.attn |") == 30
-    res = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
     formats = {f"k{k}v{v}" for _, k, v in res["plan"]}
     assert formats == {"k8v4", "k4v4"} and len(res["plan"]) == 30  # keys to 8 bits in half the layers
     k8v2 = parse_format("kvmix-k8v2")
@@ -217,11 +224,7 @@ def test_default_max_num_seqs_is_fitted_to_the_staging_and_engines_follow_one_an
         "    del llm; gc.collect()\n"
         "print('RESULT', json.dumps(runs))\n"
     )
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "INFO"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
-    logs = p.stdout + p.stderr
-    assert p.returncode == 0, logs[-4000:]
-    runs = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
+    runs, logs = _child_result(code)
     m = re.search(r"kvmix: max_num_seqs (\d+) \(vLLM's default\) -> (\d+):", logs)
     assert m, logs[-4000:]
     default, seqs = int(m.group(1)), int(m.group(2))

@@ -24,11 +24,12 @@ KV head at d=128), reserved for max_num_seqs sequences out of the KV budget.  vL
 max_num_seqs = the workload's concurrency, and 128 on cap (staging 0.55 GiB of its 4 GiB: 3.96x
 bf16's tokens, ~100 sequences of 1280 tokens fit, 128 may run).  --max-num-seqs overrides.
 """
-import json
 import os
 import random
 import sys
 import time
+
+from result import emit
 
 WORKLOADS = {"cap": (256, 1024, 256), "long": (64, 8192, 512), "tpot": (1, 8192, 256), "long-h100": (64, 8192, 512)}
 # fixed KV budgets in bytes (the others take 0.85 of GPU memory)
@@ -195,10 +196,7 @@ def main():
         row["traced"] = _traced_summary(traced)
     if wl == "tpot":  # one request: generation time over its decode tokens (prefill included once)
         row["tpot_ms"] = round(1000 * (t3 - t2) / lout, 2)
-    print("RESULT", json.dumps(row), flush=True)
-    if out_file:
-        with open(out_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    emit(row, out_file)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ they all complete.  Prints one RESULT line (JSON: KV blocks, block size, KV toke
 appends it to FILE; the row's "run" is $RUN (commit, machine).  The engine core's log says which max_num_seqs its
 scheduler runs ("kvmix: max_num_seqs 1024 (vLLM's default) -> N"); this process's config keeps vLLM's default.
 """
-import json
 import os
 import sys
 import time
+
+from result import emit
 
 MAX_MODEL_LEN = 16384
 
@@ -38,10 +39,7 @@ def main():
                kv_tokens=cfg.cache_config.num_gpu_blocks * cfg.cache_config.block_size,
                requests=n, completed=done, start_s=round(start_s, 1), generate_s=round(gen_s, 1),
                model=os.path.basename(model.rstrip("/")), run=os.environ.get("RUN", ""))
-    print("RESULT", json.dumps(row), flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    emit(row, out_file)
 
 
 if __name__ == "__main__":

@@ -300,6 +300,24 @@ def test_staging_is_reserved_out_of_the_budget():
         core.get_kv_cache_configs(cfg, [specs], [64 << 20])
 
 
+def test_default_max_num_seqs_targets():
+    """What fitting vLLM's default max_num_seqs relies on: EngineArgs leaves max_num_seqs None until
+    create_engine_config fills in the default and passes additional_config into the config, and the engine core
+    sizes the KV cache (get_kv_cache_configs) before it builds the scheduler, in __init__."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.core import EngineCore
+
+    fields = {f.name: f for f in dataclasses.fields(EngineArgs)}
+    assert fields["max_num_seqs"].default is None
+    assert "additional_config" in fields
+    assert "additional_config=self.additional_config" in inspect.getsource(EngineArgs.create_engine_config)
+    init = inspect.getsource(EngineCore.__init__)
+    assert 0 <= init.index("self._initialize_kv_caches(") < init.index("Scheduler(")
+    assert "get_kv_cache_configs(" in inspect.getsource(EngineCore._initialize_kv_caches)
+
+
 @pytest.mark.skipif(CUDA_WHEEL, reason="0.33+'s VllmConfig needs a detected platform; none without a GPU")
 @pytest.mark.parametrize("memory", [64 << 20, 4 << 30])
 def test_default_max_num_seqs_is_lowered_to_fit_the_staging(memory):
@@ -314,14 +332,15 @@ def test_default_max_num_seqs_is_lowered_to_fit_the_staging(memory):
 
     from vllm_kvmix.staging import DEFAULT_SEQS_KEY, STAGING_SHARE, fit_slots, stage_rows
     from vllm_kvmix.vllm.budget import staging_bytes
-    from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, stage_slots_of
+    from vllm_kvmix.vllm.spec import stage_slots_of
 
-    common = dict(block_size=64, num_kv_heads=3, head_size=64, dtype=torch.uint8)
-    specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common) for i in range(30)}
+    specs = {f"l{i}": make_spec("kvmix-k4v2", block_size=64, num_kv_heads=3, head_size=64) for i in range(30)}
     cfg = VllmConfig()
     cfg.model_config = types.SimpleNamespace(max_model_len=1024, original_max_model_len=1024)
     cfg.scheduler_config.max_num_seqs = 256
     cfg.additional_config[DEFAULT_SEQS_KEY] = True
+    if hasattr(cfg.cache_config, "kv_cache_layout"):  # 0.32+: resolved by the engine core before this call
+        cfg.cache_config.kv_cache_layout = "LBHNC"
     (config,) = core.get_kv_cache_configs(cfg, [specs], [memory])
     slot = staging_bytes(specs, 0)
     seqs = cfg.scheduler_config.max_num_seqs

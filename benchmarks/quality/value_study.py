@@ -216,14 +216,14 @@ def main(argv=None) -> int:
                   summary=summary, per_layer=per_layer, **key())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    (out.parent / (out.name + ".json")).write_text(json.dumps(result, indent=1))
     lines = [f"### {args.model}: attention-output error by variant ({args.windows} x {args.tokens} tokens, "
              f"commit {result.get('commit', '?')})", "",
              "| variant | mean over layers | worst layer |", "|---|---|---|"]
     for n in names:
         s = summary[n]
         lines.append(f"| {n} | {s['mean']:.4f} | {s['max']:.4f} (layer {s['max_layer']}) |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (out.parent / (out.name + ".md")).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -24,6 +24,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -66,7 +67,8 @@ def auto_variant(label: str | None) -> tuple[str, dict]:
 
     ``even`` / ``var``: force the allocation mode; ``paper`` / ``tiers`` / ``reverse``: the allocation rule
     (``paper``: the paper's greedy unchanged, :func:`vllm_kvmix.allocation.plan_bits`; ``reverse``: the tiers,
-    smallest norm first, a control for whether the norms' order matters); ``nohybrid``: vLLM's hybrid KV-cache
+    smallest norm first, a control for whether the norms' order matters); ``layers=0k8v2+1k4v2``: those layers'
+    formats replace the plan's (a hand-made plan; the bytes are the caller's to balance); ``nohybrid``: vLLM's hybrid KV-cache
     manager off (one KV-cache group, so per-layer page sizes on sliding-window models).  The variants replace
     ``allocation.plan_layers`` / ``autoplan.choose_mode`` in this process (the engine runs in-process here);
     ``None`` restores the served functions.
@@ -94,6 +96,12 @@ def auto_variant(label: str | None) -> tuple[str, dict]:
         elif opt == "reverse":
             allocation.plan_layers = lambda k, v, gain, avg, mode="var": _SERVED[0](
                 [-x for x in k], [-x for x in v], [None if g is None else -g for g in gain], avg, mode)
+        elif opt.startswith("layers="):  # e.g. layers=0k8v2+1k4v2: these layers' formats over the plan
+            fixed = {int(m[0]): (int(m[1]), int(m[2]))
+                     for m in re.findall(r"(\d+)k(\d+)v(\d+)", opt.removeprefix("layers="))}
+            inner = allocation.plan_layers
+            allocation.plan_layers = lambda k, v, gain, avg, mode="var", inner=inner, fixed=fixed: [
+                fixed.get(i, kv) for i, kv in enumerate(inner(k, v, gain, avg, mode))]
         elif opt == "nohybrid":
             extra["disable_hybrid_kv_cache_manager"] = True
         else:

@@ -85,19 +85,19 @@ def markdown(rows: list[dict]) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        lengths = sorted({c["length"] for c in mine[0]["cases"]})
-        depths = sorted({c["depth"] for c in mine[0]["cases"]})
+        lengths = sorted({c["length"] for r in mine for c in r["cases"]})
+        depths = sorted({c["depth"] for r in mine for c in r["cases"]})
         lines += [f"### {model}: passkey hits per context length (depths {', '.join(map(str, depths))}; "
-                  f"vLLM {mine[0].get('vllm', '?')} CPU, commit {mine[0].get('commit', '?')})", "",
-                  "| KV cache | " + " | ".join(f"{n} tokens" for n in lengths) + " | all | seconds |",
-                  "|---|" + "---|" * (len(lengths) + 2)]
+                  f"vLLM {mine[0].get('vllm', '?')} CPU)", "",
+                  "| KV cache | " + " | ".join(f"{n} tokens" for n in lengths) + " | all | seconds | commits |",
+                  "|---|" + "---|" * (len(lengths) + 3)]
         for r in mine:
             cells = []
             for n in lengths:
                 cs = [c for c in r["cases"] if c["length"] == n]
-                cells.append(f"{sum(c['hit'] for c in cs)} / {len(cs)}")
+                cells.append(f"{sum(c['hit'] for c in cs)} / {len(cs)}" if cs else "--")
             name = "bf16 (`auto`)" if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['hits']} / {len(r['cases'])} | {r['seconds']} |")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['hits']} / {len(r['cases'])} | {r['seconds']} | {r.get('commit', '?')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -112,8 +112,17 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", nargs="+", metavar="JSON", help="render earlier runs' rows instead of running")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if args.from_json:
-        rows = [r for f in args.from_json for r in json.loads(Path(f).read_text())]
+    if args.from_json:  # runs of one model and format (e.g. other lengths) become one row
+        rows = []
+        for r in (r for f in args.from_json for r in json.loads(Path(f).read_text())):
+            same = next((x for x in rows if (x["model"], x["kv_cache_dtype"]) == (r["model"], r["kv_cache_dtype"])), None)
+            if same is None:
+                rows.append({**r, "cases": list(r["cases"])})
+            else:
+                same["cases"] += r["cases"]
+                same["hits"] += r["hits"]
+                same["seconds"] = round(same["seconds"] + r["seconds"], 1)
+                same["commit"] = ", ".join(dict.fromkeys([same.get("commit", "?"), r.get("commit", "?")]))
     else:
         from benchmarks import provenance
 

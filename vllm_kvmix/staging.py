@@ -123,6 +123,12 @@ STAGING_SHARE = 16
 DEFAULT_SEQS_KEY = "kvmix_default_max_num_seqs"
 
 
+def max_num_seqs_is_default(vllm_config) -> bool:
+    """Whether the engine's max_num_seqs is vLLM's default (marked under :data:`DEFAULT_SEQS_KEY`), not the user's."""
+    extra = getattr(vllm_config, "additional_config", None)
+    return isinstance(extra, dict) and bool(extra.get(DEFAULT_SEQS_KEY))
+
+
 def fit_slots(max_num_seqs: int, kv_memory: int, slot_bytes: int) -> int:
     """Running sequences (at most ``max_num_seqs``, at least 1) whose staging, ``slot_bytes`` each plus the padded
     rows' slot, fits in 1/:data:`STAGING_SHARE` of ``kv_memory``."""

@@ -9,7 +9,7 @@ vLLM's own dtypes are not looked at.
 from __future__ import annotations
 
 from vllm_kvmix.formats import KVFormatError, is_kvmix, parse_any, stage_layout
-from vllm_kvmix.staging import DEFAULT_SEQS_KEY, stage_rows
+from vllm_kvmix.staging import max_num_seqs_is_default, stage_rows
 
 
 class KvmixConfigError(ValueError):
@@ -56,8 +56,7 @@ def _check_staging_fits(name: str, vllm_config, model) -> None:
     ``max_num_seqs`` sequences must leave room for blocks.  A budget found by profiling (GPU) is checked where
     vLLM sizes the cache (the version layer's ``get_kv_cache_configs`` wrapper)."""
     budget = getattr(vllm_config.cache_config, "kv_cache_memory_bytes", None)
-    extra = getattr(vllm_config, "additional_config", None)
-    if not budget or (isinstance(extra, dict) and extra.get(DEFAULT_SEQS_KEY)):
+    if not budget or max_num_seqs_is_default(vllm_config):
         return  # vLLM's default max_num_seqs: lowered to fit where the cache is sized
     parallel = vllm_config.parallel_config
     seqs = vllm_config.scheduler_config.max_num_seqs

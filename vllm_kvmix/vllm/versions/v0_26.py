@@ -19,7 +19,14 @@ import functools
 import torch
 
 from vllm_kvmix.formats import all_format_names, is_kvmix, parse_any
-from vllm_kvmix.staging import DEFAULT_SEQS_KEY, SLOTS, STAGING_SHARE, fit_slots
+from vllm_kvmix.staging import (
+    DEFAULT_SEQS_KEY,
+    SLOTS,
+    STAGING_SHARE,
+    fit_slots,
+    max_num_seqs_is_default,
+    stage_rows,
+)
 from vllm_kvmix.vllm.budget import kv_cache_summary, log_info, staging_bytes
 
 VERSIONS = ("0.26.0",)
@@ -139,8 +146,9 @@ def patch_kv_cache_config_logging() -> None:
     never exceeds the budget the user set.  Where ``max_num_seqs`` is vLLM's
     default, it is lowered here (the scheduler is built after this call) to
     what :func:`vllm_kvmix.staging.fit_slots` allows; the count reaches the
-    workers in the kvmix specs of the configs (``set_stage_slots``).  Remove if vLLM grows per-layer
-    side allocations in its KV-cache specs, or logs per-spec page sizes itself.
+    workers in the kvmix specs of the configs (``set_stage_slots``).  Remove
+    if vLLM grows per-layer side allocations in its KV-cache specs, or logs
+    per-spec page sizes itself.
     """
     from vllm.v1.engine import core
 
@@ -152,15 +160,14 @@ def patch_kv_cache_config_logging() -> None:
     def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory, *rest):  # rest: 0.34's global groups
         scheduler = vllm_config.scheduler_config
         max_num_seqs = default_seqs = scheduler.max_num_seqs
-        slot_bytes = [staging_bytes(specs, 0) for specs in kv_cache_specs]  # one slot
-        extra = vllm_config.additional_config
-        if any(slot_bytes) and isinstance(extra, dict) and extra.get(DEFAULT_SEQS_KEY):
+        slot_bytes = [staging_bytes(specs, 0) for specs in kv_cache_specs]  # one slot (stage_rows(0) == 1)
+        if any(slot_bytes) and max_num_seqs_is_default(vllm_config):
             # vLLM's default max_num_seqs: as many running sequences as staging fits in its share of the memory;
             # the scheduler, built after this call, runs at most that many
             max_num_seqs = min(fit_slots(default_seqs, m, b) for m, b in zip(available_memory, slot_bytes) if b)
             if max_num_seqs < default_seqs:
                 scheduler.max_num_seqs = max_num_seqs
-        reserved = [staging_bytes(specs, max_num_seqs) for specs in kv_cache_specs]
+        reserved = [stage_rows(max_num_seqs) * b for b in slot_bytes]
         if any(reserved):
             left = [m - r for m, r in zip(available_memory, reserved)]
             if min(left) <= 0:
@@ -375,7 +382,8 @@ PATCHES = (
      "AttentionBackend.customize_spec with the CUSTOM backend (0.28)"),
     (patch_engine_args_validation, "EngineArgs.create_engine_config (kvmix names validated first)",
      "register_kv_cache_dtype validation (0.33)"),
-    (patch_kv_cache_config_logging, "vllm.v1.engine.core.get_kv_cache_configs (staging reserved, default max_num_seqs fitted to it, summary)",
+    (patch_kv_cache_config_logging, "vllm.v1.engine.core.get_kv_cache_configs (staging reserved, default max_num_seqs "
+     "fitted to it, summary)",
      "none yet: no per-spec side allocation in vLLM"),
     (patch_step_requests, "GPUModelRunner._update_states (V1), GPUModelRunner.prepare_inputs/finish_requests "
      "(V2): the step's request ids", "none yet: attention metadata carries no request ids"),

@@ -172,7 +172,8 @@ PATCHES = (
      "register_kv_cache_dtype (0.33)"),
     (patch_engine_args_validation, "EngineArgs.create_engine_config (kvmix names validated, block size 64)",
      "register_kv_cache_dtype validation (0.33)"),
-    (v0_26.patch_kv_cache_config_logging, "vllm.v1.engine.core.get_kv_cache_configs (staging reserved, default max_num_seqs fitted to it, summary)",
+    (v0_26.patch_kv_cache_config_logging, "vllm.v1.engine.core.get_kv_cache_configs (staging reserved, default max_num_seqs "
+     "fitted to it, summary)",
      "none yet: no per-spec side allocation in vLLM"),
     (v0_26.patch_step_requests, "GPUModelRunner._update_states (V1, CPU runner), V2 prepare_inputs/finish_requests",
      "none on V1; V2's CommonAttentionMetadata.req_idx could replace the V2 wraps"),

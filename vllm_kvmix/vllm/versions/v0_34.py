@@ -46,7 +46,8 @@ PATCHES = (
     (register_kv_cache_dtypes, "vllm.config.cache.register_kv_cache_dtype (vLLM's hook, not a patch)", "-"),
     (v0_32.patch_engine_args_validation, "EngineArgs.create_engine_config (kvmix names validated, block size 64)",
      "the backend's preferred block size on every platform"),
-    (v0_26.patch_kv_cache_config_logging, "vllm.v1.engine.core.get_kv_cache_configs (staging reserved, default max_num_seqs fitted to it, summary)",
+    (v0_26.patch_kv_cache_config_logging, "vllm.v1.engine.core.get_kv_cache_configs (staging reserved, default max_num_seqs "
+     "fitted to it, summary)",
      "none yet: no per-spec side allocation in vLLM"),
     (v0_26.patch_v2_step_requests, "V2 GPUModelRunner.prepare_inputs / finish_requests: the step's request ids",
      "CommonAttentionMetadata.req_idx (a stable per-request slot)"),

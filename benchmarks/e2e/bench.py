@@ -188,7 +188,8 @@ def main():
     import vllm_kvmix
 
     # the run's key (commit, machine; rows.sh passes $RUN) and what ran: vLLM, GPU, where vllm_kvmix came from
-    row.update(model=os.path.basename(model.rstrip("/")), run=os.environ.get("RUN", ""), vllm=vllm.__version__, gpu=torch.cuda.get_device_name(),
+    row.update(model=os.path.basename(model.rstrip("/")), run=os.environ.get("RUN", ""), vllm=vllm.__version__,
+               gpu=torch.cuda.get_device_name(),
                kvmix=f"{vllm_kvmix.__version__} {os.path.dirname(vllm_kvmix.__file__)}")
     if steps is not None:
         row["steps"] = {k: [c, n, round(sec, 2)] for k, (c, n, sec) in steps.items()}

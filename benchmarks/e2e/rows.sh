@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One e2e workload for several KV formats, each in its own process, rows appended to $OUT/e2e.jsonl.
 #   bash benchmarks/e2e/rows.sh WORKLOAD PER_RUN_TIMEOUT_S CONFIG...      CONFIG = BACKEND:KV_DTYPE
-# (MODEL=benchmarks/e2e/models/NAME: another architecture; BENCH_FLAGS="--steps --eager": extra bench.py flags; RUN="commit abc1234, nvidia-h200": the rows' key)
+# (MODEL=benchmarks/e2e/models/NAME: another architecture; BENCH_FLAGS="--steps --eager": extra bench.py flags;
+#  RUN="commit abc1234, nvidia-h200": the rows' key)
 # e.g. bash benchmarks/e2e/rows.sh cap 240 FLASH_ATTN:auto FLASH_ATTN:fp8 TRITON_ATTN:int4_per_token_head AUTO:kvmix-k4v2
 set -u
 wl=$1; limit=$2; shift 2

@@ -68,7 +68,8 @@ def auto_variant(label: str | None) -> tuple[str, dict]:
     ``even`` / ``var``: force the allocation mode; ``paper`` / ``tiers`` / ``reverse``: the allocation rule
     (``paper``: the paper's greedy unchanged, :func:`vllm_kvmix.allocation.plan_bits`; ``reverse``: the tiers,
     smallest norm first, a control for whether the norms' order matters); ``layers=0k8v2+1k4v2``: those layers'
-    formats replace the plan's (a hand-made plan; the bytes are the caller's to balance); ``nohybrid``: vLLM's hybrid KV-cache
+    formats replace the plan's (a hand-made plan; the bytes are the caller's to balance); ``nohybrid``: vLLM's
+    hybrid KV-cache
     manager off (one KV-cache group, so per-layer page sizes on sliding-window models).  The variants replace
     ``allocation.plan_layers`` / ``autoplan.choose_mode`` in this process (the engine runs in-process here);
     ``None`` restores the served functions.

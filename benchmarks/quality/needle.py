@@ -97,7 +97,8 @@ def markdown(rows: list[dict]) -> str:
                 cs = [c for c in r["cases"] if c["length"] == n]
                 cells.append(f"{sum(c['hit'] for c in cs)} / {len(cs)}" if cs else "--")
             name = "bf16 (`auto`)" if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['hits']} / {len(r['cases'])} | {r['seconds']} | {r.get('commit', '?')} |")
+            lines.append(f"| {name} | " + " | ".join(cells)
+                         + f" | {r['hits']} / {len(r['cases'])} | {r['seconds']} | {r.get('commit', '?')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
     if args.from_json:  # runs of one model and format (e.g. other lengths) become one row
         rows = []
         for r in (r for f in args.from_json for r in json.loads(Path(f).read_text())):
-            same = next((x for x in rows if (x["model"], x["kv_cache_dtype"]) == (r["model"], r["kv_cache_dtype"])), None)
+            key = (r["model"], r["kv_cache_dtype"])
+            same = next((x for x in rows if (x["model"], x["kv_cache_dtype"]) == key), None)
             if same is None:
                 rows.append({**r, "cases": list(r["cases"])})
             else:

@@ -82,22 +82,22 @@ def q_keys_pages(k: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def attention_parts(q: torch.Tensor, k: torch.Tensor, groups: int):
-    """Causal attention weights ``[Hq, T, T]`` split into earlier pages and the query's own page."""
-    kk = k.repeat_interleave(groups, 0)
-    s = q.float() @ kk.float().transpose(-1, -2) / q.shape[-1] ** 0.5
+def attention_parts(q: torch.Tensor, k_old: torch.Tensor, k_own: torch.Tensor, groups: int):
+    """Causal attention weights ``[Hq, T, T]`` of one softmax over the earlier pages' keys ``k_old`` and the query's
+    own page's keys ``k_own``, split into those two parts."""
     t = q.shape[1]
     pos = torch.arange(t)
-    s.masked_fill_(pos[None, :] > pos[:, None], float("-inf"))
-    a = torch.softmax(s, -1)
     own = (pos[None, :] // P) == (pos[:, None] // P)
+    scores = lambda k: q @ k.repeat_interleave(groups, 0).transpose(-1, -2) / q.shape[-1] ** 0.5  # noqa: E731
+    s = torch.where(own, scores(k_own), scores(k_old)).masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    a = torch.softmax(s, -1)
     return a * ~own, a * own
 
 
 def run_layer(q, k, v, fmt_bits, rot):
     """Errors of the variants for one layer: ``q [Hq, T, D]``, ``k, v [Hkv, T, D]`` (fp32)."""
     groups = q.shape[0] // k.shape[0]
-    a_old, a_own = attention_parts(q, k, groups)
+    a_old, a_own = attention_parts(q, k, k, groups)
     a = a_old + a_own
     rep = lambda x: x.repeat_interleave(groups, 0)  # noqa: E731
     o = a @ rep(v)
@@ -105,7 +105,8 @@ def run_layer(q, k, v, fmt_bits, rot):
     out = {"sink_attention": a[:, 1:, 0].mean().item(),
            "sink_value_norm_ratio": (v[:, 0].norm(dim=-1) / v[:, 1:].norm(dim=-1).mean(-1)).mean().item()}
     vr = v @ rot  # rotated values (H symmetric: x @ H, back with @ H)
-    v8r = q_tokens(vr, 8, 64)
+    v8r, v8, k8 = q_tokens(vr, 8, 64), q_tokens(v, 8, 64), q_tokens(k, 8, 64)
+    eye = torch.eye(v.shape[-1])
     for bits in fmt_bits:
         def err_v(v_low_rot, own_rot=v8r, back=rot):
             o2 = a_old @ rep(v_low_rot @ back) + a_own @ rep(own_rot @ back)
@@ -113,32 +114,23 @@ def run_layer(q, k, v, fmt_bits, rot):
 
         served = q_tokens(v8r, bits, 64)
         out[f"v{bits} served"] = err_v(served)
-        v8 = q_tokens(v, 8, 64)
-        eye = torch.eye(v.shape[-1])
         out[f"v{bits} no-rotation"] = err_v(q_tokens(v8, bits, 64), own_rot=v8, back=eye)
         out[f"v{bits} direct"] = err_v(q_tokens(vr, bits, 64))
-        out[f"v{bits} clip-mse"] = err_v(q_tokens_clipped(v8r, bits, 64))
+        clipped = q_tokens_clipped(v8r, bits, 64)
+        out[f"v{bits} clip-mse"] = err_v(clipped)
         sink = served.clone()
         sink[:, 0] = vr[:, 0]
         out[f"v{bits} sink-exact"] = err_v(sink)
-        both = q_tokens_clipped(v8r, bits, 64)
+        both = clipped.clone()
         both[:, 0] = vr[:, 0]
         out[f"v{bits} sink-exact + clip-mse"] = err_v(both)
         out[f"v{bits} group-32"] = err_v(q_tokens(v8r, bits, 32))
-        # keys (values exact): the attention weights change
-        for name, kq in (("served", q_keys_pages(k, bits)), ("sink-exact", None)):
-            if kq is None:
-                kq = q_keys_pages(k, bits)
-                kq[:, 0] = k[:, 0]
-            k8 = q_tokens(k, 8, 64)
-            # own page from the 8-bit copy, earlier pages at `bits`: one softmax over both
-            s_old = q @ rep(kq).transpose(-1, -2) / q.shape[-1] ** 0.5
-            s_own = q @ rep(k8).transpose(-1, -2) / q.shape[-1] ** 0.5
-            t = q.shape[1]
-            pos = torch.arange(t)
-            own = (pos[None, :] // P) == (pos[:, None] // P)
-            s = torch.where(own, s_own, s_old).masked_fill(pos[None, :] > pos[:, None], float("-inf"))
-            o2 = torch.softmax(s, -1) @ rep(v)
+        # keys (values exact): the attention weights change; the own page from the 8-bit copy
+        kq = q_keys_pages(k, bits)
+        k_sink = kq.clone()
+        k_sink[:, 0] = k[:, 0]
+        for name, k_old in (("served", kq), ("sink-exact", k_sink)):
+            o2 = sum(attention_parts(q, k_old, k8, groups)) @ rep(v)
             out[f"k{bits} {name}"] = ((o2 - o).norm() / norm).item()
     return out
 
@@ -168,7 +160,8 @@ def capture(model_dir: str, windows: list[list[int]]):
             seen[-1][i] = (q[0].float(), k[0].float(), v[0].float())
         return hook
 
-    handles = [layer.self_attn.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [layer.self_attn.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
     with torch.no_grad():
         for w in windows:
             seen.append({})

@@ -2,7 +2,7 @@
 
 Oracle: a dense re-statement of the scheme's semantics with no pages, bytes or
 slots -- keys and rotated values rounded to 8 bits per token; every full
-64-token page re-quantized (keys per channel, values per token); a query at
+64-token page re-quantized (keys per channel, values per token with clipped ranges below 8 bits); a query at
 position p reads its own page at 8 bits and every earlier page re-quantized.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vllm_kvmix.formats import parse_format, stage_layout
-from vllm_kvmix.quant import dequantize, quantize
+from vllm_kvmix.quant import dequantize, quantize, quantize_clipped
 from vllm_kvmix.reference.staged import RequestStep, step
 from vllm_kvmix.staging import StagingSlots, StagingSlotsExhausted
 
@@ -21,6 +21,12 @@ P = 64
 
 def _rt(x, bits, group=64):
     c, m = quantize(x, bits, group)
+    return dequantize(c, m, group)
+
+
+def _rt_values(x, bits, group=64):
+    """Packed values: below 8 bits each group's range is clipped to its least-squared-error ratio."""
+    c, m = (quantize_clipped if bits < 8 else quantize)(x, bits, group)
     return dequantize(c, m, group)
 
 
@@ -42,7 +48,7 @@ def _oracle(q, k, v, fmt, scale, sliding_window=None):
     for p0 in range(0, L - L % P, P):
         page_k = k8[p0 : p0 + P].transpose(0, 2)  # [D, H, P]: channel-major, groups of P tokens
         kp[p0 : p0 + P] = _rt(page_k, fmt.k_bits, P).transpose(0, 2)
-        vp[p0 : p0 + P] = _rt(v8[p0 : p0 + P], fmt.v_bits)
+        vp[p0 : p0 + P] = _rt_values(v8[p0 : p0 + P], fmt.v_bits)
     pos = torch.arange(L)
     rep = q.shape[1] // h
     out = torch.empty(q.shape, dtype=torch.float64)

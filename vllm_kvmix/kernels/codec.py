@@ -1,7 +1,8 @@
 """Per-token group quantizer pieces shared by the page kernels, in Triton.
 
 ``quant_rows`` / ``pack_rows`` turn rows of ``[D]`` vectors into packed codes +
-fp16 (scale, minimum) per 64-channel group (staging, packed values);
+fp16 (scale, minimum) per 64-channel group (staging, packed values; ``quant_rows_clipped``
+for values below 8 bits);
 ``decode_tile`` loads a ``[TILE, D]`` tile of per-token codes back as fp32.
 Also ``softmax_step`` (online softmax) and ``rotate_store`` (output times the
 Hadamard matrix, for rotated values).  Bit-for-bit the same arithmetic
@@ -12,11 +13,14 @@ IEEE division), so kernel and reference agree exactly.
 import triton
 import triton.language as tl
 
+from vllm_kvmix.quant import CLIP_STEPS as _CLIP_STEPS
+
 FP16_MAX = tl.constexpr(65504.0)
 # Hadamard rotations (value staging, output) as fp32 dots: "tf32x3" (three tensor-core TF32 products,
 # ~fp32 accuracy).  "ieee" spilled hundreds of registers on H100 (_stage_kernel: 850 spills, 64 us for
 # one decode token; the combine kernel 100 us) -- benchmarks/results/page-decode-h100.json.
 ROT_PRECISION = tl.constexpr("tf32x3")
+CLIP_STEPS = tl.constexpr(_CLIP_STEPS)
 
 
 @triton.jit
@@ -46,6 +50,44 @@ def quant_rows(x, BITS: tl.constexpr, GROUP: tl.constexpr):
     y = tl.floor((xg - mn16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
     codes = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0).to(tl.int32)
     return tl.reshape(codes, (R, D)), scale16, mn16
+
+
+@triton.jit
+def quant_rows_clipped(x, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """:func:`quant_rows` with each group's range clipped to its least-squared-error ratio: the arithmetic of
+    :func:`vllm_kvmix.quant.quantize_clipped` (candidate ranges in fp64, errors summed in fp64, the first
+    candidate of least error wins)."""
+    R: tl.constexpr = x.shape[0]
+    D: tl.constexpr = x.shape[1]
+    G: tl.constexpr = D // GROUP
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
+    xg = tl.reshape(x, (R, G, GROUP))
+    mn = tl.min(xg, axis=2).to(tl.float64)
+    mx = tl.max(xg, axis=2).to(tl.float64)
+    mid = (mn + mx) * 0.5
+    half = (mx - mn) * 0.5
+    best_err = tl.full((R, G), float("inf"), tl.float64)
+    best_s16 = tl.zeros((R, G), tl.float16)
+    best_m16 = tl.zeros((R, G), tl.float16)
+    for k in range(CLIP_STEPS):
+        r = 1.0 - k / 64.0  # exact in fp32; ``half * r`` is exact in fp64
+        lo = (mid - half * r).to(tl.float32)
+        hi = (mid + half * r).to(tl.float32)
+        scale16, mn16, inv = minmax_meta(lo, hi, LEVELS)
+        y = tl.floor((xg - mn16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
+        c = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0)
+        diff = (c * scale16.to(tl.float32)[:, :, None] + mn16.to(tl.float32)[:, :, None] - xg).to(tl.float64)
+        err = tl.sum(diff * diff, axis=2)
+        take = err < best_err
+        best_err = tl.where(take, err, best_err)
+        best_s16 = tl.where(take, scale16, best_s16)
+        best_m16 = tl.where(take, mn16, best_m16)
+    scale = best_s16.to(tl.float32)
+    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
+    y = tl.floor((xg - best_m16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
+    codes = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0).to(tl.int32)
+    return tl.reshape(codes, (R, D)), best_s16, best_m16
 
 
 @triton.jit

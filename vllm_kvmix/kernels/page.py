@@ -54,6 +54,7 @@ from vllm_kvmix.kernels.codec import (
     minmax_meta,
     pack_rows,
     quant_rows,
+    quant_rows_clipped,
     softmax_step,
 )
 from vllm_kvmix.kernels.splitk import block_q_for, combine_kernel, num_splits_for, plan_query_blocks
@@ -195,8 +196,11 @@ def _pack_kernel(
         kmeta = (dst + K_META).to(tl.pointer_type(tl.float16))
         tl.store(kmeta + 2 * d, ks)
         tl.store(kmeta + 2 * d + 1, km)
-        # values (rotated) per token, 64-channel groups
-        vc, vs, vm = quant_rows(v8, V_BITS, 64)
+        # values (rotated) per token, 64-channel groups; below 8 bits with clipped ranges (the reference's rule)
+        if V_BITS < 8:
+            vc, vs, vm = quant_rows_clipped(v8, V_BITS, 64)
+        else:
+            vc, vs, vm = quant_rows(v8, V_BITS, 64)
         _store_rows(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, t < P, vc, vs, vm, V_BITS, V_CODES, V_META)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vllm_kvmix.formats import parse_format, stage_layout
-from vllm_kvmix.quant import dequantize, quantize, quantize_clipped
+from vllm_kvmix.quant import dequantize, quantize, quantize_values
 from vllm_kvmix.reference.staged import RequestStep, step
 from vllm_kvmix.staging import StagingSlots, StagingSlotsExhausted
 
@@ -26,7 +26,7 @@ def _rt(x, bits, group=64):
 
 def _rt_values(x, bits, group=64):
     """Packed values: below 8 bits each group's range is clipped to its least-squared-error ratio."""
-    c, m = (quantize_clipped if bits < 8 else quantize)(x, bits, group)
+    c, m = quantize_values(x, bits, group)
     return dequantize(c, m, group)
 
 

@@ -52,20 +52,25 @@ def quantize_clipped(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tens
     xg = _groups(x, group)
     mn, mx = xg.amin(dim=-1).double(), xg.amax(dim=-1).double()
     mid, half = (mn + mx) * 0.5, (mx - mn) * 0.5
-    best = None
+    best_err = torch.full_like(mid, float("inf"))
+    best_lo, best_hi = torch.zeros_like(xg[..., 0]), torch.zeros_like(xg[..., 0])
     for k in range(CLIP_STEPS):
         r = 1.0 - k / 64
-        codes, scale16, mn16 = _encode(xg, (mid - half * r).float(), (mid + half * r).float(), bits)
-        deq = codes * scale16.float().unsqueeze(-1) + mn16.float().unsqueeze(-1)
-        err = (deq - xg).double().square().sum(dim=-1)
-        if best is None:
-            best = [codes, scale16, mn16, err]
-            continue
-        take = err < best[3]
-        best = [torch.where(take.unsqueeze(-1), codes, best[0]), torch.where(take, scale16, best[1]),
-                torch.where(take, mn16, best[2]), torch.where(take, err, best[3])]
-    codes, scale16, mn16, _ = best
+        lo, hi = (mid - half * r).float(), (mid + half * r).float()
+        codes, scale16, mn16 = _encode(xg, lo, hi, bits)
+        err = (codes * scale16.float().unsqueeze(-1) + mn16.float().unsqueeze(-1) - xg).double().square().sum(-1)
+        take = err < best_err
+        best_err = torch.where(take, err, best_err)
+        best_lo = torch.where(take, lo, best_lo)
+        best_hi = torch.where(take, hi, best_hi)
+    codes, scale16, mn16 = _encode(xg, best_lo, best_hi, bits)
     return codes.to(torch.uint8).reshape(x.shape), torch.stack([scale16, mn16], dim=-1)
+
+
+def quantize_values(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed values' encoder: :func:`quantize_clipped` below 8 bits, :func:`quantize` at 8 (the Triton pack
+    kernel follows the same rule)."""
+    return (quantize_clipped if bits < 8 else quantize)(x, bits, group)
 
 
 def _groups(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -38,18 +38,27 @@ def minmax_meta(mn, mx, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _groups(x, GROUP: tl.constexpr):
+    """``x[R, D]`` clamped to the fp16 range, as ``[R, D // GROUP, GROUP]``."""
+    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
+    return tl.reshape(x, (x.shape[0], x.shape[1] // GROUP, GROUP))
+
+
+@triton.jit
+def _group_codes(xg, mn16, inv, LEVELS: tl.constexpr):
+    """fp32 codes (integral, saturated to ``[0, LEVELS]``) of ``xg[R, G, GROUP]``: round half up."""
+    y = tl.floor((xg - mn16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
+    return tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0)
+
+
+@triton.jit
 def quant_rows(x, BITS: tl.constexpr, GROUP: tl.constexpr):
     """Per-token groups: ``x[R, D]`` -> codes int32 ``[R, D]``, scale16 / min16 ``[R, D // GROUP]``."""
-    R: tl.constexpr = x.shape[0]
-    D: tl.constexpr = x.shape[1]
-    G: tl.constexpr = D // GROUP
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
-    xg = tl.reshape(x, (R, G, GROUP))
+    xg = _groups(x, GROUP)
     scale16, mn16, inv = minmax_meta(tl.min(xg, axis=2), tl.max(xg, axis=2), LEVELS)
-    y = tl.floor((xg - mn16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
-    codes = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0).to(tl.int32)
-    return tl.reshape(codes, (R, D)), scale16, mn16
+    codes = _group_codes(xg, mn16, inv, LEVELS).to(tl.int32)
+    return tl.reshape(codes, x.shape), scale16, mn16
 
 
 @triton.jit
@@ -57,37 +66,30 @@ def quant_rows_clipped(x, BITS: tl.constexpr, GROUP: tl.constexpr):
     """:func:`quant_rows` with each group's range clipped to its least-squared-error ratio: the arithmetic of
     :func:`vllm_kvmix.quant.quantize_clipped` (candidate ranges in fp64, errors summed in fp64, the first
     candidate of least error wins)."""
-    R: tl.constexpr = x.shape[0]
-    D: tl.constexpr = x.shape[1]
-    G: tl.constexpr = D // GROUP
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    x = tl.minimum(tl.maximum(x, -FP16_MAX), FP16_MAX)
-    xg = tl.reshape(x, (R, G, GROUP))
+    xg = _groups(x, GROUP)
     mn = tl.min(xg, axis=2).to(tl.float64)
     mx = tl.max(xg, axis=2).to(tl.float64)
     mid = (mn + mx) * 0.5
     half = (mx - mn) * 0.5
-    best_err = tl.full((R, G), float("inf"), tl.float64)
-    best_s16 = tl.zeros((R, G), tl.float16)
-    best_m16 = tl.zeros((R, G), tl.float16)
+    best_err = tl.full(mn.shape, float("inf"), tl.float64)
+    best_lo = tl.zeros(mn.shape, tl.float32)
+    best_hi = tl.zeros(mn.shape, tl.float32)
     for k in range(CLIP_STEPS):
         r = 1.0 - k / 64.0  # exact in fp32; ``half * r`` is exact in fp64
         lo = (mid - half * r).to(tl.float32)
         hi = (mid + half * r).to(tl.float32)
         scale16, mn16, inv = minmax_meta(lo, hi, LEVELS)
-        y = tl.floor((xg - mn16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
-        c = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0)
+        c = _group_codes(xg, mn16, inv, LEVELS)
         diff = (c * scale16.to(tl.float32)[:, :, None] + mn16.to(tl.float32)[:, :, None] - xg).to(tl.float64)
         err = tl.sum(diff * diff, axis=2)
         take = err < best_err
         best_err = tl.where(take, err, best_err)
-        best_s16 = tl.where(take, scale16, best_s16)
-        best_m16 = tl.where(take, mn16, best_m16)
-    scale = best_s16.to(tl.float32)
-    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
-    y = tl.floor((xg - best_m16.to(tl.float32)[:, :, None]) * inv[:, :, None] + 0.5)
-    codes = tl.minimum(tl.maximum(y, 0.0), LEVELS * 1.0).to(tl.int32)
-    return tl.reshape(codes, (R, D)), best_s16, best_m16
+        best_lo = tl.where(take, lo, best_lo)
+        best_hi = tl.where(take, hi, best_hi)
+    scale16, mn16, inv = minmax_meta(best_lo, best_hi, LEVELS)
+    codes = _group_codes(xg, mn16, inv, LEVELS).to(tl.int32)
+    return tl.reshape(codes, x.shape), scale16, mn16
 
 
 @triton.jit

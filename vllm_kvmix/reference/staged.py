@@ -40,7 +40,7 @@ from vllm_kvmix.quant import (
     pack,
     quantize,
     quantize_channels,
-    quantize_clipped,
+    quantize_values,
     unpack,
 )
 from vllm_kvmix.reference.paged import (
@@ -80,9 +80,7 @@ def pack_pages(cache: torch.Tensor, block_ids: torch.Tensor, k8: torch.Tensor, v
     k_codes, k_meta = channel_views(cache, layout.k)
     k_codes[block_ids] = pack(kc, layout.k.bits)
     k_meta[block_ids] = km
-    # values below 8 bits: each group's range clipped to its least-squared-error ratio (the decoders are the same)
-    encode = quantize_clipped if layout.v.bits < 8 else quantize
-    vc, vm = encode(v8.permute(0, 2, 1, 3), layout.v.bits, layout.v.group)
+    vc, vm = quantize_values(v8.permute(0, 2, 1, 3), layout.v.bits, layout.v.group)
     v_codes, v_meta = side_views(cache, layout.v)
     v_codes[block_ids] = pack(vc, layout.v.bits)
     v_meta[block_ids] = vm

@@ -252,7 +252,10 @@ def write_bench(gen):
     """The page scheme's write (stage + pack) vs reshape_and_cache_flash (bf16, block 16).
 
     decode: 256 sequences x 1 token, each at offset 63 of its page so every page fills and packs
-    (the worst step); prefill: one 4096-token prompt (64 pages staged and packed).
+    (the worst step); prefill: one 4096-token prompt (64 pages staged and packed).  Each case is timed
+    launched eagerly (``ms``: host launch cost included, as a prefill step runs) and replayed from a CUDA
+    graph (``graph_ms``: GPU time only, as vLLM runs decode batches); ``stage_graph_ms`` / ``pack_graph_ms``
+    split kvmix's write into its two kernels.
     """
     rows = []
     for label, B, T in (("decode 256x1 (all pages fill)", 256, 256), ("prefill 1x4096", 1, 4096)):
@@ -268,14 +271,19 @@ def write_bench(gen):
             cache, stage, bt = kvmix_case(fmt, B, seq_len, gen)
             plan = StepPlan(qsl, seq, T, per, qsl.tolist(), seq_len, HQ, HKV)
             st = PageStep(k, cache, stage, fmt, slots, bt, plan)
-            rows.append(dict(case=label, kernel=fname, ms=bench(lambda: st.write(k, v))))
+            rows.append(dict(case=label, kernel=fname, ms=bench(lambda: st.write(k, v)),
+                             graph_ms=triton.testing.do_bench_cudagraph(lambda: st.write(k, v)),
+                             pack_graph_ms=triton.testing.do_bench_cudagraph(st.pack)))
+            rows[-1]["stage_graph_ms"] = rows[-1]["graph_ms"] - rows[-1]["pack_graph_ms"]
         n_blocks = triton.cdiv(T, PEER_BS) * 2
-        ms = reshape_and_cache_ms(k, v, torch.randperm(n_blocks * PEER_BS, device=dev, generator=gen)[:T], n_blocks)
+        slots_bf16 = torch.randperm(n_blocks * PEER_BS, device=dev, generator=gen)[:T]
+        ms = reshape_and_cache_ms(k, v, slots_bf16, n_blocks)
         if ms is not None:
-            rows.append(dict(case=label, kernel="reshape_and_cache_flash bf16", ms=ms))
-    print("\nwrite (ms):")
+            rows.append(dict(case=label, kernel="reshape_and_cache_flash bf16", ms=ms,
+                             graph_ms=reshape_and_cache_ms(k, v, slots_bf16, n_blocks, graph=True)))
+    print("\nwrite (ms; eager launch / CUDA graph):")
     for r in rows:
-        print(f"  {r['case']:<32} {r['kernel']:<30} {r['ms']:.4f}", flush=True)
+        print(f"  {r['case']:<32} {r['kernel']:<30} {r['ms']:.4f} / {r.get('graph_ms', float('nan')):.4f}", flush=True)
     return rows
 
 

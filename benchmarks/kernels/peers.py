@@ -18,8 +18,9 @@ def bench(f):
     return triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median")
 
 
-def reshape_and_cache_ms(k, v, slot_mapping, n_blocks):
-    """vLLM's bf16 cache write (block PEER_BS) of ``k`` / ``v`` at ``slot_mapping``; None without vLLM."""
+def reshape_and_cache_ms(k, v, slot_mapping, n_blocks, graph=False):
+    """vLLM's bf16 cache write (block PEER_BS) of ``k`` / ``v`` at ``slot_mapping`` (replayed from a CUDA
+    graph with ``graph``); None without vLLM."""
     try:
         from vllm import _custom_ops as ops
     except Exception as e:  # noqa: BLE001
@@ -28,7 +29,8 @@ def reshape_and_cache_ms(k, v, slot_mapping, n_blocks):
     kc = torch.zeros(n_blocks, PEER_BS, k.shape[1], k.shape[2], dtype=torch.bfloat16, device=k.device)
     vc = torch.zeros_like(kc)
     one = torch.ones((), device=k.device)
-    return bench(lambda: ops.reshape_and_cache_flash(k, v, kc, vc, slot_mapping, "auto", one, one))
+    write = lambda: ops.reshape_and_cache_flash(k, v, kc, vc, slot_mapping, "auto", one, one)  # noqa: E731
+    return triton.testing.do_bench_cudagraph(write) if graph else bench(write)
 
 
 def copy_bw():

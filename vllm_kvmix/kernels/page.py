@@ -392,6 +392,7 @@ def _page_attention_kernel(
 # accumulators) spill on 2 warps, which also makes ptxas slow.
 LAUNCH = {"num_warps": 4, "num_stages": 2, "maxnreg": 128}
 LAUNCH_PREFILL = {"num_warps": 4, "num_stages": 2}
+LAUNCH_PACK = {"num_warps": 4}
 STAGE_TOKENS = 16  # tokens per _stage_kernel program (tl.dot needs >= 16 rows) in a step of one-token rows
 # ... and in a step with a prompt: each program loads the 64 KiB fp32 rotation once for 64 tokens (H200,
 # 16k-token step: 0.17 ms against 0.26 ms at 16, benchmarks/kernels/prefill_parts.py)
@@ -601,7 +602,7 @@ class PageStep:
             *self.common, self.block_table, stage, scratch, cache,
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
             cache.stride(0), cache.stride(1), self.block_table.stride(0),
-            D=self.d, **self.stage_consts, **self.bits,
+            D=self.d, **self.stage_consts, **self.bits, **LAUNCH_PACK,
         )
 
     def attend(self, query, out, scale: float, sliding_window=None, soft_cap=None) -> None:

@@ -44,21 +44,27 @@ def quantize_clipped(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tens
 
     Candidate ``k`` encodes over ``[mid - half * r, mid + half * r]``, ``r = 1 - k / 64`` (``mid`` and
     ``half`` of the group's min-max range, in fp64, then rounded to fp32 and encoded as :func:`quantize`
-    does: codes beyond the range saturate).  The error of a candidate is the fp64 sum of the squared fp32
+    does: codes beyond the range saturate).  The error of a candidate is the fp32 sum of the squared fp32
     differences between the dequantized and the input values; the first candidate of least error wins, so
     ``k = 0`` (plain min-max) is kept unless a clip is strictly better.  Same layout, same decoders: only
-    the encoder changes.
+    the encoder changes.  (The Triton pack kernel sums in another order: the two can pick different
+    candidates only where two errors tie to fp32 rounding.)
     """
+    levels = (1 << bits) - 1
     xg = _groups(x, group)
     mn, mx = xg.amin(dim=-1).double(), xg.amax(dim=-1).double()
     mid, half = (mn + mx) * 0.5, (mx - mn) * 0.5
-    best_err = torch.full_like(mid, float("inf"))
+    best_err = torch.full_like(xg[..., 0], float("inf"))
     best_lo, best_hi = torch.zeros_like(xg[..., 0]), torch.zeros_like(xg[..., 0])
+    work = torch.empty_like(xg)
     for k in range(CLIP_STEPS):
         r = 1.0 - k / 64
         lo, hi = (mid - half * r).float(), (mid + half * r).float()
-        codes, scale16, mn16 = _encode(xg, lo, hi, bits)
-        err = (codes * scale16.float().unsqueeze(-1) + mn16.float().unsqueeze(-1) - xg).double().square().sum(-1)
+        scale16, mn16, inv = _meta(lo, hi, levels)
+        # the squared error of this candidate's codes, in place: (code * scale + min - x)^2 summed per group
+        _codes_into(work, xg, mn16, inv, levels)
+        work.mul_(scale16.float().unsqueeze(-1)).add_(mn16.float().unsqueeze(-1)).sub_(xg)
+        err = work.square_().sum(-1)
         take = err < best_err
         best_err = torch.where(take, err, best_err)
         best_lo = torch.where(take, lo, best_lo)
@@ -81,9 +87,8 @@ def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.float().reshape(*lead, d // group, group).clamp(-FP16_MAX, FP16_MAX)
 
 
-def _encode(xg: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: int):
-    """Codes (fp32, integral), fp16 scale and minimum of groups ``xg[..., G, group]`` over ``[mn, mx]``."""
-    levels = (1 << bits) - 1
+def _meta(mn: torch.Tensor, mx: torch.Tensor, levels: int):
+    """fp16 scale and minimum of a range ``[mn, mx]`` and the fp32 inverse scale."""
     mn16 = mn.to(torch.float16)
     # The range is measured from the rounded minimum so the top code still
     # reaches the maximum.
@@ -94,9 +99,21 @@ def _encode(xg: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: int):
     scale16 = torch.where(top > FP16_MAX, torch.nextafter(scale16, torch.zeros_like(scale16)), scale16)
     scale = scale16.float()
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    # round half up (floor(y + 0.5)): the same rule the Triton kernels use
-    codes = torch.floor((xg - mn16.float().unsqueeze(-1)) * inv.unsqueeze(-1) + 0.5)
-    return codes.clamp_(0, levels), scale16, mn16
+    return scale16, mn16, inv
+
+
+def _codes_into(out: torch.Tensor, xg: torch.Tensor, mn16: torch.Tensor, inv: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes (fp32, integral) of ``xg[..., G, group]`` written into ``out``: round half up (floor(y + 0.5)),
+    the rule the Triton kernels use, saturated to ``[0, levels]``."""
+    torch.sub(xg, mn16.float().unsqueeze(-1), out=out)
+    return out.mul_(inv.unsqueeze(-1)).add_(0.5).floor_().clamp_(0, levels)
+
+
+def _encode(xg: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, bits: int):
+    """Codes (fp32, integral), fp16 scale and minimum of groups ``xg[..., G, group]`` over ``[mn, mx]``."""
+    levels = (1 << bits) - 1
+    scale16, mn16, inv = _meta(mn, mx, levels)
+    return _codes_into(torch.empty_like(xg), xg, mn16, inv, levels), scale16, mn16
 
 
 def dequantize(codes: torch.Tensor, meta: torch.Tensor, group: int) -> torch.Tensor:

@@ -68,8 +68,8 @@ def quant_rows(x, BITS: tl.constexpr, GROUP: tl.constexpr):
 def quant_rows_clipped(x, BITS: tl.constexpr, GROUP: tl.constexpr):
     """:func:`quant_rows` with each group's range clipped to its least-squared-error ratio: the arithmetic of
     :func:`vllm_kvmix.quant.quantize_clipped` (candidate ranges in fp64, the first candidate of least error
-    wins).  The errors are summed in fp32 (the reference sums in fp64): the two pick different candidates
-    only where two errors tie to fp32 rounding; fp64 sums made the pack kernel 27% slower on the H200."""
+    wins).  The errors are summed in fp32 as the reference does, in another order: the two pick different
+    candidates only where two errors tie to fp32 rounding; fp64 sums made the pack kernel 27% slower on the H200."""
     LEVELS: tl.constexpr = (1 << BITS) - 1
     xg = _groups(x, GROUP)
     mn = tl.min(xg, axis=2).to(tl.float64)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 # vLLM's own fp8 KV cache is not in the default list: on vLLM 0.26's CPU backend it
 # returns NaN prompt logprobs (max_model_len 512) or segfaults (1040) on this machine
-# (`--formats auto fp8` reproduces it); its quality is measured on the GPU.
+# (`--formats auto fp8` reproduces it); vLLM 0.32's CPU backend runs it (docs/results.md, section 5).
 FORMATS = [
     "auto",
     "kvmix-k8v8", "kvmix-k8v4", "kvmix-k4v8", "kvmix-k4v4", "kvmix-k4v2", "kvmix-k2v4", "kvmix-k2v2",
@@ -145,22 +145,31 @@ class LogitsCapture:
 
         llm.apply_model(attach)
 
-    def take(self, n_rows: int | None = None):
-        """The one captured call with ``n_rows`` rows (the prompt's logits), then forget all.
+    def take(self, n_rows: int | None = None, chunked: bool = False):
+        """The prompt's logits (``n_rows`` rows), then forget all captured calls.
 
         A one-step prefill makes two calls: one row for sampling, then one row per
-        prompt position for ``prompt_logprobs``.
+        prompt position for ``prompt_logprobs``; a chunked prefill (``chunked``) makes one
+        call per chunk, whose rows are concatenated (one-row sampling calls left out).
         """
         calls, self.rows = self.rows, []
         if n_rows is None:
             return None
+        if chunked:
+            import torch
+
+            rows = [c for c in calls if c.shape[0] > 1]
+            if sum(c.shape[0] for c in rows) == n_rows:
+                return torch.cat(rows)
+            raise RuntimeError(f"expected chunks of {n_rows} rows in all, got {[c.shape[0] for c in calls]}")
         match = [c for c in calls if c.shape[0] == n_rows]
         if len(match) != 1:
             raise RuntimeError(f"expected one logits call of {n_rows} rows, got {[c.shape[0] for c in calls]}")
         return match[0]
 
 
-def score(llm, capture: LogitsCapture, windows: list[list[int]], ref: list | None, ref_dtype=None):
+def score(llm, capture: LogitsCapture, windows: list[list[int]], ref: list | None, ref_dtype=None,
+          chunked: bool = False):
     """Per window: logprobs over the vocabulary (fp32, kept for the reference) and the metrics."""
     import torch
     from vllm import SamplingParams, TokensPrompt
@@ -170,7 +179,7 @@ def score(llm, capture: LogitsCapture, windows: list[list[int]], ref: list | Non
     for i, w in enumerate(windows):
         capture.take()
         out = llm.generate([TokensPrompt(prompt_token_ids=w)], params, use_tqdm=False)[0]
-        logits = capture.take(len(w) - 1)
+        logits = capture.take(len(w) - 1, chunked)
         target = torch.tensor(w[1:])
         vllm_nll = torch.tensor([-out.prompt_logprobs[t + 1][w[t + 1]].logprob for t in range(len(w) - 1)])
         # in chunks of rows: a 2k window of a 150k vocabulary is 1.2 GB per fp32 copy
@@ -222,7 +231,8 @@ def model_windows(model_dir: str, n_windows: int, n_tokens: int) -> tuple[list[l
     return order[:n_windows], shape
 
 
-def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32", out_json: Path | None = None) -> list[dict]:
+def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32", out_json: Path | None = None,
+        prefill_chunk: int = 0) -> list[dict]:
     """Every (model, format); the reference (``auto``) runs first per model.
 
     ``ref_dtype``: precision the reference log-probabilities are kept in (float16
@@ -247,13 +257,14 @@ def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32",
         for fmt in (["auto"] + [f for f in formats if f != "auto"]):
             bar.set_postfix_str(f"{model} {fmt}")
             t0 = time.time()
-            # one prefill step per window (no chunking): the logits hook sees the prompt in one call
+            # one prefill step per window unless --prefill-chunk (8k windows: vLLM's prompt logprobs of a
+            # whole 8k x 150k-vocabulary step do not fit in this machine's memory)
             name, extra = auto_variant(fmt)
             llm = make_llm(mdir, name, dtype=dtype, max_model_len=n_tokens + 16,
-                           max_num_batched_tokens=n_tokens + 16, **extra)
+                           max_num_batched_tokens=prefill_chunk or n_tokens + 16, **extra)
             capture = LogitsCapture()
             capture.install(llm)
-            kept, metrics = score(llm, capture, windows, ref, getattr(torch, ref_dtype))
+            kept, metrics = score(llm, capture, windows, ref, getattr(torch, ref_dtype), chunked=bool(prefill_chunk))
             plan = auto_plan_summary(name)
             auto_variant(None)
             del llm
@@ -267,7 +278,8 @@ def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32",
                     "dppl_pct": 100 * (metrics["ppl"] / base_ppl - 1),
                     "bits_per_element": bits_per_element(name, shape["head_size"], n_tokens),
                     "bits_per_element_2k": bits_per_element(name, shape["head_size"], 2048),
-                    "windows": len(windows), "window_tokens": n_tokens, "model_dtype": dtype,
+                    "windows": len(windows), "window_tokens": n_tokens, "prefill_chunk": prefill_chunk or None,
+                    "model_dtype": dtype,
                     "ref_logprobs": ref_dtype, "seconds": round(time.time() - t0, 1),
                     **plan,
                 })
@@ -384,6 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--ref-dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="prefill windows in chunks of this many tokens (default: one step per window)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality"))
     ap.add_argument("--from-json", nargs="+", metavar="JSON", help="render earlier runs' rows instead of running")
     args = ap.parse_args(argv)
@@ -397,7 +411,7 @@ def main(argv=None) -> int:
                 rows.append(r)
     else:
         rows = run(args.models, args.formats, args.windows, args.tokens, args.dtype, args.ref_dtype,
-                   out.parent / (out.name + ".json"))
+                   out.parent / (out.name + ".json"), args.prefill_chunk)
     (out.parent / (out.name + ".json")).write_text(json.dumps(rows, indent=1) + "\n")
     md = markdown(rows)
     (out.parent / (out.name + ".md")).write_text(md)

@@ -16,6 +16,9 @@ Variants (values; the same bytes as the served format unless the row says otherw
   sink-exact      as served, token 0 (the attention sink) kept exact (a few bytes per sequence)
   sink-exact + clip-mse   both
   group-32        32-channel groups (more metadata: +0.5 bit/element at fp16 scale + minimum)
+  bias-removed    v_proj's bias (a weight) subtracted before quantizing and added to the output (attention
+                  weights sum to 1, so this is exact without quantization); also with clip-mse
+  mean-removed    the window's own per-channel mean of each head's values instead (not weight-only: a bound)
 and keys: served (per channel over the 64-token page), and sink-exact.
 
 Also prints the share of attention that lands on token 0 and the norm of its value against the others'.
@@ -94,8 +97,9 @@ def attention_parts(q: torch.Tensor, k_old: torch.Tensor, k_own: torch.Tensor, g
     return a * ~own, a * own
 
 
-def run_layer(q, k, v, fmt_bits, rot):
-    """Errors of the variants for one layer: ``q [Hq, T, D]``, ``k, v [Hkv, T, D]`` (fp32)."""
+def run_layer(q, k, v, fmt_bits, rot, v_bias=None):
+    """Errors of the variants for one layer: ``q [Hq, T, D]``, ``k, v [Hkv, T, D]`` (fp32); ``v_bias [Hkv, D]``:
+    v_proj's bias per KV head, if the model has one."""
     groups = q.shape[0] // k.shape[0]
     a_old, a_own = attention_parts(q, k, k, groups)
     a = a_old + a_own
@@ -125,6 +129,15 @@ def run_layer(q, k, v, fmt_bits, rot):
         both[:, 0] = vr[:, 0]
         out[f"v{bits} sink-exact + clip-mse"] = err_v(both)
         out[f"v{bits} group-32"] = err_v(q_tokens(v8r, bits, 32))
+        offsets = {"mean-removed": v.mean(1)}
+        if v_bias is not None:
+            offsets["bias-removed"] = v_bias
+        for name, off in offsets.items():  # quantize v - off, add off back to the output (sum of weights = 1)
+            cr = (v - off[:, None]) @ rot
+            c8r = q_tokens(cr, 8, 64)
+            for tag, low in (("", q_tokens(c8r, bits, 64)), (" + clip-mse", q_tokens_clipped(c8r, bits, 64))):
+                o2 = a_old @ rep(low @ rot) + a_own @ rep(c8r @ rot) + rep(off)[:, None]
+                out[f"v{bits} {name}{tag}"] = ((o2 - o).norm() / norm).item()
         # keys (values exact): the attention weights change; the own page from the 8-bit copy
         kq = q_keys_pages(k, bits)
         k_sink = kq.clone()
@@ -157,7 +170,9 @@ def capture(model_dir: str, windows: list[list[int]]):
             k = module.k_proj(h).view(1, t, hkv, d).transpose(1, 2)
             v = module.v_proj(h).view(1, t, hkv, d).transpose(1, 2)
             q, k = mq.apply_rotary_pos_emb(q, k, cos, sin)
-            seen[-1][i] = (q[0].float(), k[0].float(), v[0].float())
+            b = module.v_proj.bias
+            seen[-1][i] = (q[0].float(), k[0].float(), v[0].float(),
+                           None if b is None else b.float().view(hkv, d))
         return hook
 
     handles = [layer.self_attn.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
@@ -195,8 +210,8 @@ def main(argv=None) -> int:
         d = next(iter(layers.values()))[0].shape[-1]
         rot = hadamard(d)
         for i in tqdm(sorted(layers), desc="layers", unit="layer"):
-            q, k, v = layers[i]
-            row = run_layer(q, k, v, args.bits, rot)
+            q, k, v, v_bias = layers[i]
+            row = run_layer(q, k, v, args.bits, rot, v_bias)
             row["layer"] = i
             per_layer.append(row)
     names = [n for n in per_layer[0] if n not in ("layer",)]

@@ -232,12 +232,14 @@ def model_windows(model_dir: str, n_windows: int, n_tokens: int) -> tuple[list[l
 
 
 def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32", out_json: Path | None = None,
-        prefill_chunk: int = 0) -> list[dict]:
+        prefill_chunk: int = 0, ref_file: Path | None = None) -> list[dict]:
     """Every (model, format); the reference (``auto``) runs first per model.
 
     ``ref_dtype``: precision the reference log-probabilities are kept in (float16
     halves the memory for large vocabularies: Gemma-3's 262k).  Rows are written
-    to ``out_json`` after each engine.
+    to ``out_json`` after each engine.  ``ref_file`` (one model): the reference's log-probabilities and
+    perplexity are saved there when it runs and loaded from there when it exists, so each format can run in a
+    process of its own with one engine (fp32 1.5B engines: two in one process exceed 23.5 GiB).
     """
     import torch
     from tqdm import tqdm
@@ -254,7 +256,13 @@ def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32",
         mdir = str(ensure_model(model, quiet=True))
         windows, shape = model_windows(mdir, n_windows, n_tokens)
         ref = None
-        for fmt in (["auto"] + [f for f in formats if f != "auto"]):
+        todo = ["auto"] + [f for f in formats if f != "auto"]
+        if ref_file is not None and ref_file.exists():
+            saved = torch.load(ref_file)
+            if saved["setting"] != [model, n_windows, n_tokens, dtype, ref_dtype, prefill_chunk]:
+                raise SystemExit(f"{ref_file} holds the reference of {saved['setting']}, not of this run")
+            ref, base_ppl, todo = saved["logprobs"], saved["ppl"], [f for f in formats if f != "auto"]
+        for fmt in todo:
             bar.set_postfix_str(f"{model} {fmt}")
             t0 = time.time()
             # one prefill step per window unless --prefill-chunk (8k windows: vLLM's prompt logprobs of a
@@ -272,6 +280,9 @@ def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32",
             if fmt == "auto":
                 ref = kept
                 base_ppl = metrics["ppl"]
+                if ref_file is not None:
+                    torch.save({"setting": [model, n_windows, n_tokens, dtype, ref_dtype, prefill_chunk],
+                                "logprobs": ref, "ppl": base_ppl}, ref_file)
             if fmt in formats:
                 rows.append({
                     **key, "model": model, "kv_cache_dtype": fmt, **metrics,
@@ -399,6 +410,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=0,
                     help="prefill windows in chunks of this many tokens (default: one step per window)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality"))
+    ap.add_argument("--ref-file", type=Path, help="one model: keep the reference there (saved once, then loaded)")
     ap.add_argument("--from-json", nargs="+", metavar="JSON", help="render earlier runs' rows instead of running")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -411,7 +423,7 @@ def main(argv=None) -> int:
                 rows.append(r)
     else:
         rows = run(args.models, args.formats, args.windows, args.tokens, args.dtype, args.ref_dtype,
-                   out.parent / (out.name + ".json"), args.prefill_chunk)
+                   out.parent / (out.name + ".json"), args.prefill_chunk, args.ref_file)
     (out.parent / (out.name + ".json")).write_text(json.dumps(rows, indent=1) + "\n")
     md = markdown(rows)
     (out.parent / (out.name + ".md")).write_text(md)

@@ -19,7 +19,8 @@ Variants (values; the same bytes as the served format unless the row says otherw
   bias-removed    v_proj's bias (a weight) subtracted before quantizing and added to the output (attention
                   weights sum to 1, so this is exact without quantization); also with clip-mse
   mean-removed    the window's own per-channel mean of each head's values instead (not weight-only: a bound)
-and keys: served (per channel over the 64-token page), and sink-exact.
+  own page exact  as served, the query's own page exact instead of its 8-bit staging copy
+and keys: served (per channel over the 64-token page), sink-exact, and own page exact.
 
 Also prints the share of attention that lands on token 0 and the norm of its value against the others'.
 Writes ``<out>.json`` and ``<out>.md``.
@@ -120,6 +121,7 @@ def run_layer(q, k, v, fmt_bits, rot, v_bias=None):
         out[f"v{bits} served"] = err_v(served)
         out[f"v{bits} no-rotation"] = err_v(q_tokens(v8, bits, 64), own_rot=v8, back=eye)
         out[f"v{bits} direct"] = err_v(q_tokens(vr, bits, 64))
+        out[f"v{bits} own page exact"] = err_v(served, own_rot=vr)
         clipped = q_tokens_clipped(v8r, bits, 64)
         out[f"v{bits} clip-mse"] = err_v(clipped)
         sink = served.clone()
@@ -142,8 +144,8 @@ def run_layer(q, k, v, fmt_bits, rot, v_bias=None):
         kq = q_keys_pages(k, bits)
         k_sink = kq.clone()
         k_sink[:, 0] = k[:, 0]
-        for name, k_old in (("served", kq), ("sink-exact", k_sink)):
-            o2 = sum(attention_parts(q, k_old, k8, groups)) @ rep(v)
+        for name, k_old, k_own in (("served", kq, k8), ("sink-exact", k_sink, k8), ("own page exact", kq, k)):
+            o2 = sum(attention_parts(q, k_old, k_own, groups)) @ rep(v)
             out[f"k{bits} {name}"] = ((o2 - o).norm() / norm).item()
     return out
 

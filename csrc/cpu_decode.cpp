@@ -215,13 +215,14 @@ torch::Tensor decode_sized(torch::Tensor q, torch::Tensor cache, torch::Tensor p
                            torch::Tensor q_pos, int64_t k_codes, int64_t k_meta, int64_t v_codes, int64_t v_meta,
                            int64_t s_k_codes, int64_t s_k_meta, int64_t s_v_codes, int64_t s_v_meta, double scale,
                            int64_t window, double soft_cap) {
-  constexpr int64_t P = 64, SG = 64, v_group = 64;  // tokens per page; staging and value channel groups
+  // tokens per page; channel groups of staged keys, staged values and packed values
+  constexpr int64_t P = 64, SKG = 16, SG = 64, v_group = 64;
   const int64_t B = q.size(0), Hq = q.size(1);
   const int64_t H = cache.size(1), page_bytes = cache.size(2), W = pages.size(1), stage_bytes = stage.size(2);
   const int64_t g = Hq / H;
   constexpr int64_t k_per = 8 / k_bits, v_per = 8 / v_bits;
   constexpr int64_t k_row = D / k_per, v_row = D / v_per;  // bytes per token
-  constexpr int64_t v_groups = D / v_group, s_groups = D / SG;
+  constexpr int64_t v_groups = D / v_group, s_groups = D / SG, sk_groups = D / SKG;
   auto out = torch::zeros_like(q);
   const float* qp = q.data_ptr<float>();
   const uint8_t* cp = cache.data_ptr<uint8_t>();
@@ -238,7 +239,7 @@ torch::Tensor decode_sized(torch::Tensor q, torch::Tensor cache, torch::Tensor p
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     // qk: q * scale in the keys' plane order; w: qk * key scales of a page; codes / v: one token's codes
     std::vector<float> qk(g * D), qv(g * D), w(g * D), bias(g), s(g * P), codes(D), ks(D), km(D), scl(std::max(v_groups, s_groups));
-    std::vector<float> tile(P * D), tile_min(P * std::max(v_groups, s_groups)), qsum(g * s_groups);
+    std::vector<float> tile(P * D), tile_min(P * std::max(v_groups, s_groups)), qsum(g * sk_groups);
     std::vector<char> ok(P);
     auto finish_scores = [&]() {
       if (cap > 0)
@@ -281,18 +282,18 @@ torch::Tensor decode_sized(torch::Tensor q, torch::Tensor cache, torch::Tensor p
                    v_groups, ok.data(), P, D, scl.data(), tile.data(), tile_min.data());
         vsm.add_tile(P, s.data(), tile.data(), tile_min.data());
       }
-      // own page from the staging slot: 8 bits per token (channel order), scale and minimum per token and 64
-      // channels; keys before own_len, all at or before the query
+      // own page from the staging slot: 8 bits per token (channel order), scale and minimum per token and
+      // group (keys: 16 channels, values: 64); keys before own_len, all at or before the query
       const uint8_t* own = sp + (slp[b] * H + h) * stage_bytes;
-      const uint16_t* skm = reinterpret_cast<const uint16_t*>(own + s_k_meta);  // [P][D / 64][2]
-      const uint16_t* svm = reinterpret_cast<const uint16_t*>(own + s_v_meta);
+      const uint16_t* skm = reinterpret_cast<const uint16_t*>(own + s_k_meta);  // [P][D / 16][2]
+      const uint16_t* svm = reinterpret_cast<const uint16_t*>(own + s_v_meta);  // [P][D / 64][2]
       const int64_t own0 = pos_q - (olp[b] - 1);
       for (int64_t qi = 0; qi < g; ++qi) {
         for (int64_t c = 0; c < D; ++c) qv[qi * D + c] = qb[qi * D + c] * sc;
-        for (int64_t j = 0; j < s_groups; ++j) {
+        for (int64_t j = 0; j < sk_groups; ++j) {
           float sum = 0.f;
-          for (int64_t c = j * SG; c < (j + 1) * SG; ++c) sum += qv[qi * D + c];
-          qsum[qi * s_groups + j] = sum;
+          for (int64_t c = j * SKG; c < (j + 1) * SKG; ++c) sum += qv[qi * D + c];
+          qsum[qi * sk_groups + j] = sum;
         }
       }
       for (int64_t t = 0; t < P; ++t) {
@@ -302,12 +303,13 @@ torch::Tensor decode_sized(torch::Tensor q, torch::Tensor cache, torch::Tensor p
           continue;
         }
         unpack_planes(own + s_k_codes + t * D, 8, D, codes.data());
+        for (int64_t j = 0; j < sk_groups; ++j) {  // codes times their group's scale; minima in the bias below
+          const float scl = half_to_float(skm[(t * sk_groups + j) * 2]);
+          for (int64_t c = j * SKG; c < (j + 1) * SKG; ++c) codes[c] *= scl;
+        }
         for (int64_t qi = 0; qi < g; ++qi) {
-          float score = 0.f;
-          for (int64_t j = 0; j < s_groups; ++j) {
-            const float scl = half_to_float(skm[(t * s_groups + j) * 2]), m0 = half_to_float(skm[(t * s_groups + j) * 2 + 1]);
-            score += scl * dot(&qv[qi * D + j * SG], codes.data() + j * SG, SG) + m0 * qsum[qi * s_groups + j];
-          }
+          float score = dot(&qv[qi * D], codes.data(), D);
+          for (int64_t j = 0; j < sk_groups; ++j) score += half_to_float(skm[(t * sk_groups + j) * 2 + 1]) * qsum[qi * sk_groups + j];
           s[qi * P + t] = score;
         }
       }
@@ -341,7 +343,8 @@ torch::Tensor decode_sized(torch::Tensor q, torch::Tensor cache, torch::Tensor p
 }
 
 // q [B, Hq, D] fp32 (unscaled); cache uint8 [nb, H, page_bytes]; pages [B, W] int64, num_pages [B], first_pos [B];
-// stage uint8 [slots, H, stage_bytes] (8-bit pages per token, groups of 64), slots [B], own_len [B]; q_pos [B].
+// stage uint8 [slots, H, stage_bytes] (8-bit pages per token: keys in groups of 16 channels, values of 64), slots
+// [B], own_len [B]; q_pos [B].
 // layout: k_codes, k_meta, v_codes, v_meta offsets in a head page, and s_k_codes, s_k_meta, s_v_codes, s_v_meta in a
 // staging page; k_bits, v_bits, v_group (64); window <= 0: none; soft_cap <= 0: none.  Returns [B, Hq, D] (values
 // rotated).
@@ -349,11 +352,12 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor cache, torch::Tensor pages, 
                      torch::Tensor first_pos, torch::Tensor stage, torch::Tensor slots, torch::Tensor own_len,
                      torch::Tensor q_pos, int64_t k_codes, int64_t k_meta, int64_t v_codes, int64_t v_meta,
                      int64_t s_k_codes, int64_t s_k_meta, int64_t s_v_codes, int64_t s_v_meta,
-                     int64_t k_bits, int64_t v_bits, int64_t v_group, double scale, int64_t window,
-                     double soft_cap) {
+                     int64_t k_bits, int64_t v_bits, int64_t v_group, int64_t s_k_group, double scale,
+                     int64_t window, double soft_cap) {
   TORCH_CHECK(q.is_contiguous() && cache.is_contiguous() && pages.is_contiguous() && stage.is_contiguous(),
               "kvmix cpu decode: contiguous tensors expected");
   TORCH_CHECK(v_group == 64, "kvmix cpu decode: value groups of 64 channels");
+  TORCH_CHECK(s_k_group == 16, "kvmix cpu decode: staged key groups of 16 channels");
 #define KVMIX_BITS(D, KB)                                                                                      \
   if (k_bits == KB && v_bits == 2) return decode_sized<D, KB, 2>(q, cache, pages, num_pages, first_pos, stage, \
       slots, own_len, q_pos, k_codes, k_meta, v_codes, v_meta, s_k_codes, s_k_meta, s_v_codes, s_v_meta, scale,   \
@@ -379,17 +383,17 @@ torch::Tensor decode(torch::Tensor q, torch::Tensor cache, torch::Tensor pages, 
   TORCH_CHECK(false, "kvmix cpu decode: no instantiation for head size ", q.size(2), ", k", k_bits, "v", v_bits);
 }
 
-// Copy new tokens' 8-bit codes and fp16 metadata into staging slots (no arithmetic: the codes come from the
-// reference quantizer).  codes uint8 [N, 2H, D] (keys, then rotated values), meta fp16 bits int16 [N, 2H, G, 2];
-// rows [M] (which of N), at [M] (slot * 64 + position in the page); offsets: keys' codes / meta, values' codes /
-// meta in a staging head page.
+// Copy new tokens' 8-bit codes and fp16 metadata of one side (keys or rotated values) into staging slots (no
+// arithmetic: the codes come from the reference quantizer).  codes uint8 [N, H, D], meta fp16 bits int16
+// [N, H, G, 2]; rows [M] (which of N), at [M] (slot * 64 + position in the page); codes_off / meta_off: the side's
+// offsets in a staging head page.
 void store_stage(torch::Tensor stage, torch::Tensor codes, torch::Tensor meta, torch::Tensor rows, torch::Tensor at,
-                 int64_t k_codes, int64_t k_meta, int64_t v_codes, int64_t v_meta) {
+                 int64_t codes_off, int64_t meta_off) {
   TORCH_CHECK(stage.is_contiguous() && codes.is_contiguous() && meta.is_contiguous() && rows.is_contiguous() &&
               at.is_contiguous(), "kvmix store_stage: contiguous tensors expected");
   const int64_t H = stage.size(1), stage_bytes = stage.size(2), D = codes.size(2), M = rows.size(0);
   const int64_t meta_bytes = meta.size(2) * 2 * 2, P = 64;
-  TORCH_CHECK(codes.size(1) == 2 * H && meta.size(1) == 2 * H, "kvmix store_stage: keys and values of H heads each");
+  TORCH_CHECK(codes.size(1) == H && meta.size(1) == H, "kvmix store_stage: codes and meta of H heads");
   uint8_t* sp = stage.data_ptr<uint8_t>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* mp = reinterpret_cast<const uint8_t*>(meta.data_ptr());
@@ -397,14 +401,11 @@ void store_stage(torch::Tensor stage, torch::Tensor codes, torch::Tensor meta, t
   const int64_t* ap = at.data_ptr<int64_t>();
   for (int64_t m = 0; m < M; ++m) {
     const int64_t slot = ap[m] / P, pos = ap[m] % P;
-    for (int64_t side = 0; side < 2; ++side) {
-      const int64_t co = side ? v_codes : k_codes, mo = side ? v_meta : k_meta;
-      for (int64_t h = 0; h < H; ++h) {
-        uint8_t* head = sp + (slot * H + h) * stage_bytes;
-        const int64_t src = rp[m] * 2 * H + side * H + h;
-        std::memcpy(head + co + pos * D, cp + src * D, D);
-        std::memcpy(head + mo + pos * meta_bytes, mp + src * meta_bytes, meta_bytes);
-      }
+    for (int64_t h = 0; h < H; ++h) {
+      uint8_t* head = sp + (slot * H + h) * stage_bytes;
+      const int64_t src = rp[m] * H + h;
+      std::memcpy(head + codes_off + pos * D, cp + src * D, D);
+      std::memcpy(head + meta_off + pos * meta_bytes, mp + src * meta_bytes, meta_bytes);
     }
   }
 }

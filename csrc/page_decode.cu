@@ -7,7 +7,8 @@
 //                 (KB = 4), then fp16 (scale, minimum) per channel over the page;
 //   packed values [64 tokens][D * VB / 8 bytes] (Hadamard-rotated over the head), then fp16 (scale,
 //                 minimum) per token and 64-channel group;
-//   staged page   keys and rotated values at 8 bits per token, (scale, minimum) per token and group.
+//   staged page   keys and rotated values at 8 bits per token, (scale, minimum) per token and group of
+//                 16 (keys) / 64 (values) channels.
 // The thread layout scales with D (HeadShape): each lane quad position holds D / 4 query / key channels,
 // each mma row group g D / 8 value channels.  A page is read in passes of HeadShape::T tokens: the whole
 // page for D <= 128; 32 tokens for D = 256, so a pass holds as many code bytes as one page of head size 128.
@@ -50,6 +51,7 @@ typedef unsigned char u8;
 #define KVMIX_P 64
 #define KVMIX_ROWS 8         // query heads per block (the mma's rows g; workspace rows per split): cuda_decode.ROWS
 #define KVMIX_MAX_SPLITS 64  // split-K partials the last block merges (sm_w): cuda_decode.MAX_SPLITS
+#define KVMIX_SKG 16         // channels per staged key group: formats.STAGE_KEY_GROUP
 // Blocks per SM the register allocation is bounded for at head sizes 64 / 128: 4 (128 registers, ~72-96 bytes of
 // spills at 128) as served; head size 256 (twice the accumulators and query registers) at KVMIX_MIN_BLOCKS_256.
 // page_bench.py --experiments KVMIX_MIN_BLOCKS=3 / 5 times the others beside it (H200: 3 blocks at 158-168
@@ -78,7 +80,8 @@ struct HeadShape {
   static constexpr int NK = D / 16;   // k-steps of the S mma (16 channels each)
   static constexpr int VC = D / 8;    // value channels per row group g (acc rows)
   static constexpr int VMT = D / 16;  // m-tiles of the value mma (acc[VMT][4])
-  static constexpr int NG = D / 64;   // 64-channel groups per token (value / staged meta)
+  static constexpr int NG = D / 64;   // 64-channel groups per token (value meta)
+  static constexpr int NKG = QC / KVMIX_SKG;  // staged key groups of a lane quad position's channels
   static constexpr int LC = D / 32;   // channels per lane of a whole vector (staging, rotation, output)
   static constexpr int T = D > 128 ? 32 : KVMIX_P;  // tokens per page pass
   static constexpr int MIN_BLOCKS = D > 128 ? KVMIX_MIN_BLOCKS_256 : KVMIX_MIN_BLOCKS;
@@ -195,13 +198,14 @@ __device__ __forceinline__ void fwht(float (&x)[D / 32], int lane) {
   for (int i = 0; i < LC; ++i) x[i] *= norm;
 }
 
-// One token's D channels (lane l holds LC l .. LC l + LC - 1) at 8 bits per 64-channel group into a staged
-// page at token `off`: codes at codes_off + off * D, fp16 (scale, minimum) at meta_off + off * 4 NG + 4 group.
-// The arithmetic of vllm_kvmix.quant.quantize (codec.minmax_meta / quant_rows in the Triton kernels).
-template <int D>
+// One token's D channels (lane l holds LC l .. LC l + LC - 1) at 8 bits per GROUP-channel group into a staged
+// page at token `off`: codes at codes_off + off * D, fp16 (scale, minimum) at meta_off + off * 4 (D / GROUP)
+// + 4 group.  The arithmetic of vllm_kvmix.quant.quantize (codec.minmax_meta / quant_rows in the Triton kernels).
+template <int D, int GROUP>
 __device__ __forceinline__ void stage_row(u8* page, int off, float (&x)[D / 32], int lane, int codes_off,
                                           int meta_off) {
-  constexpr int LC = D / 32, GL = 64 / LC;  // channels per lane, lanes per 64-channel group
+  constexpr int LC = D / 32, GL = GROUP / LC;  // channels per lane, lanes per group
+  static_assert(GL >= 1 && GL <= 32, "a group spans whole lanes");
   float mn = 65504.f, mx = -65504.f;
 #pragma unroll
   for (int i = 0; i < LC; ++i) {
@@ -234,7 +238,7 @@ __device__ __forceinline__ void stage_row(u8* page, int off, float (&x)[D / 32],
     for (int w = 0; w < LC / 4; ++w) reinterpret_cast<u32*>(codes)[w] = word[w];
   }
   if ((lane & (GL - 1)) == 0)
-    *reinterpret_cast<u32*>(page + meta_off + off * 4 * (D / 64) + 4 * (lane / GL)) = (u32)sc16 | ((u32)mn16 << 16);
+    *reinterpret_cast<u32*>(page + meta_off + off * 4 * (D / GROUP) + 4 * (lane / GL)) = (u32)sc16 | ((u32)mn16 << 16);
 }
 
 // 16-bit halves of `w` hold codes at bit `shift` -> (1024 + code_lo, 1024 + code_hi) as fp16x2.
@@ -374,24 +378,29 @@ __device__ __forceinline__ u32 key_min_pair(const u32 (&km)[D / 4], int qd, int 
   return prmt(km[key_channel<QKB, D>(qd, pi, 0) - QC * qd], km[key_channel<QKB, D>(qd, pi, 1) - QC * qd], 0x7632);
 }
 
-// An 8-bit staged key token's (scale, minimum) for the thread's channels (64-channel group QC qd / 64), each
-// broadcast to an fp16 pair.
+// An 8-bit staged key token's (scale, minimum) words (fp16 scale low, minimum high) of the groups of the thread's
+// channels QC qd .. QC qd + QC - 1 (KVMIX_SKG channels each).
 template <int D>
-__device__ __forceinline__ void staged_key_meta(const u8* page, int k_meta_off, int t, int qd, u32& sc, u32& mn) {
-  const u32 w = reinterpret_cast<const u32*>(page + k_meta_off)[t * (D / 64) + ((HeadShape<D>::QC * qd) >> 6)];
-  sc = prmt(w, w, 0x1010);
-  mn = prmt(w, w, 0x3232);
+__device__ __forceinline__ void staged_key_meta(const u8* page, int k_meta_off, int t, int qd,
+                                                u32 (&w)[HeadShape<D>::NKG]) {
+  constexpr int NKG = HeadShape<D>::NKG;
+  const u32* src = reinterpret_cast<const u32*>(page + k_meta_off) + t * (D / KVMIX_SKG) + NKG * qd;
+#pragma unroll
+  for (int i = 0; i < NKG; ++i) w[i] = src[i];
 }
 
 // An 8-bit staged key token (the thread's QC code bytes: a PageCodes kc row) dequantized for the channels of
-// query pair pi: fp16 pair code * scale + minimum, with the token's group (scale, minimum) as pairs sc / mn.
+// query pair pi: fp16 pair code * scale + minimum, with their group's (scale, minimum) from w (the two channels
+// of a pair lie within 16 / KB * 2 <= 16 of each other, in one group: key_channel).
 template <int QKB, int D, int KW>
-__device__ __forceinline__ u32 staged_key_pair(const u32 (&row)[KW], int qd, int pi, u32 sc, u32 mn) {
+__device__ __forceinline__ u32 staged_key_pair(const u32 (&row)[KW], int qd, int pi,
+                                               const u32 (&w)[HeadShape<D>::NKG]) {
   constexpr int QC = HeadShape<D>::QC;
   const int c0 = key_channel<QKB, D>(qd, pi, 0) - QC * qd, c1 = key_channel<QKB, D>(qd, pi, 1) - QC * qd;
   const u32 sel = (c0 & 3) | ((c0 & 3) << 4) | ((4 + (c1 & 3)) << 8) | ((4 + (c1 & 3)) << 12);
   const u32 y = code_pair<8>(prmt(row[c0 >> 2], row[c1 >> 2], sel), 0);
-  return hfma2(hadd2(y, 0xE400E400u), sc, mn);
+  const u32 m = w[c0 / KVMIX_SKG];
+  return hfma2(hadd2(y, 0xE400E400u), prmt(m, m, 0x1010), prmt(m, m, 0x3232));
 }
 
 // O^T += V^T P^T for one page pass: A rows g / g + 8 of m-tile mt = channels VC g + 2 mt / + 1 (value codes
@@ -482,13 +491,13 @@ __device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid,
     // ---- S = Q K^T with 8-bit keys dequantized per token: channels of pair pi in the query's order
 #pragma unroll
     for (int nt = 0; nt < T / 8; ++nt) {
-      u32 sc, mn;
-      staged_key_meta<D>(page, k_meta_off, t0 + 8 * nt + g, qd, sc, mn);
+      u32 w[HeadShape<D>::NKG];
+      staged_key_meta<D>(page, k_meta_off, t0 + 8 * nt + g, qd, w);
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < NK; ++kk)
-        mma16816(s[nt], qs[2 * kk], 0u, qs[2 * kk + 1], 0u, staged_key_pair<QKB, D>(pc.kc[nt], qd, 2 * kk, sc, mn),
-                 staged_key_pair<QKB, D>(pc.kc[nt], qd, 2 * kk + 1, sc, mn));
+        mma16816(s[nt], qs[2 * kk], 0u, qs[2 * kk + 1], 0u, staged_key_pair<QKB, D>(pc.kc[nt], qd, 2 * kk, w),
+                 staged_key_pair<QKB, D>(pc.kc[nt], qd, 2 * kk + 1, w));
       if (8 * nt + 2 * qd >= n_valid) s[nt][0] = KVMIX_NEG_INF;
       if (8 * nt + 2 * qd + 1 >= n_valid) s[nt][1] = KVMIX_NEG_INF;
     }
@@ -590,9 +599,9 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_val
     // ---- S^T with 8-bit keys dequantized per token (rows): channels of pair pi in the query's order
 #pragma unroll
     for (int mt = 0; mt < T / 16; ++mt) {
-      u32 sc[2], mn[2];
+      u32 w[2][HeadShape<D>::NKG];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) staged_key_meta<D>(page, k_meta_off, t0 + 16 * mt + 8 * h + g, qd, sc[h], mn[h]);
+      for (int h = 0; h < 2; ++h) staged_key_meta<D>(page, k_meta_off, t0 + 16 * mt + 8 * h + g, qd, w[h]);
       st[mt][0] = st[mt][1] = st[mt][2] = st[mt][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < NK; ++kk) {
@@ -601,7 +610,7 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_val
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int r = 0; r < 2; ++r)
-            ak[h][r] = staged_key_pair<QKB, D>(pc.kc[2 * mt + h], qd, 2 * kk + r, sc[h], mn[h]);
+            ak[h][r] = staged_key_pair<QKB, D>(pc.kc[2 * mt + h], qd, 2 * kk + r, w[h]);
         mma16816(st[mt], ak[0][0], ak[1][0], ak[0][1], ak[1][1], qs[2 * kk], qs[2 * kk + 1]);
       }
       if (16 * mt + g >= n_valid) st[mt][0] = st[mt][1] = KVMIX_NEG_INF;
@@ -806,9 +815,9 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
       if (warp == 1) fwht<D>(x, lane);
       const int off = seq - 1 - own * KVMIX_P;
       if (warp == 0)
-        stage_row<D>(own_page, off, x, lane, 0, sk_meta_off);
+        stage_row<D, KVMIX_SKG>(own_page, off, x, lane, 0, sk_meta_off);
       else
-        stage_row<D>(own_page, off, x, lane, sv_codes_off, sv_meta_off);
+        stage_row<D, 64>(own_page, off, x, lane, sv_codes_off, sv_meta_off);
     }
     __syncthreads();
   }

@@ -58,11 +58,13 @@ def test_bytes_per_token_llama_8b():
 
 
 def test_staging_bytes():
-    # 64 tokens x (K8 + V8: 2 x (128 B codes + 2 groups x 4 B meta)) per sequence, layer and head
-    assert parse_format("kvmix-k4v2").stage_bytes_per_seq_head(128) == 64 * 2 * 136
-    assert stage_layout(128).head_page_bytes == 64 * 2 * 136
+    # 64 tokens x (K8: 128 B codes + 8 groups of 16 channels x 4 B meta; V8: 128 B + 2 groups of 64 x 4 B)
+    # per sequence, layer and head
+    assert parse_format("kvmix-k4v2").stage_bytes_per_seq_head(128) == 64 * (160 + 136)
+    assert stage_layout(128).head_page_bytes == 64 * (160 + 136)
     lay = stage_layout(64)
     assert (lay.k.bits, lay.v.bits, lay.k.axis, lay.v.axis) == (8, 8, "token", "token")
+    assert (lay.k.group, lay.v.group) == (16, 64)
 
 
 @pytest.mark.parametrize("name", [n for n in all_format_names() if not is_auto(n)])
@@ -110,7 +112,7 @@ def test_formats_cli_table(capsys):
 
     assert main(["formats"]) == 0
     out = capsys.readouterr().out
-    assert "| kvmix-k4v2 | 4 | 2 | 3.50 | 28672 | 4.57x | 4352 KiB |" in out
+    assert "| kvmix-k4v2 | 4 | 2 | 3.50 | 28672 | 4.57x | 4736 KiB |" in out
     assert "| auto (bf16) | 16 | 16 | 16.00 | 131072 | 1.00x | - |" in out
     assert out.count("| kvmix-k") == 9
 

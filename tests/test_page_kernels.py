@@ -26,7 +26,7 @@ triton = pytest.importorskip("triton")
 
 from test_staged import P, Seqs, _case, _oracle  # noqa: E402
 
-from vllm_kvmix.formats import parse_format, stage_layout  # noqa: E402
+from vllm_kvmix.formats import STAGE_KEY_GROUP, parse_format, stage_layout  # noqa: E402
 from vllm_kvmix.options import DECODE_KERNEL_ENV  # noqa: E402
 from vllm_kvmix.kernels.page import page_step  # noqa: E402
 from vllm_kvmix.kernels.prefill import PrefillPlan, max_pages_for, plan_groups, reference_flash_attn  # noqa: E402
@@ -597,6 +597,7 @@ def test_cuda_decode_constants_match_the_source():
     src = cuda_decode.source_path().read_text()
     assert f"#define KVMIX_ROWS {cuda_decode.ROWS} " in src
     assert f"#define KVMIX_MAX_SPLITS {cuda_decode.MAX_SPLITS} " in src
+    assert f"#define KVMIX_SKG {STAGE_KEY_GROUP} " in src  # staged key groups (formats.stage_layout)
     sizes = "static_assert(" + " || ".join(f"D == {d}" for d in cuda_decode.HEAD_SIZES) + ", "
     assert sizes in src  # HeadShape's head sizes
     built = re.findall(r"^KVMIX_HEAD_SIZE\((\d+)\)$", src, re.M)  # the nvcc build's instantiations

@@ -58,5 +58,5 @@ def test_staging_slot_roundtrip_matches_quantizer():
     for side, x in ((lay.k, k), (lay.v, v)):
         store_tokens(stage, side, *quantize(x, side.bits, side.group), slots)
     kd, vd = read_pages(stage, torch.tensor([2]), lay)
-    assert torch.equal(kd, _dequant(k, 8, 64)) and torch.equal(vd, _dequant(v, 8, 64))
+    assert torch.equal(kd, _dequant(k, 8, lay.k.group)) and torch.equal(vd, _dequant(v, 8, lay.v.group))
     assert (stage[[0, 1, 3]] == 0xFF).all()

@@ -1,7 +1,7 @@
 """The page scheme's reference step (pack on fill, 8-bit staging, own page at 8 bits).
 
 Oracle: a dense re-statement of the scheme's semantics with no pages, bytes or
-slots -- keys and rotated values rounded to 8 bits per token; every full
+slots -- keys (groups of 16 channels) and rotated values (groups of 64) rounded to 8 bits per token; every full
 64-token page re-quantized (keys per channel, values per token with clipped ranges below 8 bits); a query at
 position p reads its own page at 8 bits and every earlier page re-quantized.
 """
@@ -42,7 +42,7 @@ def _oracle(q, k, v, fmt, scale, sliding_window=None):
     """Every position of one sequence, queries at all positions: fp64, explicit loops over heads."""
     L, h, d = k.shape
     rot = _hadamard(d)
-    k8 = _rt(k.float(), 8)
+    k8 = _rt(k.float(), 8, 16)
     v8 = _rt((v.double() @ rot).float(), 8)
     kp, vp = k8.clone(), v8.clone()
     for p0 in range(0, L - L % P, P):

@@ -78,18 +78,15 @@ def step(
             raise RuntimeError("kvmix: a request step without a staging slot")
     slay = stage_layout(d)
     rot = hadamard(d, torch.float32)
-    # the reference's 8-bit codes of every new token (values rotated in fp64 by the fp32 matrix, as there); both
-    # sides in one call (same bits and groups, every group quantized on its own)
-    h = key.shape[1]
-    codes, meta = quantize(torch.cat([key[:t].float(), (value[:t].double() @ rot.double()).float()], dim=1),
-                           slay.k.bits, slay.k.group)
-    k_new, v_new = (codes[:, :h], meta[:, :h]), (codes[:, h:], meta[:, h:])
+    # the reference's 8-bit codes of every new token (values rotated in fp64 by the fp32 matrix, as there)
+    k_new = quantize(key[:t].float(), slay.k.bits, slay.k.group)
+    v_new = quantize((value[:t].double() @ rot.double()).float(), slay.v.bits, slay.v.group)
     kernel = cpu_kernel.kernel()
     decodes = [(i, r) for i, r in live if r.q1 - r.q0 == 1]
     prompts = [(i, r) for i, r in live if r.q1 - r.q0 > 1]
     # a prompt's 8-bit page copies need the slot's older tokens before this step's stores overwrite them
     copies = [_page_copies(stage, slay, r, k_new, v_new) for _, r in prompts]
-    _store_last_pages(stage, slay, live, codes, meta, kernel)
+    _store_last_pages(stage, slay, live, k_new, v_new, kernel)
     blocks = []
     if decodes:
         blocks.append(_decode_blocks(query, cache, stage, slay, fmt, decodes, block_table, sliding_window,
@@ -139,10 +136,11 @@ def _page_copies(stage, slay, r: RequestStep, k_new, v_new) -> tuple[torch.Tenso
     return k8, v8
 
 
-def _store_last_pages(stage, slay, live, codes, meta, kernel) -> None:
+def _store_last_pages(stage, slay, live, k_new, v_new, kernel) -> None:
     """Each request's new tokens of its last touched page go to its staging slot (dead data once that page
-    is full: the next step starts a page and reads nothing from the slot).  ``codes [T, 2H, D]``, ``meta [T, 2H,
-    G, 2]``: keys, then rotated values; copied by the C++ kernel's ``store_stage`` where it is built."""
+    is full: the next step starts a page and reads nothing from the slot).  ``k_new``, ``v_new``: codes ``[T, H,
+    D]`` and meta ``[T, H, G, 2]`` of the keys and the rotated values; copied by the C++ kernel's ``store_stage``
+    where it is built."""
     rows, at = [], []
     for _, r in live:
         lo = max(r.ctx, ((r.seq - 1) // P) * P)
@@ -150,13 +148,11 @@ def _store_last_pages(stage, slay, live, codes, meta, kernel) -> None:
         at.extend(r.slot * P + pos % P for pos in range(lo, r.seq))
     rows_t = torch.tensor(rows)
     at_t = torch.tensor(at)
-    if kernel is not None:
-        kernel.store_stage(stage, codes, meta.view(torch.int16), rows_t, at_t, slay.k.codes_offset,
-                           slay.k.meta_offset, slay.v.codes_offset, slay.v.meta_offset)
-        return
-    h = codes.shape[1] // 2
-    for side, part in zip((slay.k, slay.v), (slice(0, h), slice(h, 2 * h))):
-        store_tokens(stage, side, codes[rows_t, part], meta[rows_t, part], at_t)
+    for side, (codes, meta) in ((slay.k, k_new), (slay.v, v_new)):
+        if kernel is not None:
+            kernel.store_stage(stage, codes, meta.view(torch.int16), rows_t, at_t, side.codes_offset, side.meta_offset)
+        else:
+            store_tokens(stage, side, codes[rows_t], meta[rows_t], at_t)
 
 
 def _dequant_stage(stage, slay, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,7 +426,7 @@ def decode_kernel(ext, cache: torch.Tensor, stage: torch.Tensor, fmt: KVFormat, 
         blk.q[:, 0].contiguous(), cache, blk.pages.contiguous(), blk.num_pages, blk.first_pos, stage, blk.slots,
         blk.own_len, blk.q_pos[:, 0].contiguous(), layout.k.codes_offset, layout.k.meta_offset,
         layout.v.codes_offset, layout.v.meta_offset, slay.k.codes_offset, slay.k.meta_offset, slay.v.codes_offset,
-        slay.v.meta_offset, layout.k.bits, layout.v.bits, layout.v.group, float(scale), int(window or 0),
+        slay.v.meta_offset, layout.k.bits, layout.v.bits, layout.v.group, slay.k.group, float(scale), int(window or 0),
         float(soft_cap or 0.0),
     )
     return out.unsqueeze(1)

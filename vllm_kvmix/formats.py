@@ -6,7 +6,8 @@ and page): a few key channels carry most of the energy and get their own range.
 Values are rotated by a Hadamard transform over the head dimension and quantized
 per token in groups of 64 channels (fp16 scale and minimum).  A page is packed
 when it fills; until then each running sequence's last page lives in an 8-bit
-staging slot (per token, :func:`stage_layout`), and a query always reads its own
+staging slot (per token: keys in groups of 16 channels, rotated values in groups
+of 64, :func:`stage_layout`), and a query always reads its own
 page from there, so token-by-token generation, prefill and chunked prefill see
 the same numbers.  ``docs/formats.md`` has the evidence for each choice.
 
@@ -31,7 +32,7 @@ contiguous so that a kernel loads one KV head's page in one sweep::
       V codes: uint8[64, head_size * v_bits / 8]
       V meta : fp16 [64, head_size / 64, 2]            (scale, minimum per token group)
 
-    staging slot = [ K codes u8[64, head_size] | K meta f16[64, head_size / 64, 2]
+    staging slot = [ K codes u8[64, head_size] | K meta f16[64, head_size / 16, 2]
                    | V codes u8[64, head_size] | V meta f16[64, head_size / 64, 2] ]
 
 Codes are packed little-end first: with 4-bit codes, byte ``j`` holds channel
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 
 PREFIX = "kvmix-"
 VALID_BITS = (2, 4, 8)
-# Channels per value group (and per staged key group): one fp16 (scale, minimum) each.
+# Channels per value group (packed and staged): one fp16 (scale, minimum) each.
 GROUP = 64
 META_BYTES_PER_GROUP = 4  # fp16 scale + fp16 minimum
 BF16_BYTES = 2
@@ -55,6 +56,11 @@ PAGE_TOKENS = 64
 # Staging slots (the last, still-filling page of each running sequence) hold
 # keys and rotated values at 8 bits per token.
 STAGE_BITS = 8
+# Channels per staged key group.  Keys are not rotated: a channel with a large offset (a k_proj bias) sets
+# the range of its whole group, and every packed page is quantized from the staged copy.  On
+# Qwen2.5-Coder-1.5B (k_proj bias norm 1237 in layer 0) 64-channel groups cost k8v4 +1.8% perplexity, 16-channel
+# groups -0.2% (docs/results.md, section 5); the staging slot grows by head_size / 16 * 4 - head_size / 64 * 4 bytes a token.
+STAGE_KEY_GROUP = 16
 
 _NAME_RE = re.compile(r"^kvmix-k(\d+)v(\d+)$")
 _AUTO_RE = re.compile(r"^kvmix-auto(?:-b(\d+))?$")
@@ -190,18 +196,18 @@ def check_head_size(head_size: int, name: str = "kvmix") -> None:
 
 @functools.lru_cache(maxsize=64)
 def stage_layout(head_size: int) -> PageLayout:
-    """A staging slot: one 64-token page, keys and rotated values at 8 bits per token in 64-channel groups."""
+    """A staging slot: one 64-token page at 8 bits per token, keys in 16-channel groups, rotated values in 64."""
     check_head_size(head_size)
-    k = _side(STAGE_BITS, head_size, PAGE_TOKENS, 0, "token")
+    k = _side(STAGE_BITS, head_size, PAGE_TOKENS, 0, "token", STAGE_KEY_GROUP)
     v = _side(STAGE_BITS, head_size, PAGE_TOKENS, k.end, "token")
     return PageLayout(k=k, v=v)
 
 
-def _side(bits: int, head_size: int, block_size: int, start: int, axis: str) -> SideLayout:
+def _side(bits: int, head_size: int, block_size: int, start: int, axis: str, group: int = GROUP) -> SideLayout:
     codes_bytes = block_size * head_size * bits // 8
     return SideLayout(
         bits=bits,
-        group=GROUP,
+        group=group,
         head_size=head_size,
         block_size=block_size,
         codes_offset=start,

@@ -13,7 +13,8 @@ tokens are already there); further touched pages (a prefill crossing page
 boundaries) get pages of a per-step scratch buffer.  Four launches:
 
 1. ``_stage_kernel`` (token blocks x KV heads): rotate values (Hadamard,
-   fp32), quantize new keys and values to 8 bits per token, store into the slot
+   fp32), quantize new keys and values to 8 bits per token (keys in groups of
+   16 channels, values of 64), store into the slot
    or scratch page of their position;
 2. ``_pack_kernel`` (requests x touched pages x KV heads): every touched page
    that is full after the step is re-quantized from its 8-bit copy -- keys per
@@ -110,7 +111,7 @@ def _stage_kernel(
     stage_ptr, scratch_ptr, T,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ss, stride_sh, stride_xs, stride_xh,
     D: tl.constexpr, TB: tl.constexpr,
-    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
+    SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
 ):
     tb = tl.program_id(0)
     h = tl.program_id(1)
@@ -134,7 +135,7 @@ def _stage_kernel(
     d = tl.arange(0, D)
     k = tl.load(key_ptr + t[:, None] * stride_kt + h * stride_kh + d[None, :], mask=t_ok[:, None], other=0.0)
     v = tl.load(value_ptr + t[:, None] * stride_vt + h * stride_vh + d[None, :], mask=t_ok[:, None], other=0.0)
-    kc, ks, km = quant_rows(k.to(tl.float32), 8, 64)
+    kc, ks, km = quant_rows(k.to(tl.float32), 8, SK_GROUP)
     _store_rows(stage_ptr, slot_page, off, in_slot, kc, ks, km, 8, 0, SK_META)
     _store_rows(scratch_ptr, scratch_page, off, in_scratch, kc, ks, km, 8, 0, SK_META)
     # values: rotate and quantize one 64-channel group (= one column block of H) at a time
@@ -150,10 +151,11 @@ def _stage_kernel(
 
 
 @triton.jit
-def _copy_page(src, t, D: tl.constexpr, SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr):
+def _copy_page(src, t, D: tl.constexpr, SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr,
+               SV_META: tl.constexpr):
     """The 8-bit copy of a page: K and rotated V as fp32 ``[P, D]``."""
     ok = t < P
-    k = decode_tile(src, t, ok, D, 8, 64, 0, SK_META)
+    k = decode_tile(src, t, ok, D, 8, SK_GROUP, 0, SK_META)
     v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
     return k, v
 
@@ -163,7 +165,7 @@ def _pack_kernel(
     qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr,
     stage_ptr, scratch_ptr, cache_ptr,
     stride_ss, stride_sh, stride_xs, stride_xh, stride_cb, stride_ch, stride_bt,
-    D: tl.constexpr, SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
+    D: tl.constexpr, SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
     K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
     V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
 ):
@@ -181,7 +183,7 @@ def _pack_kernel(
         else:
             src = scratch_ptr + (tl.load(sbase_ptr + b).to(tl.int64) + j - 1) * stride_xs + h * stride_xh
         t = tl.arange(0, P)
-        k8, v8 = _copy_page(src, t, D, SK_META, SV_CODES, SV_META)
+        k8, v8 = _copy_page(src, t, D, SK_META, SK_GROUP, SV_CODES, SV_META)
         blk = tl.load(block_table_ptr + b * stride_bt + pg).to(tl.int64)
         dst_off = blk * stride_cb + h * stride_ch
         dst = cache_ptr + dst_off
@@ -236,7 +238,7 @@ def _page_attention_kernel(
     D: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
     V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
-    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
+    SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, IEEE_DOT: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -335,12 +337,12 @@ def _page_attention_kernel(
         if p < own_hi:  # some row reads this page packed
             s = packed_scores(page, t, t_ok, qp0, qp1, qp2, qp3, D, K_BITS, K_CODES, K_META, IEEE_DOT)
         if p >= own_lo:  # some row's own page: the 8-bit copy, read in the key planes' channel order
-            s_own = pdot(qp0, tl.trans(staged_plane(src, t, t_ok, 0, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
+            s_own = pdot(qp0, tl.trans(staged_plane(src, t, t_ok, 0, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)), IEEE_DOT)
             if PER_K > 1:
-                s_own += pdot(qp1, tl.trans(staged_plane(src, t, t_ok, 1, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
+                s_own += pdot(qp1, tl.trans(staged_plane(src, t, t_ok, 1, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)), IEEE_DOT)
             if PER_K > 2:
-                s_own += pdot(qp2, tl.trans(staged_plane(src, t, t_ok, 2, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
-                s_own += pdot(qp3, tl.trans(staged_plane(src, t, t_ok, 3, PER_K, D, 0, SK_META, IEEE_DOT)), IEEE_DOT)
+                s_own += pdot(qp2, tl.trans(staged_plane(src, t, t_ok, 2, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)), IEEE_DOT)
+                s_own += pdot(qp3, tl.trans(staged_plane(src, t, t_ok, 3, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)), IEEE_DOT)
             s = tl.where(own_here, s_own, s)
         s = s * scale
         if USE_SOFTCAP:
@@ -367,12 +369,12 @@ def _page_attention_kernel(
                 acc3 += o3
         if p >= own_lo:
             p_own = operand(tl.where(own_here, pr, 0.0), IEEE_DOT)
-            acc0 += pdot(p_own, staged_plane(src, t, t_ok, 0, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
+            acc0 += pdot(p_own, staged_plane(src, t, t_ok, 0, PER_V, D, SV_CODES, SV_META, 64, IEEE_DOT), IEEE_DOT)
             if PER_V > 1:
-                acc1 += pdot(p_own, staged_plane(src, t, t_ok, 1, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
+                acc1 += pdot(p_own, staged_plane(src, t, t_ok, 1, PER_V, D, SV_CODES, SV_META, 64, IEEE_DOT), IEEE_DOT)
             if PER_V > 2:
-                acc2 += pdot(p_own, staged_plane(src, t, t_ok, 2, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
-                acc3 += pdot(p_own, staged_plane(src, t, t_ok, 3, PER_V, D, SV_CODES, SV_META, IEEE_DOT), IEEE_DOT)
+                acc2 += pdot(p_own, staged_plane(src, t, t_ok, 2, PER_V, D, SV_CODES, SV_META, 64, IEEE_DOT), IEEE_DOT)
+                acc3 += pdot(p_own, staged_plane(src, t, t_ok, 3, PER_V, D, SV_CODES, SV_META, 64, IEEE_DOT), IEEE_DOT)
         m_i = m_new
     if SPLIT:
         base = (qb * tl.num_programs(1) + kvh) * num_splits + split
@@ -413,7 +415,8 @@ def _rotation(d: int, device: torch.device) -> torch.Tensor:
 def _constants(fmt: KVFormat, d: int) -> tuple[dict, dict]:
     """Byte offsets of the staging page and of the packed page (constexprs of the kernels)."""
     lay, slay = fmt.layout(d, PAGE_TOKENS), stage_layout(d)
-    stage = dict(SK_META=slay.k.meta_offset, SV_CODES=slay.v.codes_offset, SV_META=slay.v.meta_offset)
+    stage = dict(SK_META=slay.k.meta_offset, SK_GROUP=slay.k.group, SV_CODES=slay.v.codes_offset,
+                 SV_META=slay.v.meta_offset)
     bits = dict(K_BITS=fmt.k_bits, K_CODES=lay.k.codes_offset, K_META=lay.k.meta_offset,
                 V_BITS=fmt.v_bits, V_CODES=lay.v.codes_offset, V_META=lay.v.meta_offset)
     return stage, bits

@@ -130,14 +130,14 @@ def packed_pv(pr, page, t, t_ok,
 
 @triton.jit
 def staged_plane(src, t, t_ok, k, PER: tl.constexpr, D: tl.constexpr, CODES_OFF: tl.constexpr,
-                 META_OFF: tl.constexpr, IEEE: tl.constexpr):
-    """Channels ``k::PER`` of one side of an 8-bit staged page (per-token 64-channel groups), dequantized
+                 META_OFF: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr):
+    """Channels ``k::PER`` of one side of an 8-bit staged page (per-token ``GROUP``-channel groups), dequantized
     ``[P, D // PER]`` (fp16; fp32 under IEEE): the own page read in the packed planes' channel order."""
-    G: tl.constexpr = D // 64
+    G: tl.constexpr = D // GROUP
     ch = tl.arange(0, D // PER) * PER + k
     code = tl.load(src + CODES_OFF + t[:, None] * D + ch[None, :], mask=t_ok[:, None], other=0)
     words = (src + META_OFF).to(tl.pointer_type(tl.int32))
-    sc, mn = meta_halves(tl.load(words + t[:, None] * G + (ch // 64)[None, :], mask=t_ok[:, None], other=0))
+    sc, mn = meta_halves(tl.load(words + t[:, None] * G + (ch // GROUP)[None, :], mask=t_ok[:, None], other=0))
     return dequant(code, sc, mn, IEEE)
 
 

@@ -61,7 +61,7 @@ def _dequant_kernel(
     stride_op, stride_ot, stride_oh,
     D: tl.constexpr, K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
     V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
-    SK_META: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
+    SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -96,7 +96,7 @@ def _dequant_kernel(
                 src = stage_ptr + tl.load(slot_ptr + req).to(tl.int64) * stride_ss + h * stride_sh
             else:
                 src = scratch_ptr + (tl.load(sbase_ptr + req).to(tl.int64) + jj - 1) * stride_xs + h * stride_xh
-            k = decode_tile(src, t, ok, D, 8, 64, 0, SK_META)
+            k = decode_tile(src, t, ok, D, 8, SK_GROUP, 0, SK_META)
             v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
         off = dst * stride_op + t[:, None] * stride_ot + h * stride_oh
         tl.store(k_out_ptr + off + d[None, :], k.to(k_out_ptr.dtype.element_ty))

@@ -20,7 +20,8 @@ Variants (values; the same bytes as the served format unless the row says otherw
                   weights sum to 1, so this is exact without quantization); also with clip-mse
   mean-removed    the window's own per-channel mean of each head's values instead (not weight-only: a bound)
   own page exact  as served, the query's own page exact instead of its 8-bit staging copy
-and keys: served (per channel over the 64-token page), sink-exact, and own page exact.
+and keys: served (per channel over the 64-token page, from the 8-bit copy in 16-channel groups), sink-exact, and
+own page exact.
 
 Also prints the share of attention that lands on token 0 and the norm of its value against the others'.
 Writes ``<out>.json`` and ``<out>.md``.
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vllm_kvmix.formats import PAGE_TOKENS as P  # noqa: E402
+from vllm_kvmix.formats import stage_layout  # noqa: E402
 from vllm_kvmix.quant import dequantize, dequantize_channels, hadamard, quantize, quantize_channels  # noqa: E402
 
 CLIPS = torch.linspace(1.0, 0.7, 16)
@@ -77,7 +79,7 @@ def q_tokens_clipped(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 def q_keys_pages(k: torch.Tensor, bits: int) -> torch.Tensor:
     """Keys ``[H, T, D]`` per channel over 64-token pages, from the 8-bit copy (as served)."""
     h, t, d = k.shape
-    k8 = q_tokens(k, 8, 64)
+    k8 = q_tokens(k, 8, stage_layout(d).k.group)
     n = t // P
     pages = k8[:, : n * P].reshape(h, n, P, d)
     codes, meta = quantize_channels(pages, bits)
@@ -110,7 +112,7 @@ def run_layer(q, k, v, fmt_bits, rot, v_bias=None):
     out = {"sink_attention": a[:, 1:, 0].mean().item(),
            "sink_value_norm_ratio": (v[:, 0].norm(dim=-1) / v[:, 1:].norm(dim=-1).mean(-1)).mean().item()}
     vr = v @ rot  # rotated values (H symmetric: x @ H, back with @ H)
-    v8r, v8, k8 = q_tokens(vr, 8, 64), q_tokens(v, 8, 64), q_tokens(k, 8, 64)
+    v8r, v8, k8 = q_tokens(vr, 8, 64), q_tokens(v, 8, 64), q_tokens(k, 8, stage_layout(k.shape[-1]).k.group)
     eye = torch.eye(v.shape[-1])
     for bits in fmt_bits:
         def err_v(v_low_rot, own_rot=v8r, back=rot):

@@ -286,7 +286,7 @@ def test_vllm_serve_answers_completions_and_chat(smollm2_dir, tmp_path, dtype):
             assert "kvmix: kvmix-auto: 3 bits/element on average over K and V, 30 layers" in logs
             assert logs.count("self_attn.attn |") == 30
         assert "kvmix: kvmix-k4v2 on 30 layers: 3.50 bits/element, 5040 bytes/token" in logs
-        assert "kvmix: staging: 8 + 1 slots (max_num_seqs + padding) per layer x 64 tokens at 8 bits = 6.7 MiB" in logs
+        assert "kvmix: staging: 8 + 1 slots (max_num_seqs + padding) per layer x 64 tokens at 8 bits = 7.3 MiB" in logs
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

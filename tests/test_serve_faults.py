@@ -18,7 +18,7 @@ from serving import Server  # noqa: E402
 MAX_NUM_SEQS = 4
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary colors are",
            "Alice was beginning to get very tired of sitting by her sister on the bank, and"]
-# 12 MiB: after the staging slots, ~27 pages of 64 tokens -- four 550-token requests do not fit, so long
+# 12 MiB: after the staging slots, ~25 pages of 64 tokens -- four 550-token requests do not fit, so long
 # generations get preempted
 KV_BYTES = 12 << 20
 LONG_PROMPT = " ".join(f"Item {i} is a word." for i in range(50))
@@ -134,7 +134,7 @@ def _concurrently(fn, items):
     (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}'],
      ["--kv-cache-dtype kvmix-k4v2: speculative decoding is not supported", "Remove --speculative-config"]),
     (["--max-num-seqs", "256", "--kv-cache-memory-bytes", str(16 << 20)],
-     ["staging pages of --max-num-seqs 256 running sequences need", "Lower --max-num-seqs (at most 19 here)"]),
+     ["staging pages of --max-num-seqs 256 running sequences need", "Lower --max-num-seqs (at most 17 here)"]),
     # vLLM's own check, with kvmix's page sizes: 20 MiB of pages hold ~4k tokens
     (["--max-model-len", "8192", "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(24 << 20)],
      ["max seq len (8192)", "the estimated maximum model length is"]),

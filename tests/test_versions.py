@@ -293,7 +293,7 @@ def test_staging_is_reserved_out_of_the_budget():
     common = dict(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.uint8)
     specs = {f"l{i}": KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", **common) for i in range(30)}
     bf16_specs = {f"l{i}": FullAttentionSpec(**{**common, "dtype": torch.bfloat16}) for i in range(30)}
-    assert staging_bytes(specs, 16) == (16 + 1) * 30 * 3 * 64 * 136  # + the padded rows' slot
+    assert staging_bytes(specs, 16) == (16 + 1) * 30 * 3 * 64 * (80 + 68)  # keys, values; + the padded rows' slot
     assert staging_bytes(bf16_specs, 16) == 0  # vLLM's own dtypes reserve nothing
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=256), additional_config={})  # the user's 256
     with pytest.raises(ValueError, match="lower max_num_seqs"):
@@ -346,7 +346,7 @@ def test_default_max_num_seqs_is_lowered_to_fit_the_staging(memory):
     seqs = cfg.scheduler_config.max_num_seqs
     assert seqs == fit_slots(256, memory, slot)
     if memory == 64 << 20:
-        assert seqs == 4 and stage_rows(seqs) * slot <= memory / STAGING_SHARE
+        assert seqs == 3 and stage_rows(seqs) * slot <= memory / STAGING_SHARE
     else:
         assert seqs == 256  # 257 slots take 4.7% of 4 GiB: vLLM's default kept
     assert stage_slots_of(config.kv_cache_groups[0].kv_cache_spec) == seqs
@@ -401,9 +401,10 @@ def _config(dtype="kvmix-k4v2", spec=None, parallel=None, budget=None, seqs=8, *
     ({"is_attention_free": True}, "no attention layers", "Leave --kv-cache-dtype at auto"),
     ({"head_size": 192}, "head size 192 is not a power of two", "Use a model with such a head size"),
     ({"head_size": 80}, "head size 80", "auto / fp8"),
-    # 30 layers x 3 heads x one 8-bit page of head size 128 (64 x (128 + 2 x 4) B) = 1.49 MiB a sequence, 9 slots
-    ({"budget": 8 << 20, "seqs": 8}, "staging pages of --max-num-seqs 8 running sequences need 13.4 MiB",
-     "Lower --max-num-seqs (at most 3 here)"),
+    # 30 layers x 3 heads x one 8-bit page of head size 128 (keys 64 x (128 + 8 x 4) B, values 64 x (128 + 2 x 4) B)
+    # = 1.63 MiB a sequence, 9 slots
+    ({"budget": 8 << 20, "seqs": 8}, "staging pages of --max-num-seqs 8 running sequences need 14.6 MiB",
+     "Lower --max-num-seqs (at most 2 here)"),
 ])
 def test_configurations_kvmix_cannot_serve_end_with_cause_and_fix(case, cause, fix):
     """The platform hook's check: one message naming the cause and the fix; vLLM's own dtypes pass untouched."""

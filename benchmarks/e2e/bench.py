@@ -18,7 +18,7 @@ model-runner step timed (synchronized before and after, so the run itself is slo
 may carry decode rows too) and decode-only steps -- where the generate time goes.  --eager: no
 torch.compile / CUDA graphs (a fresh machine starts in a fraction of the time).
 
-Page-scheme kvmix formats keep one 8-bit staging page per running sequence and layer (17 KiB per
+Page-scheme kvmix formats keep one 8-bit staging page per running sequence and layer (18.5 KiB per
 KV head at d=128), reserved for max_num_seqs sequences out of the KV budget.  vLLM's H100 default
 (1024) would take 4.4 GiB for Llama-3.1-8B, more than cap's whole budget, so kvmix runs get
 max_num_seqs = the workload's concurrency, and 128 on cap (staging 0.55 GiB of its 4 GiB: 3.96x

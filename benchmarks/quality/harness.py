@@ -367,8 +367,11 @@ def plot(rows: list[dict], path: Path) -> None:
     from vllm_kvmix.formats import is_auto, is_kvmix, parse_format
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8.6), squeeze=False)
+    # top: ΔPPL (symmetric log: a quantized cache can lower perplexity on a few windows); bottom: KL (positive)
+    for (ax, model), (metric, label) in [((ax, m), spec) for spec, row in zip(
+            (("dppl_pct", "ΔPPL vs bf16 KV (%)"), ("kl", "KL vs bf16 KV (nats/token)")), axes)
+            for ax, m in zip(row, models)]:
         for r in (r for r in rows if r["model"] == model and r["kv_cache_dtype"] != "auto"):
             name = r["kv_cache_dtype"]
             if is_auto(name.partition("@")[0]):
@@ -383,16 +386,20 @@ def plot(rows: list[dict], path: Path) -> None:
                 "vLLM": ("black", "^"),
                 "kvmix-auto (per layer)": ("tab:green", "*"),
             }[kind]
-            y = max(r["dppl_pct"], 0.01)
+            y = r[metric]
             ax.scatter(r["bits_per_element_2k"], y, color=style[0], marker=style[1], s=50, label=kind)
             ax.annotate(name.removeprefix("kvmix-"), (r["bits_per_element_2k"], y), fontsize=8,
                         xytext=(4, 3), textcoords="offset points")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
-        ax.set_yscale("log")
+        if metric == "kl":
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.axhline(0.0, color="black", linewidth=0.6)
         ax.set_xlabel("bits/element (metadata and staging at 2k tokens included)")
-        ax.set_ylabel("ΔPPL vs bf16 KV (%)")
+        ax.set_ylabel(label)
         ax.set_title(model)
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()

@@ -68,7 +68,6 @@ def test_aborted_requests_free_their_slots_and_change_no_output(smollm2_dir, tmp
 
         # 3 x max_num_seqs streams: max_num_seqs run (and hold every seat), the others wait in the queue; the
         # waiting ones disconnect first, then the running ones, each after its first token
-        t0 = time.time()
         stop_waiting, stop_running = threading.Event(), threading.Event()
         got = [threading.Event() for _ in range(3 * MAX_NUM_SEQS)]
 
@@ -92,11 +91,14 @@ def test_aborted_requests_free_their_slots_and_change_no_output(smollm2_dir, tmp
         for t in running:
             t.join(120)
 
-        # long generations that outgrow the KV cache: disconnect once the server has preempted one of them
+        # long generations that outgrow the KV cache: disconnect once the server has preempted one of them (or
+        # after 240 s of this phase, counted from its own start: the phases before it take longer on a loaded
+        # machine, and a deadline shared with them ran out before any preemption)
         preempted0 = server.metric("vllm:num_preemptions_total")
+        t_long = time.time()
         threads = [threading.Thread(target=_stream, args=(
             server, f"{LONG_PROMPT} {i}", 500,
-            lambda: server.metric("vllm:num_preemptions_total") > preempted0 or time.time() - t0 > 240))
+            lambda: server.metric("vllm:num_preemptions_total") > preempted0 or time.time() - t_long > 240))
             for i in range(MAX_NUM_SEQS)]
         for t in threads:
             t.start()

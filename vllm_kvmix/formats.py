@@ -58,8 +58,8 @@ PAGE_TOKENS = 64
 STAGE_BITS = 8
 # Channels per staged key group.  Keys are not rotated: a channel with a large offset (a k_proj bias) sets
 # the range of its whole group, and every packed page is quantized from the staged copy.  On
-# Qwen2.5-Coder-1.5B (k_proj bias norm 1237 in layer 0) 64-channel groups cost k8v4 +1.8% perplexity, 16-channel
-# groups -0.2% (docs/results.md, section 5); the staging slot grows by head_size / 16 * 4 - head_size / 64 * 4 bytes a token.
+# Qwen2.5-Coder-1.5B (k_proj bias norm 1237 in layer 0) k8v4 cost +0.90% perplexity with 64-channel groups and
+# -0.21% with 16-channel groups (docs/results.md, section 5); the slot grows by 3 * head_size / 16 bytes a token.
 STAGE_KEY_GROUP = 16
 
 _NAME_RE = re.compile(r"^kvmix-k(\d+)v(\d+)$")

@@ -337,12 +337,16 @@ def _page_attention_kernel(
         if p < own_hi:  # some row reads this page packed
             s = packed_scores(page, t, t_ok, qp0, qp1, qp2, qp3, D, K_BITS, K_CODES, K_META, IEEE_DOT)
         if p >= own_lo:  # some row's own page: the 8-bit copy, read in the key planes' channel order
-            s_own = pdot(qp0, tl.trans(staged_plane(src, t, t_ok, 0, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)), IEEE_DOT)
+            s_own = pdot(qp0, tl.trans(staged_plane(src, t, t_ok, 0, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)),
+                         IEEE_DOT)
             if PER_K > 1:
-                s_own += pdot(qp1, tl.trans(staged_plane(src, t, t_ok, 1, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)), IEEE_DOT)
+                s_own += pdot(qp1, tl.trans(staged_plane(src, t, t_ok, 1, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)),
+                              IEEE_DOT)
             if PER_K > 2:
-                s_own += pdot(qp2, tl.trans(staged_plane(src, t, t_ok, 2, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)), IEEE_DOT)
-                s_own += pdot(qp3, tl.trans(staged_plane(src, t, t_ok, 3, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)), IEEE_DOT)
+                s_own += pdot(qp2, tl.trans(staged_plane(src, t, t_ok, 2, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)),
+                              IEEE_DOT)
+                s_own += pdot(qp3, tl.trans(staged_plane(src, t, t_ok, 3, PER_K, D, 0, SK_META, SK_GROUP, IEEE_DOT)),
+                              IEEE_DOT)
             s = tl.where(own_here, s_own, s)
         s = s * scale
         if USE_SOFTCAP:

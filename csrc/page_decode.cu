@@ -60,16 +60,31 @@ typedef unsigned char u8;
 #ifndef KVMIX_MIN_BLOCKS
 #define KVMIX_MIN_BLOCKS 4
 #endif
+#ifndef KVMIX_MIN_BLOCKS_256
 #define KVMIX_MIN_BLOCKS_256 2
+#endif
 // S layout per key width (kvmix_page_decode): 4-bit keys compute S transposed (attend_page_st), 8-bit keys
 // S = Q K^T (attend_page).  Timed on the H200 (commit 71fda59, docs/kernels.md): the transposed S is
 // 0.88 / 0.90 of the step time for k4v2 / k4v4 at 64 x 8k, 1.02-1.05 for k8v4, whose wider key words take
 // its stack from 80 to 128 bytes.
 #define KVMIX_NEG_INF __int_as_float(0xff800000)
+// Packed page passes a warp keeps in its shared-memory ring (cuda_decode.RING_STAGES): the next pass is copied
+// (cp.async) while the current one is computed, so no registers wait on loads in flight.
+#ifndef KVMIX_RING_STAGES
+#define KVMIX_RING_STAGES 2
+#endif
 
 struct alignas(16) u32x4 {
   u32 x, y, z, w;
 };
+
+// Tokens per page pass (cuda_decode.pass_tokens): the whole page up to head size 128, half a page at 256.
+#ifndef KVMIX_PASS_T
+#define KVMIX_PASS_T 64
+#endif
+#ifndef KVMIX_PASS_T_256
+#define KVMIX_PASS_T_256 32
+#endif
 
 // What a thread holds at head size D (64, 128 or 256), and the page pass of T tokens.
 template <int D>
@@ -83,7 +98,7 @@ struct HeadShape {
   static constexpr int NG = D / 64;   // 64-channel groups per token (value meta)
   static constexpr int NKG = QC / KVMIX_SKG;  // staged key groups of a lane quad position's channels
   static constexpr int LC = D / 32;   // channels per lane of a whole vector (staging, rotation, output)
-  static constexpr int T = D > 128 ? 32 : KVMIX_P;  // tokens per page pass
+  static constexpr int T = D > 128 ? KVMIX_PASS_T_256 : KVMIX_PASS_T;  // tokens per page pass
   static constexpr int MIN_BLOCKS = D > 128 ? KVMIX_MIN_BLOCKS_256 : KVMIX_MIN_BLOCKS;
 };
 
@@ -333,6 +348,10 @@ struct PageCodes {
   __device__ __forceinline__ void load(const u8* page, int t0, int g, int qd, int v_codes_off, int v_meta_off) {
 #pragma unroll
     for (int nt = 0; nt < T / 8; ++nt) load_key_row(page, t0 + 8 * nt + g, qd, kc[nt]);
+    load_values(page, t0, g, qd, v_codes_off, v_meta_off);
+  }
+
+  __device__ __forceinline__ void load_values(const u8* page, int t0, int g, int qd, int v_codes_off, int v_meta_off) {
 #pragma unroll
     for (int kt = 0; kt < T / 16; ++kt)
 #pragma unroll
@@ -451,13 +470,13 @@ __device__ __forceinline__ void add_values(const PageCodes<CKB, VB, D>& pc, cons
 // >= n_valid (counted from t0) masked (their bytes may be stale); otherwise a full packed page (keys per
 // channel, scale folded into the query).  LO: tokens < lo (counted from t0: the sliding window's start) are
 // masked too; the pass holds at least one token in [lo, n_valid).
-template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D>
+template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D, bool LATE = false>
 __device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid, int lo, const u32 (&qs)[D / 8],
                                             float& m_run, float& l_run, float (&acc)[D / 16][4], int g, int qd,
                                             int k_meta_off, int v_codes_off, int v_meta_off) {
   constexpr int T = HeadShape<D>::T, NK = HeadShape<D>::NK;
   PageCodes<CKB, VB, D> pc;
-  pc.load(page, t0, g, qd, v_codes_off, v_meta_off);
+  if constexpr (!LATE) pc.load(page, t0, g, qd, v_codes_off, v_meta_off);
 
   float s[T / 8][4];
   if (!STAGED) {
@@ -475,6 +494,7 @@ __device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid,
     }
 #pragma unroll
     for (int nt = 0; nt < T / 8; ++nt) {
+      if constexpr (LATE) PageCodes<CKB, VB, D>::load_key_row(page, t0 + 8 * nt + g, qd, pc.kc[nt]);
 #pragma unroll
       for (int kk = 0; kk < NK; ++kk) {
         constexpr int per_word = 16 / CKB;
@@ -536,6 +556,7 @@ __device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid,
     acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
   }
 
+  if constexpr (LATE) pc.load_values(page, t0, g, qd, v_codes_off, v_meta_off);
   add_values<CKB, VB, STAGED, D>(pc, pb, n_valid, qd, acc);
 }
 
@@ -549,13 +570,13 @@ __device__ __forceinline__ u32 movmatrix_t(u32 x) {  // 8 x 8 fp16 tile (row lan
 // 16 mt + 8 + g: the thread's words of kc[2 mt] and kc[2 mt + 1]), B = the query pair of head g; the thread
 // holds heads 2 qd, 2 qd + 1 of T / 8 tokens, so the softmax state is per (thread, head i = 0, 1) and the maxima
 // are reduced over g (lanes 4, 8, 16 apart).  P^T tiles transposed by movmatrix are the value mma's B.
-template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D>
+template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D, bool LATE = false>
 __device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_valid, int lo, const u32 (&qs)[D / 8],
                                                float (&m_run)[2], float (&l_run)[2], float (&acc)[D / 16][4], int g,
                                                int qd, int k_meta_off, int v_codes_off, int v_meta_off) {
   constexpr int T = HeadShape<D>::T, NK = HeadShape<D>::NK;
   PageCodes<CKB, VB, D> pc;
-  pc.load(page, t0, g, qd, v_codes_off, v_meta_off);
+  if constexpr (!LATE) pc.load(page, t0, g, qd, v_codes_off, v_meta_off);
 
   float st[T / 16][4];  // [mt]: (token 16 mt + g: heads 2 qd, 2 qd + 1), (token 16 mt + 8 + g: same heads)
   if (!STAGED) {
@@ -578,6 +599,7 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_val
       u32 kr[2][KW];  // key rows of tokens 16 mt + g, 16 mt + 8 + g
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        if constexpr (LATE) PageCodes<CKB, VB, D>::load_key_row(page, t0 + 16 * mt + 8 * h + g, qd, pc.kc[2 * mt + h]);
 #pragma unroll
         for (int i = 0; i < KW; ++i) kr[h][i] = pc.kc[2 * mt + h][i];
       }
@@ -659,22 +681,71 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_val
     acc[mt][0] *= alpha[0]; acc[mt][1] *= alpha[1]; acc[mt][2] *= alpha[0]; acc[mt][3] *= alpha[1];
   }
 
+  if constexpr (LATE) pc.load_values(page, t0, g, qd, v_codes_off, v_meta_off);
   add_values<CKB, VB, STAGED, D>(pc, pb, n_valid, qd, acc);
+}
+
+// A packed page pass (HeadShape<D>::T tokens) as a warp's ring holds it: key codes of the pass's tokens, the page's
+// per-channel key meta, value codes and value meta of the pass's tokens (cuda_decode.pass_bytes mirrors BYTES).
+template <int KB, int VB, int D>
+struct PassLayout {
+  static constexpr int T = HeadShape<D>::T;
+  static constexpr int K_CODES = T * D * KB / 8;
+  static constexpr int K_META = K_CODES;  // offsets in the ring's pass
+  static constexpr int V_CODES = K_META + D * 4;
+  static constexpr int V_META = V_CODES + T * D * VB / 8;
+  static constexpr int BYTES = V_META + T * (D / 64) * 4;
+  static_assert(K_CODES % 16 == 0 && V_CODES % 16 == 0 && V_META % 16 == 0 && BYTES % 16 == 0, "16-byte copies");
+};
+
+__device__ __forceinline__ void cp_async16(u8* dst, const u8* src) {
+  const u32 s = (u32)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// N bytes (a multiple of 16) from global src to shared dst, 16 per lane and instruction.
+template <int N>
+__device__ __forceinline__ void copy_async(u8* dst, const u8* src, int lane) {
+  constexpr int C = N / 16;
+#pragma unroll
+  for (int j = 0; j < (C + 31) / 32; ++j) {
+    const int i = 32 * j + lane;
+    if (C % 32 == 0 || i < C) cp_async16(dst + 16 * i, src + 16 * i);
+  }
+}
+
+// The pass of tokens t0 .. t0 + T - 1 of a packed page in the cache into a ring buffer (PassLayout).
+template <int KB, int VB, int D>
+__device__ __forceinline__ void copy_pass(u8* buf, const u8* page, int t0, int lane, int k_meta_off,
+                                          int v_codes_off, int v_meta_off) {
+  using PL = PassLayout<KB, VB, D>;
+  constexpr int T = PL::T;
+  copy_async<PL::K_CODES>(buf, page + t0 * (D * KB / 8), lane);
+  copy_async<D * 4>(buf + PL::K_META, page + k_meta_off, lane);
+  copy_async<T * D * VB / 8>(buf + PL::V_CODES, page + v_codes_off + t0 * (D * VB / 8), lane);
+  copy_async<T * (D / 64) * 4>(buf + PL::V_META, page + v_meta_off + t0 * (D / 64) * 4, lane);
 }
 
 // The S layout of a format's key width: transposed for 4-bit keys (see the note at the top).
 __host__ __device__ constexpr bool s_transposed(int key_bits) { return key_bits == 4; }
 
 // One page pass into the softmax state (m_run, l_run per the layout: attend_page uses [0], head g).
-template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D>
+template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D, bool LATE = false>
 __device__ __forceinline__ void attend(const u8* page, int t0, int n_valid, int lo, const u32 (&qs)[D / 8],
                                        float (&m_run)[2], float (&l_run)[2], float (&acc)[D / 16][4], int g, int qd,
                                        int k_meta_off, int v_codes_off, int v_meta_off) {
   if constexpr (s_transposed(QKB))
-    attend_page_st<QKB, CKB, VB, STAGED, LO, D>(page, t0, n_valid, lo, qs, m_run, l_run, acc, g, qd, k_meta_off,
+    attend_page_st<QKB, CKB, VB, STAGED, LO, D, LATE>(page, t0, n_valid, lo, qs, m_run, l_run, acc, g, qd, k_meta_off,
                                                 v_codes_off, v_meta_off);
   else
-    attend_page<QKB, CKB, VB, STAGED, LO, D>(page, t0, n_valid, lo, qs, m_run[0], l_run[0], acc, g, qd, k_meta_off,
+    attend_page<QKB, CKB, VB, STAGED, LO, D, LATE>(page, t0, n_valid, lo, qs, m_run[0], l_run[0], acc, g, qd, k_meta_off,
                                              v_codes_off, v_meta_off);
 }
 
@@ -787,7 +858,10 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   const float scale_log2e = (float)scale_log2e_d;
 
   __shared__ float sm_m[NW][KVMIX_ROWS], sm_l[NW][KVMIX_ROWS];
-  __shared__ float sm_acc[NW][KVMIX_ROWS][D + 4];
+  // dynamic shared memory (cuda_decode.smem_bytes): the warps' rings of packed page passes, then, after the page
+  // loop, the warps' acc fragments for the merge (sm_acc)
+  extern __shared__ __align__(16) u8 smem_dyn[];
+  float(*sm_acc)[KVMIX_ROWS][D + 4] = reinterpret_cast<float(*)[KVMIX_ROWS][D + 4]>(smem_dyn);
   __shared__ float sm_w[KVMIX_MAX_SPLITS][KVMIX_ROWS];  // last block of a split row: per (split, head) weights
   __shared__ int sm_last;
 
@@ -803,6 +877,31 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   const int p_begin = p_first + split * per;
   const int p_end = min(n_pages, p_begin + per);
   u8* own_page = stage + (long long)slots[b] * stride_ss + (long long)kvh * stride_sh;
+
+  // ---- this warp's packed pages p = p_begin + warp + NW i < min(p_end, own), read in units of one pass (PASSES
+  // a page) through its ring of KVMIX_RING_STAGES passes; the first STAGES - 1 units are copied now
+  using PL = PassLayout<KB, VB, D>;
+  constexpr int PASSES = KVMIX_P / HS::T, STAGES = KVMIX_RING_STAGES;
+  {
+    u32 dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < (u32)max(NW * STAGES * PL::BYTES, NW * KVMIX_ROWS * (D + 4) * 4)) __trap();  // launcher mismatch
+  }
+  u8* ring = smem_dyn + warp * STAGES * PL::BYTES;
+  const int p_stop = min(p_end, own);
+  const int n_units = p_begin + warp < p_stop ? (p_stop - p_begin - warp + NW - 1) / NW * PASSES : 0;
+  const int* bt_row = block_table + (long long)b * stride_bt;
+  auto copy_unit = [&](int u) {
+    const int p = p_begin + warp + NW * (u / PASSES);
+    const u8* page = cache + (long long)bt_row[p] * stride_cb + (long long)kvh * stride_ch;
+    copy_pass<KB, VB, D>(ring + (u % STAGES) * PL::BYTES, page, (u % PASSES) * HS::T, lane, k_meta_off, v_codes_off,
+                         v_meta_off);
+  };
+#pragma unroll
+  for (int u = 0; u < STAGES - 1; ++u) {
+    if (u < n_units) copy_unit(u);
+    cp_async_commit();
+  }
 
   // ---- the new token into the staging slot (warp 0: key, warp 1: value), before any warp reads the page
   if (stage_new && own >= p_begin && own < p_end) {
@@ -846,18 +945,28 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
 #pragma unroll
   for (int mt = 0; mt < HS::VMT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
-  for (int p = p_begin + warp; p < p_end; p += NW) {
-    const int page_lo = WINDOW ? lo - p * KVMIX_P : 0;  // > 0 on the window's first page only
-    if (p == own) {  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64)
-      attend_tokens<KB, 8, 8, true, WINDOW, D>(own_page, seq - own * KVMIX_P, page_lo, qs, m_run, l_run, acc, g, qd,
-                                               sk_meta_off, sv_codes_off, sv_meta_off);
-    } else {
-      const long long blk = block_table[(long long)b * stride_bt + p];
-      attend_tokens<KB, KB, VB, false, WINDOW, D>(cache + blk * (long long)stride_cb + (long long)kvh * stride_ch,
-                                                  KVMIX_P, page_lo, qs, m_run, l_run, acc, g, qd, k_meta_off,
-                                                  v_codes_off, v_meta_off);
-    }
+  for (int u = 0; u < n_units; ++u) {
+    if (u + STAGES - 1 < n_units) copy_unit(u + STAGES - 1);
+    cp_async_commit();  // (empty groups keep the count uniform)
+    cp_async_wait<STAGES - 1>();
+    __syncwarp();  // unit u's bytes, copied by every lane, visible to the warp
+    const u8* buf = ring + (u % STAGES) * PL::BYTES;
+    const int t0 = (u % PASSES) * HS::T;
+    const int pass_lo = WINDOW ? lo - (p_begin + warp + NW * (u / PASSES)) * KVMIX_P - t0 : 0;  // > 0: window start
+    if (!WINDOW || pass_lo <= 0)
+      attend<KB, KB, VB, false, false, D, true>(buf, 0, HS::T, 0, qs, m_run, l_run, acc, g, qd, PL::K_META, PL::V_CODES,
+                                          PL::V_META);
+    else if (pass_lo < HS::T)
+      attend<KB, KB, VB, false, true, D, true>(buf, 0, HS::T, pass_lo, qs, m_run, l_run, acc, g, qd, PL::K_META,
+                                         PL::V_CODES, PL::V_META);
+    __syncwarp();  // every lane done with the buffer before it is copied into again
   }
+  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64), read in place
+  if (own >= p_begin + warp && own < p_end && (own - p_begin - warp) % NW == 0)
+    attend_tokens<KB, 8, 8, true, WINDOW, D>(own_page, seq - own * KVMIX_P, WINDOW ? lo - own * KVMIX_P : 0, qs,
+                                             m_run, l_run, acc, g, qd, sk_meta_off, sv_codes_off, sv_meta_off);
+  cp_async_wait<0>();
+  __syncthreads();  // sm_acc overlays the rings
 
   // ---- merge the warps: each head's (max, sum) and acc fragments into shared memory
   if constexpr (s_transposed(KB)) {

@@ -87,7 +87,7 @@ def test_kernel_that_does_not_compile_is_a_startup_error(monkeypatch, tmp_path):
     bad.write_text(cuda_decode.source_path().read_text().replace("struct DecodeParams {", "struct DecodeParams {{", 1))
     monkeypatch.setattr(cuda_decode, "source_path", lambda: bad)
 
-    def nvrtc_only(source, name, defines=()):
+    def nvrtc_only(source, name, defines=(), smem=0):
         k_bits, v_bits = int(name.split("<")[1].split(",")[0]), int(name.split(",")[1])
         return cuda_decode.nvrtc_cubin(source, k_bits, v_bits, "true" in name, defines)
 

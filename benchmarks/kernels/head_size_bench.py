@@ -28,6 +28,7 @@ except ImportError:
 from vllm_kvmix.formats import PAGE_TOKENS, parse_format, stage_layout  # noqa: E402
 from vllm_kvmix.options import DECODE_KERNEL_ENV  # noqa: E402
 from vllm_kvmix.kernels.page import PageStep, StepPlan  # noqa: E402
+from vllm_kvmix.kernels import cuda_decode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from page_bench import random_pages  # noqa: E402
@@ -84,7 +85,11 @@ def main():
     ap.add_argument("--shapes", default="64x32768,256x8192", help="batch x context, e.g. 64x32768,256x8192")
     ap.add_argument("--head-sizes", default="64,128,256")
     ap.add_argument("--formats", default="kvmix-k4v2,kvmix-k4v4,kvmix-k8v4")
+    ap.add_argument("--experiments", default="none",
+                    help="builds of the CUDA source to time beside the served one (graph rows '... graph +D1+D2'): "
+                         "';' between builds, '+' between defines, as page_bench.py")
     args = ap.parse_args()
+    experiments = [tuple(e.split("+")) for e in args.experiments.split(";") if e and e != "none"]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     gen = torch.Generator(device=dev).manual_seed(0)
     bw = copy_bw()
@@ -113,6 +118,18 @@ def main():
                 nbytes = kvmix_bytes(fmt, d, hkv, B, seq_len)
                 res[fname] = (bench(lambda: st.attend(q, out, d**-0.5)), nbytes)
                 res[fname + " graph"] = (triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, d**-0.5)), nbytes)
+                served = cuda_decode.compiled
+                for defines in experiments:  # builds with other defines, the same step
+                    cuda_decode.compiled = (lambda k_bits, v_bits, bf16, head_size=d, window=False, dd=defines:
+                                            served(k_bits, v_bits, bf16, dd, head_size, window))
+                    tag = "+" + "+".join(defines)
+                    try:
+                        res[f"{fname} graph {tag}"] = (
+                            triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, d**-0.5)), nbytes)
+                    except Exception as e:  # noqa: BLE001 (keep the served build's rows)
+                        print(f"  experiment {tag} failed:", repr(e)[:300], flush=True)
+                    finally:
+                        cuda_decode.compiled = served
                 os.environ[DECODE_KERNEL_ENV] = "triton"  # the same step on the Triton kernel alone
                 res[fname + " triton"] = (bench(lambda: st.attend(q, out, d**-0.5)), nbytes)
                 os.environ.pop(DECODE_KERNEL_ENV)

@@ -122,7 +122,7 @@ def report(k, label):
     return text
 
 
-def cuda_report(source, defines=()):
+def cuda_report(source, defines=(), head_size=128):
     """The CUDA decode kernel as it runs: NVRTC (torch's private wrapper, the launcher's options; no GPU needed)
     builds each instantiation the launcher names for sm_90.  Per variant: registers and spills (cuobjdump),
     then per arm of the page loop's branch (packed page / own page) its instruction count and mix."""
@@ -131,7 +131,7 @@ def cuda_report(source, defines=()):
     src = open(source).read()
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     for k_bits, v_bits, bf16 in ((4, 2, True), (4, 4, True), (8, 4, True)):
-        cubin, _ = cuda_decode.nvrtc_cubin(src, k_bits, v_bits, bf16, tuple(defines))
+        cubin, _ = cuda_decode.nvrtc_cubin(src, k_bits, v_bits, bf16, tuple(defines), head_size=head_size)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
@@ -140,7 +140,7 @@ def cuda_report(source, defines=()):
             res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name], capture_output=True,
                                  text=True, check=True).stdout
         m = re.search(r"REG:\d+ STACK:\d+", res)
-        print(f"k{k_bits}v{v_bits} bf16 {bf16}: {m.group(0) if m else res.strip()}")
+        print(f"k{k_bits}v{v_bits} bf16 {bf16} head size {head_size}: {m.group(0) if m else res.strip()}")
         lines, lps = loops(text)
         with_mma = [ab for ab in lps if opcode_mix(lines[ab[0]:ab[1] + 1])["HMMA"] > 0]
         a, b = min(with_mma, key=lambda ab: ab[1] - ab[0])  # the page loop: the innermost loop with mma
@@ -161,6 +161,7 @@ def main():
     ap.add_argument("--cuda", action="store_true", help="the CUDA decode kernel (as NVRTC builds it) instead of the Triton one")
     ap.add_argument("--source", default=os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "page_decode.cu"))
     ap.add_argument("-D", dest="defines", action="append", default=[], help="a define of the CUDA build")
+    ap.add_argument("--head-size", type=int, default=128, help="--cuda: the instantiation's head size")
     ap.add_argument("--fmt", default="kvmix-k4v2")
     ap.add_argument("--warps", type=int, default=2)
     ap.add_argument("--stages", type=int, default=2)
@@ -169,7 +170,7 @@ def main():
     ap.add_argument("--dump", default=None)
     args = ap.parse_args()
     if args.cuda:
-        cuda_report(args.source, tuple(args.defines))
+        cuda_report(args.source, tuple(args.defines), args.head_size)
         return
     k = compile_attention(args.fmt, warps=args.warps, stages=args.stages, split=args.split, maxnreg=args.maxnreg)
     text = report(k, f"{args.fmt} w{args.warps} s{args.stages}")

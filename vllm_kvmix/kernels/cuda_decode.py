@@ -41,6 +41,8 @@ from vllm_kvmix.formats import KVFormat
 WARPS = 4  # warps per block (each walks its own pages); 4 blocks per SM at <= 128 registers (head size 256: 2)
 MAX_SPLITS = 64  # split-K partials one block merges (the kernel's KVMIX_MAX_SPLITS: shared memory sm_w)
 ROWS = 8  # query heads per block; workspace rows per (query block, KV head, chunk, split): the kernel's KVMIX_ROWS
+RING_STAGES = 2  # packed page passes in each warp's shared-memory ring: the kernel's KVMIX_RING_STAGES
+PAGE_TOKENS = 64
 SOURCE_NAME = "page_decode.cu"
 HEAD_SIZES = (64, 128, 256)  # the kernel's template parameter D (csrc/page_decode.cu HeadShape)
 KEY_BITS = (4, 8)
@@ -69,6 +71,37 @@ def source_path() -> Path:
     return path
 
 
+def _build_value(defines: tuple[str, ...], name: str, default: int) -> int:
+    """An integer define of an experiment build (``NAME=N`` in ``defines``), else the source's default."""
+    for d in defines:
+        key, _, value = d.partition("=")
+        if key == name:
+            return int(value)
+    return default
+
+
+def pass_tokens(head_size: int, defines: tuple[str, ...] = ()) -> int:
+    """Tokens of a page pass (the kernel's HeadShape::T): the whole page up to head size 128, half above."""
+    if head_size > 128:
+        return _build_value(defines, "KVMIX_PASS_T_256", PAGE_TOKENS // 2)
+    return _build_value(defines, "KVMIX_PASS_T", PAGE_TOKENS)
+
+
+def pass_bytes(k_bits: int, v_bits: int, head_size: int, defines: tuple[str, ...] = ()) -> int:
+    """Bytes of one packed page pass in a warp's ring (the kernel's PassLayout::BYTES): the pass's key codes, the
+    page's key meta, the pass's value codes and value meta."""
+    t, d = pass_tokens(head_size, defines), head_size
+    return t * d * k_bits // 8 + d * 4 + t * d * v_bits // 8 + t * (d // 64) * 4
+
+
+def smem_bytes(k_bits: int, v_bits: int, head_size: int, defines: tuple[str, ...] = ()) -> int:
+    """The kernel's dynamic shared memory: the warps' rings, or the merge's acc fragments they turn into after the
+    page loop, whichever is larger (the kernel traps if launched with less).  ``defines``: an experiment build's
+    (``KVMIX_RING_STAGES``, ``KVMIX_PASS_T``, ``KVMIX_PASS_T_256``)."""
+    stages = _build_value(defines, "KVMIX_RING_STAGES", RING_STAGES)
+    return max(WARPS * stages * pass_bytes(k_bits, v_bits, head_size, defines), WARPS * ROWS * (head_size + 4) * 4)
+
+
 def nvrtc_options(defines: tuple[str, ...] = ()) -> list[str]:
     """The NVRTC options of every compile (tests compile with them on a CPU: NVRTC needs no GPU)."""
     return ["-std=c++17", *(f"-D{d}" for d in defines)]
@@ -93,9 +126,10 @@ def nvrtc_cubin(source: str, k_bits: int, v_bits: int, bf16: bool, defines: tupl
                                  nvcc_options=nvrtc_options(defines))
 
 
-def compile_cuda(source: str, name: str, defines: tuple[str, ...] = ()) -> Launcher:
-    """PyTorch's NVRTC front end (private API, torch 2.11): compile ``name`` for the current GPU."""
-    return Launcher(torch.cuda._compile_kernel(source, name, nvcc_options=nvrtc_options(defines)))
+def compile_cuda(source: str, name: str, defines: tuple[str, ...] = (), smem: int = 0) -> Launcher:
+    """PyTorch's NVRTC front end (private API, torch 2.11): compile ``name`` for the current GPU, launched with
+    ``smem`` bytes of dynamic shared memory."""
+    return Launcher(torch.cuda._compile_kernel(source, name, nvcc_options=nvrtc_options(defines)), smem)
 
 
 class DecodeParams(ctypes.Structure):
@@ -120,14 +154,22 @@ class Launcher:
     step launches this once per layer, so the struct is passed straight to the driver here.
     """
 
-    def __init__(self, kernel):
+    MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
+
+    def __init__(self, kernel, smem: int = 0):
         self.func = kernel.func
         self.lib = torch.cuda._utils._get_gpu_runtime_library()
+        self.smem = smem
+        if smem > 48 * 1024:  # above the default limit a kernel must opt in
+            err = self.lib.cuFuncSetAttribute(self.func, self.MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(smem))
+            if err != 0:
+                raise RuntimeError(f"kvmix: the decode kernel cannot get {smem} bytes of shared memory "
+                                   f"(CUDA error {err})")
 
     def __call__(self, grid, block, params: DecodeParams) -> None:
         ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        err = self.lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0, stream,
+        err = self.lib.cuLaunchKernel(self.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], self.smem, stream,
                                       ptrs, None)
         if err != 0:
             raise RuntimeError(f"kvmix: cuLaunchKernel failed with CUDA error {err}")
@@ -139,7 +181,7 @@ def compiled(k_bits: int, v_bits: int, bf16: bool, defines: tuple[str, ...] = ()
     """The compiled instantiation (once per process); benchmarks pass build ``defines`` of an experiment."""
     path, name = source_path(), kernel_name(k_bits, v_bits, bf16, head_size, window)
     try:
-        return compile_cuda(path.read_text(), name, defines)
+        return compile_cuda(path.read_text(), name, defines, smem_bytes(k_bits, v_bits, head_size, defines))
     except Exception as e:  # noqa: BLE001 -- NVRTC's log is in the message; say which kernel and what to do
         raise KernelUnavailable(
             f"kvmix: compiling the CUDA decode kernel {name} from {path} "

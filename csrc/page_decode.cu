@@ -78,14 +78,6 @@ struct alignas(16) u32x4 {
   u32 x, y, z, w;
 };
 
-// Tokens per page pass (cuda_decode.pass_tokens): the whole page up to head size 128, half a page at 256.
-#ifndef KVMIX_PASS_T
-#define KVMIX_PASS_T 64
-#endif
-#ifndef KVMIX_PASS_T_256
-#define KVMIX_PASS_T_256 32
-#endif
-
 // What a thread holds at head size D (64, 128 or 256), and the page pass of T tokens.
 template <int D>
 struct HeadShape {
@@ -98,7 +90,10 @@ struct HeadShape {
   static constexpr int NG = D / 64;   // 64-channel groups per token (value meta)
   static constexpr int NKG = QC / KVMIX_SKG;  // staged key groups of a lane quad position's channels
   static constexpr int LC = D / 32;   // channels per lane of a whole vector (staging, rotation, output)
-  static constexpr int T = D > 128 ? KVMIX_PASS_T_256 : KVMIX_PASS_T;  // tokens per page pass
+  static constexpr int T = D > 128 ? 32 : KVMIX_P;  // tokens per page pass (cuda_decode.pass_tokens)
+  // packed pages through each warp's shared-memory ring (cuda_decode.ring): head size 256 only (at 64 / 128 the
+  // ring's shared memory costs a block per SM and the loads into registers are faster: docs/kernels.md)
+  static constexpr bool RING = D > 128;
   static constexpr int MIN_BLOCKS = D > 128 ? KVMIX_MIN_BLOCKS_256 : KVMIX_MIN_BLOCKS;
 };
 
@@ -878,14 +873,14 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   const int p_end = min(n_pages, p_begin + per);
   u8* own_page = stage + (long long)slots[b] * stride_ss + (long long)kvh * stride_sh;
 
-  // ---- this warp's packed pages p = p_begin + warp + NW i < min(p_end, own), read in units of one pass (PASSES
-  // a page) through its ring of KVMIX_RING_STAGES passes; the first STAGES - 1 units are copied now
+  // ---- RING: this warp's packed pages p = p_begin + warp + NW i < min(p_end, own), read in units of one pass
+  // (PASSES a page) through its ring of KVMIX_RING_STAGES passes; the first STAGES - 1 units are copied now
   using PL = PassLayout<KB, VB, D>;
   constexpr int PASSES = KVMIX_P / HS::T, STAGES = KVMIX_RING_STAGES;
   {
     u32 dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (u32)max(NW * STAGES * PL::BYTES, NW * KVMIX_ROWS * (D + 4) * 4)) __trap();  // launcher mismatch
+    if (dyn < (u32)max(HS::RING ? NW * STAGES * PL::BYTES : 0, NW * KVMIX_ROWS * (D + 4) * 4)) __trap();  // launcher
   }
   u8* ring = smem_dyn + warp * STAGES * PL::BYTES;
   const int p_stop = min(p_end, own);
@@ -897,10 +892,12 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
     copy_pass<KB, VB, D>(ring + (u % STAGES) * PL::BYTES, page, (u % PASSES) * HS::T, lane, k_meta_off, v_codes_off,
                          v_meta_off);
   };
+  if constexpr (HS::RING) {
 #pragma unroll
-  for (int u = 0; u < STAGES - 1; ++u) {
-    if (u < n_units) copy_unit(u);
-    cp_async_commit();
+    for (int u = 0; u < STAGES - 1; ++u) {
+      if (u < n_units) copy_unit(u);
+      cp_async_commit();
+    }
   }
 
   // ---- the new token into the staging slot (warp 0: key, warp 1: value), before any warp reads the page
@@ -945,27 +942,42 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
 #pragma unroll
   for (int mt = 0; mt < HS::VMT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
-  for (int u = 0; u < n_units; ++u) {
-    if (u + STAGES - 1 < n_units) copy_unit(u + STAGES - 1);
-    cp_async_commit();  // (empty groups keep the count uniform)
-    cp_async_wait<STAGES - 1>();
-    __syncwarp();  // unit u's bytes, copied by every lane, visible to the warp
-    const u8* buf = ring + (u % STAGES) * PL::BYTES;
-    const int t0 = (u % PASSES) * HS::T;
-    const int pass_lo = WINDOW ? lo - (p_begin + warp + NW * (u / PASSES)) * KVMIX_P - t0 : 0;  // > 0: window start
-    if (!WINDOW || pass_lo <= 0)
-      attend<KB, KB, VB, false, false, D, true>(buf, 0, HS::T, 0, qs, m_run, l_run, acc, g, qd, PL::K_META, PL::V_CODES,
-                                          PL::V_META);
-    else if (pass_lo < HS::T)
-      attend<KB, KB, VB, false, true, D, true>(buf, 0, HS::T, pass_lo, qs, m_run, l_run, acc, g, qd, PL::K_META,
-                                         PL::V_CODES, PL::V_META);
-    __syncwarp();  // every lane done with the buffer before it is copied into again
+  if constexpr (HS::RING) {
+    for (int u = 0; u < n_units; ++u) {
+      if (u + STAGES - 1 < n_units) copy_unit(u + STAGES - 1);
+      cp_async_commit();  // (empty groups keep the count uniform)
+      cp_async_wait<STAGES - 1>();
+      __syncwarp();  // unit u's bytes, copied by every lane, visible to the warp
+      const u8* buf = ring + (u % STAGES) * PL::BYTES;
+      const int t0 = (u % PASSES) * HS::T;
+      const int pass_lo = WINDOW ? lo - (p_begin + warp + NW * (u / PASSES)) * KVMIX_P - t0 : 0;  // > 0: window start
+      if (!WINDOW || pass_lo <= 0)
+        attend<KB, KB, VB, false, false, D, true>(buf, 0, HS::T, 0, qs, m_run, l_run, acc, g, qd, PL::K_META,
+                                                  PL::V_CODES, PL::V_META);
+      else if (pass_lo < HS::T)
+        attend<KB, KB, VB, false, true, D, true>(buf, 0, HS::T, pass_lo, qs, m_run, l_run, acc, g, qd, PL::K_META,
+                                                 PL::V_CODES, PL::V_META);
+      __syncwarp();  // every lane done with the buffer before it is copied into again
+    }
+    // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64), read in place
+    if (own >= p_begin + warp && own < p_end && (own - p_begin - warp) % NW == 0)
+      attend_tokens<KB, 8, 8, true, WINDOW, D>(own_page, seq - own * KVMIX_P, WINDOW ? lo - own * KVMIX_P : 0, qs,
+                                               m_run, l_run, acc, g, qd, sk_meta_off, sv_codes_off, sv_meta_off);
+  } else {  // every page straight from the cache / the staging slot into registers
+    for (int p = p_begin + warp; p < p_end; p += NW) {
+      const int page_lo = WINDOW ? lo - p * KVMIX_P : 0;  // > 0 on the window's first page only
+      if (p == own) {  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64)
+        attend_tokens<KB, 8, 8, true, WINDOW, D>(own_page, seq - own * KVMIX_P, page_lo, qs, m_run, l_run, acc, g,
+                                                 qd, sk_meta_off, sv_codes_off, sv_meta_off);
+      } else {
+        const long long blk = block_table[(long long)b * stride_bt + p];
+        attend_tokens<KB, KB, VB, false, WINDOW, D>(cache + blk * (long long)stride_cb + (long long)kvh * stride_ch,
+                                                    KVMIX_P, page_lo, qs, m_run, l_run, acc, g, qd, k_meta_off,
+                                                    v_codes_off, v_meta_off);
+      }
+    }
   }
-  // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64), read in place
-  if (own >= p_begin + warp && own < p_end && (own - p_begin - warp) % NW == 0)
-    attend_tokens<KB, 8, 8, true, WINDOW, D>(own_page, seq - own * KVMIX_P, WINDOW ? lo - own * KVMIX_P : 0, qs,
-                                             m_run, l_run, acc, g, qd, sk_meta_off, sv_codes_off, sv_meta_off);
-  cp_async_wait<0>();
+  if constexpr (HS::RING) cp_async_wait<0>();
   __syncthreads();  // sm_acc overlays the rings
 
   // ---- merge the warps: each head's (max, sum) and acc fragments into shared memory

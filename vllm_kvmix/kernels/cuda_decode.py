@@ -71,35 +71,38 @@ def source_path() -> Path:
     return path
 
 
-def _build_value(defines: tuple[str, ...], name: str, default: int) -> int:
-    """An integer define of an experiment build (``NAME=N`` in ``defines``), else the source's default."""
+def ring_stages(defines: tuple[str, ...] = ()) -> int:
+    """Packed page passes in each warp's ring: the source's KVMIX_RING_STAGES, or an experiment build's."""
     for d in defines:
         key, _, value = d.partition("=")
-        if key == name:
+        if key == "KVMIX_RING_STAGES":
             return int(value)
-    return default
+    return RING_STAGES
 
 
-def pass_tokens(head_size: int, defines: tuple[str, ...] = ()) -> int:
+def ring(head_size: int) -> bool:
+    """Whether packed pages reach the kernel through each warp's shared-memory ring (HeadShape::RING): head size
+    256, whose 216+ registers a thread leave room for 2 blocks of 4 warps per SM only."""
+    return head_size > 128
+
+
+def pass_tokens(head_size: int) -> int:
     """Tokens of a page pass (the kernel's HeadShape::T): the whole page up to head size 128, half above."""
-    if head_size > 128:
-        return _build_value(defines, "KVMIX_PASS_T_256", PAGE_TOKENS // 2)
-    return _build_value(defines, "KVMIX_PASS_T", PAGE_TOKENS)
+    return PAGE_TOKENS if head_size <= 128 else PAGE_TOKENS // 2
 
 
-def pass_bytes(k_bits: int, v_bits: int, head_size: int, defines: tuple[str, ...] = ()) -> int:
+def pass_bytes(k_bits: int, v_bits: int, head_size: int) -> int:
     """Bytes of one packed page pass in a warp's ring (the kernel's PassLayout::BYTES): the pass's key codes, the
     page's key meta, the pass's value codes and value meta."""
-    t, d = pass_tokens(head_size, defines), head_size
+    t, d = pass_tokens(head_size), head_size
     return t * d * k_bits // 8 + d * 4 + t * d * v_bits // 8 + t * (d // 64) * 4
 
 
 def smem_bytes(k_bits: int, v_bits: int, head_size: int, defines: tuple[str, ...] = ()) -> int:
-    """The kernel's dynamic shared memory: the warps' rings, or the merge's acc fragments they turn into after the
-    page loop, whichever is larger (the kernel traps if launched with less).  ``defines``: an experiment build's
-    (``KVMIX_RING_STAGES``, ``KVMIX_PASS_T``, ``KVMIX_PASS_T_256``)."""
-    stages = _build_value(defines, "KVMIX_RING_STAGES", RING_STAGES)
-    return max(WARPS * stages * pass_bytes(k_bits, v_bits, head_size, defines), WARPS * ROWS * (head_size + 4) * 4)
+    """The kernel's dynamic shared memory: the warps' rings (head size 256), or the merge's acc fragments they turn
+    into after the page loop, whichever is larger (the kernel traps if launched with less)."""
+    rings = WARPS * ring_stages(defines) * pass_bytes(k_bits, v_bits, head_size) if ring(head_size) else 0
+    return max(rings, WARPS * ROWS * (head_size + 4) * 4)
 
 
 def nvrtc_options(defines: tuple[str, ...] = ()) -> list[str]:

@@ -70,9 +70,6 @@ typedef unsigned char u8;
 #define KVMIX_NEG_INF __int_as_float(0xff800000)
 // Packed page passes a warp keeps in its shared-memory ring (cuda_decode.RING_STAGES): the next pass is copied
 // (cp.async) while the current one is computed, so no registers wait on loads in flight.
-#ifndef KVMIX_KEY_RING
-#define KVMIX_KEY_RING 0
-#endif
 #ifndef KVMIX_RING_STAGES
 #define KVMIX_RING_STAGES 2
 #endif
@@ -97,7 +94,6 @@ struct HeadShape {
   // packed pages through each warp's shared-memory ring (cuda_decode.ring): head size 256 only (at 64 / 128 the
   // ring's shared memory costs a block per SM and the loads into registers are faster: docs/kernels.md)
   static constexpr bool RING = D > 128;
-  static constexpr bool KRING = !RING && KVMIX_KEY_RING;  // experiment: keys (and key meta) only through the ring
   static constexpr int MIN_BLOCKS = D > 128 ? KVMIX_MIN_BLOCKS_256 : KVMIX_MIN_BLOCKS;
 };
 
@@ -469,15 +465,13 @@ __device__ __forceinline__ void add_values(const PageCodes<CKB, VB, D>& pc, cons
 // >= n_valid (counted from t0) masked (their bytes may be stale); otherwise a full packed page (keys per
 // channel, scale folded into the query).  LO: tokens < lo (counted from t0: the sliding window's start) are
 // masked too; the pass holds at least one token in [lo, n_valid).
-template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D, bool LATE = false, bool VLATE = LATE>
+template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D, bool LATE = false>
 __device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid, int lo, const u32 (&qs)[D / 8],
                                             float& m_run, float& l_run, float (&acc)[D / 16][4], int g, int qd,
-                                            int k_meta_off, int v_codes_off, int v_meta_off,
-    const u8* vpage = nullptr) {
+                                            int k_meta_off, int v_codes_off, int v_meta_off) {
   constexpr int T = HeadShape<D>::T, NK = HeadShape<D>::NK;
   PageCodes<CKB, VB, D> pc;
   if constexpr (!LATE) pc.load(page, t0, g, qd, v_codes_off, v_meta_off);
-  if constexpr (LATE && !VLATE) pc.load_values(vpage, t0, g, qd, v_codes_off, v_meta_off);  // from the cache
 
   float s[T / 8][4];
   if (!STAGED) {
@@ -557,7 +551,7 @@ __device__ __forceinline__ void attend_page(const u8* page, int t0, int n_valid,
     acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
   }
 
-  if constexpr (VLATE) pc.load_values(page, t0, g, qd, v_codes_off, v_meta_off);
+  if constexpr (LATE) pc.load_values(page, t0, g, qd, v_codes_off, v_meta_off);
   add_values<CKB, VB, STAGED, D>(pc, pb, n_valid, qd, acc);
 }
 
@@ -571,15 +565,13 @@ __device__ __forceinline__ u32 movmatrix_t(u32 x) {  // 8 x 8 fp16 tile (row lan
 // 16 mt + 8 + g: the thread's words of kc[2 mt] and kc[2 mt + 1]), B = the query pair of head g; the thread
 // holds heads 2 qd, 2 qd + 1 of T / 8 tokens, so the softmax state is per (thread, head i = 0, 1) and the maxima
 // are reduced over g (lanes 4, 8, 16 apart).  P^T tiles transposed by movmatrix are the value mma's B.
-template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D, bool LATE = false, bool VLATE = LATE>
+template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D, bool LATE = false>
 __device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_valid, int lo, const u32 (&qs)[D / 8],
                                                float (&m_run)[2], float (&l_run)[2], float (&acc)[D / 16][4], int g,
-                                               int qd, int k_meta_off, int v_codes_off, int v_meta_off,
-    const u8* vpage = nullptr) {
+                                               int qd, int k_meta_off, int v_codes_off, int v_meta_off) {
   constexpr int T = HeadShape<D>::T, NK = HeadShape<D>::NK;
   PageCodes<CKB, VB, D> pc;
   if constexpr (!LATE) pc.load(page, t0, g, qd, v_codes_off, v_meta_off);
-  if constexpr (LATE && !VLATE) pc.load_values(vpage, t0, g, qd, v_codes_off, v_meta_off);  // from the cache
 
   float st[T / 16][4];  // [mt]: (token 16 mt + g: heads 2 qd, 2 qd + 1), (token 16 mt + 8 + g: same heads)
   if (!STAGED) {
@@ -684,7 +676,7 @@ __device__ __forceinline__ void attend_page_st(const u8* page, int t0, int n_val
     acc[mt][0] *= alpha[0]; acc[mt][1] *= alpha[1]; acc[mt][2] *= alpha[0]; acc[mt][3] *= alpha[1];
   }
 
-  if constexpr (VLATE) pc.load_values(page, t0, g, qd, v_codes_off, v_meta_off);
+  if constexpr (LATE) pc.load_values(page, t0, g, qd, v_codes_off, v_meta_off);
   add_values<CKB, VB, STAGED, D>(pc, pb, n_valid, qd, acc);
 }
 
@@ -699,13 +691,6 @@ struct PassLayout {
   static constexpr int V_META = V_CODES + T * D * VB / 8;
   static constexpr int BYTES = V_META + T * (D / 64) * 4;
   static_assert(K_CODES % 16 == 0 && V_CODES % 16 == 0 && V_META % 16 == 0 && BYTES % 16 == 0, "16-byte copies");
-};
-
-template <int KB, int D>
-struct KeyPassLayout {  // experiment KVMIX_KEY_RING: a page's key codes and key meta
-  static constexpr int K_CODES = KVMIX_P * D * KB / 8;
-  static constexpr int K_META = K_CODES;
-  static constexpr int BYTES = K_META + D * 4;
 };
 
 __device__ __forceinline__ void cp_async16(u8* dst, const u8* src) {
@@ -747,17 +732,16 @@ __device__ __forceinline__ void copy_pass(u8* buf, const u8* page, int t0, int l
 __host__ __device__ constexpr bool s_transposed(int key_bits) { return key_bits == 4; }
 
 // One page pass into the softmax state (m_run, l_run per the layout: attend_page uses [0], head g).
-template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D, bool LATE = false, bool VLATE = LATE>
+template <int QKB, int CKB, int VB, bool STAGED, bool LO, int D, bool LATE = false>
 __device__ __forceinline__ void attend(const u8* page, int t0, int n_valid, int lo, const u32 (&qs)[D / 8],
                                        float (&m_run)[2], float (&l_run)[2], float (&acc)[D / 16][4], int g, int qd,
-                                       int k_meta_off, int v_codes_off, int v_meta_off,
-    const u8* vpage = nullptr) {
+                                       int k_meta_off, int v_codes_off, int v_meta_off) {
   if constexpr (s_transposed(QKB))
-    attend_page_st<QKB, CKB, VB, STAGED, LO, D, LATE, VLATE>(page, t0, n_valid, lo, qs, m_run, l_run, acc, g, qd,
-                                                             k_meta_off, v_codes_off, v_meta_off, vpage);
+    attend_page_st<QKB, CKB, VB, STAGED, LO, D, LATE>(page, t0, n_valid, lo, qs, m_run, l_run, acc, g, qd, k_meta_off,
+                                                v_codes_off, v_meta_off);
   else
-    attend_page<QKB, CKB, VB, STAGED, LO, D, LATE, VLATE>(page, t0, n_valid, lo, qs, m_run[0], l_run[0], acc, g, qd,
-                                                          k_meta_off, v_codes_off, v_meta_off, vpage);
+    attend_page<QKB, CKB, VB, STAGED, LO, D, LATE>(page, t0, n_valid, lo, qs, m_run[0], l_run[0], acc, g, qd, k_meta_off,
+                                             v_codes_off, v_meta_off);
 }
 
 // One page (64 tokens: passes of T) into the softmax state: tokens [lo, n_valid) of it (WINDOW: lo = the window's
@@ -892,32 +876,23 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   // ---- RING: this warp's packed pages p = p_begin + warp + NW i < min(p_end, own), read in units of one pass
   // (PASSES a page) through its ring of KVMIX_RING_STAGES passes; the first STAGES - 1 units are copied now
   using PL = PassLayout<KB, VB, D>;
-  using KPL = KeyPassLayout<KB, D>;
-  constexpr bool ANY_RING = HS::RING || HS::KRING;
-  constexpr int PASSES = KVMIX_P / HS::T, STAGES = KVMIX_RING_STAGES, UB = HS::RING ? PL::BYTES : KPL::BYTES;
+  constexpr int PASSES = KVMIX_P / HS::T, STAGES = KVMIX_RING_STAGES;
   {
     u32 dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-    if (dyn < (u32)max(ANY_RING ? NW * STAGES * UB : 0, NW * KVMIX_ROWS * (D + 4) * 4)) __trap();  // launcher
+    if (dyn < (u32)max(HS::RING ? NW * STAGES * PL::BYTES : 0, NW * KVMIX_ROWS * (D + 4) * 4)) __trap();  // launcher
   }
-  u8* ring = smem_dyn + warp * STAGES * UB;
+  u8* ring = smem_dyn + warp * STAGES * PL::BYTES;
   const int p_stop = min(p_end, own);
   const int n_units = p_begin + warp < p_stop ? (p_stop - p_begin - warp + NW - 1) / NW * PASSES : 0;
   const int* bt_row = block_table + (long long)b * stride_bt;
-  auto unit_page = [&](int u) {
-    return cache + (long long)bt_row[p_begin + warp + NW * (u / PASSES)] * stride_cb + (long long)kvh * stride_ch;
-  };
   auto copy_unit = [&](int u) {
-    if constexpr (HS::RING)
-      copy_pass<KB, VB, D>(ring + (u % STAGES) * UB, unit_page(u), (u % PASSES) * HS::T, lane, k_meta_off,
-                           v_codes_off, v_meta_off);
-    else {
-      const u8* page = unit_page(u);
-      copy_async<KPL::K_CODES>(ring + (u % STAGES) * UB, page, lane);
-      copy_async<D * 4>(ring + (u % STAGES) * UB + KPL::K_META, page + k_meta_off, lane);
-    }
+    const int p = p_begin + warp + NW * (u / PASSES);
+    const u8* page = cache + (long long)bt_row[p] * stride_cb + (long long)kvh * stride_ch;
+    copy_pass<KB, VB, D>(ring + (u % STAGES) * PL::BYTES, page, (u % PASSES) * HS::T, lane, k_meta_off, v_codes_off,
+                         v_meta_off);
   };
-  if constexpr (ANY_RING) {
+  if constexpr (HS::RING) {
 #pragma unroll
     for (int u = 0; u < STAGES - 1; ++u) {
       if (u < n_units) copy_unit(u);
@@ -967,31 +942,21 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
 #pragma unroll
   for (int mt = 0; mt < HS::VMT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
 
-  if constexpr (ANY_RING) {
+  if constexpr (HS::RING) {
     for (int u = 0; u < n_units; ++u) {
       if (u + STAGES - 1 < n_units) copy_unit(u + STAGES - 1);
       cp_async_commit();  // (empty groups keep the count uniform)
       cp_async_wait<STAGES - 1>();
       __syncwarp();  // unit u's bytes, copied by every lane, visible to the warp
-      const u8* buf = ring + (u % STAGES) * UB;
+      const u8* buf = ring + (u % STAGES) * PL::BYTES;
       const int t0 = (u % PASSES) * HS::T;
       const int pass_lo = WINDOW ? lo - (p_begin + warp + NW * (u / PASSES)) * KVMIX_P - t0 : 0;  // > 0: window start
-      if constexpr (HS::RING) {
-        if (!WINDOW || pass_lo <= 0)
-          attend<KB, KB, VB, false, false, D, true>(buf, 0, HS::T, 0, qs, m_run, l_run, acc, g, qd, PL::K_META,
-                                                    PL::V_CODES, PL::V_META);
-        else if (pass_lo < HS::T)
-          attend<KB, KB, VB, false, true, D, true>(buf, 0, HS::T, pass_lo, qs, m_run, l_run, acc, g, qd, PL::K_META,
-                                                   PL::V_CODES, PL::V_META);
-      } else {  // keys from the ring, values from the cache
-        const u8* vpage = unit_page(u);
-        if (!WINDOW || pass_lo <= 0)
-          attend<KB, KB, VB, false, false, D, true, false>(buf, 0, HS::T, 0, qs, m_run, l_run, acc, g, qd, KPL::K_META,
-                                                           v_codes_off, v_meta_off, vpage);
-        else
-          attend<KB, KB, VB, false, true, D, true, false>(buf, 0, HS::T, pass_lo, qs, m_run, l_run, acc, g, qd,
-                                                          KPL::K_META, v_codes_off, v_meta_off, vpage);
-      }
+      if (!WINDOW || pass_lo <= 0)
+        attend<KB, KB, VB, false, false, D, true>(buf, 0, HS::T, 0, qs, m_run, l_run, acc, g, qd, PL::K_META,
+                                                  PL::V_CODES, PL::V_META);
+      else if (pass_lo < HS::T)
+        attend<KB, KB, VB, false, true, D, true>(buf, 0, HS::T, pass_lo, qs, m_run, l_run, acc, g, qd, PL::K_META,
+                                                 PL::V_CODES, PL::V_META);
       __syncwarp();  // every lane done with the buffer before it is copied into again
     }
     // the request's own page: the 8-bit staged copy, tokens [0, seq - own * 64), read in place
@@ -1012,7 +977,7 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
       }
     }
   }
-  if constexpr (ANY_RING) cp_async_wait<0>();
+  if constexpr (HS::RING) cp_async_wait<0>();
   __syncthreads();  // sm_acc overlays the rings
 
   // ---- merge the warps: each head's (max, sum) and acc fragments into shared memory

@@ -102,8 +102,6 @@ def smem_bytes(k_bits: int, v_bits: int, head_size: int, defines: tuple[str, ...
     """The kernel's dynamic shared memory: the warps' rings (head size 256), or the merge's acc fragments they turn
     into after the page loop, whichever is larger (the kernel traps if launched with less)."""
     rings = WARPS * ring_stages(defines) * pass_bytes(k_bits, v_bits, head_size) if ring(head_size) else 0
-    if not ring(head_size) and "KVMIX_KEY_RING=1" in defines:  # experiment: keys and key meta of a page only
-        rings = WARPS * ring_stages(defines) * (PAGE_TOKENS * head_size * k_bits // 8 + head_size * 4)
     return max(rings, WARPS * ROWS * (head_size + 4) * 4)
 
 

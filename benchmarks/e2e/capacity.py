@@ -39,7 +39,7 @@ def main():
                kv_tokens=cfg.cache_config.num_gpu_blocks * cfg.cache_config.block_size,
                requests=n, completed=done, start_s=round(start_s, 1), generate_s=round(gen_s, 1),
                model=os.path.basename(model.rstrip("/")), run=os.environ.get("RUN", ""))
-    emit(row, out_file)
+    emit(row, out)
 
 
 if __name__ == "__main__":

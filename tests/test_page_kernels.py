@@ -602,6 +602,33 @@ def test_cuda_decode_constants_match_the_source():
     assert sizes in src  # HeadShape's head sizes
     built = re.findall(r"^KVMIX_HEAD_SIZE\((\d+)\)$", src, re.M)  # the nvcc build's instantiations
     assert sorted(map(int, built)) == sorted(cuda_decode.HEAD_SIZES)
+    assert f"#define KVMIX_RING_STAGES {cuda_decode.RING_STAGES}\n" in src  # the ring's depth (smem_bytes)
+    assert "static constexpr int T = D > 128 ? 32 : KVMIX_P;" in src  # page passes (pass_tokens)
+    assert "static constexpr bool RING = D > 128;" in src  # which head sizes read packed pages via the ring (ring)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cuda_decode_shared_memory_holds_the_ring(d):
+    """The dynamic shared memory the launcher asks for (``cuda_decode.smem_bytes``): a pass of a whole page is the
+    packed page itself (KVFormat.layout); a half-page pass (head size 256) has half its codes and value meta and
+    all its key meta; the launch fits the H200 / H100 per-block limit (227 KiB) with the kernel's static arrays."""
+    from vllm_kvmix.formats import KVFormat
+    from vllm_kvmix.kernels import cuda_decode
+
+    for kb, vb in ((4, 2), (4, 4), (8, 2), (8, 4)):
+        lay = KVFormat(kb, vb).layout(d)
+        t = cuda_decode.pass_tokens(d)
+        codes = lay.k.meta_offset - lay.k.codes_offset + lay.v.meta_offset - lay.v.codes_offset
+        v_meta = lay.v.end - lay.v.meta_offset
+        k_meta = lay.k.end - lay.k.meta_offset
+        assert cuda_decode.pass_bytes(kb, vb, d) == (codes + v_meta) * t // P + k_meta
+        smem = cuda_decode.smem_bytes(kb, vb, d)
+        acc = cuda_decode.WARPS * cuda_decode.ROWS * (d + 4) * 4
+        if cuda_decode.ring(d):
+            assert smem == max(acc, cuda_decode.WARPS * cuda_decode.RING_STAGES * cuda_decode.pass_bytes(kb, vb, d))
+        else:
+            assert smem == acc
+        assert smem + 4 * cuda_decode.MAX_SPLITS * cuda_decode.ROWS + 8 * cuda_decode.WARPS * cuda_decode.ROWS < 227 * 1024
 
 
 def test_cuda_decode_params_struct_matches_the_source():

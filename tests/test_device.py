@@ -65,6 +65,27 @@ def test_layers_outside_the_cuda_kernel_say_so(monkeypatch):
     assert "Triton" in prepare_decode(K4V2, 256, 4, torch.bfloat16, soft_cap=30.0)
 
 
+def test_layers_whose_shared_memory_the_gpu_lacks_decode_on_triton(monkeypatch):
+    """Head size 256 reads pages through a shared-memory ring: with 8-bit keys it needs more than a 99 KB card
+    (sm_86 / sm_89) gives a block; such a layer decodes on the Triton kernel and the startup line says why."""
+    monkeypatch.delenv(DECODE_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a 99 KB card")
+    monkeypatch.setattr(cuda_decode, "_smem_limit", lambda index: 99 * 1024)
+    k8v4 = parse_format("kvmix-k8v4")
+    need = cuda_decode.smem_bytes(8, 4, 256) + cuda_decode.static_smem_bytes()
+    assert need > 99 * 1024
+    line = prepare_decode(k8v4, 256, 2, torch.bfloat16)
+    assert line == (f"kvmix: kvmix-k8v4 decode on the Triton page kernel: the CUDA decode kernel at head size 256 "
+                    f"needs {need} bytes of shared memory per block, a 99 KB card gives {99 * 1024}")
+    dev = torch.device("cuda", 0)
+    assert not cuda_decode.fits_device(k8v4, 256, dev)
+    assert cuda_decode.fits_device(K4V2, 256, dev) and cuda_decode.fits_device(k8v4, 128, dev)
+    monkeypatch.setattr(cuda_decode, "_smem_limit", lambda index: 227 * 1024)  # H100 / H200
+    assert all(cuda_decode.fits_device(parse_format(f), d, dev) for f in ("kvmix-k8v4", "kvmix-k4v2") for d in (64, 128, 256))
+
+
 def test_missing_kernel_source_is_a_startup_error(monkeypatch, tmp_path):
     """A package without page_decode.cu stops the engine at startup naming the file and the fixes."""
     monkeypatch.delenv(DECODE_KERNEL_ENV, raising=False)

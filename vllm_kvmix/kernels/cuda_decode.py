@@ -105,6 +105,24 @@ def smem_bytes(k_bits: int, v_bits: int, head_size: int, defines: tuple[str, ...
     return max(rings, WARPS * ROWS * (head_size + 4) * 4)
 
 
+def static_smem_bytes() -> int:
+    """The kernel's static shared arrays: per-warp (max, sum) rows, the split weights of the merge, one flag."""
+    return 4 * (2 * WARPS * ROWS + MAX_SPLITS * ROWS) + 4
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+
+
+def fits_device(fmt: KVFormat, head_size: int, device: torch.device) -> bool:
+    """Whether ``device`` gives a block the shared memory the instantiation needs (head size 256 with 8-bit keys
+    needs more than the ~99 KB of sm_86 / sm_89 cards: those layers decode on the Triton kernel)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return smem_bytes(fmt.k_bits, fmt.v_bits, head_size) + static_smem_bytes() <= _smem_limit(index)
+
+
 def nvrtc_options(defines: tuple[str, ...] = ()) -> list[str]:
     """The NVRTC options of every compile (tests compile with them on a CPU: NVRTC needs no GPU)."""
     return ["-std=c++17", *(f"-D{d}" for d in defines)]
@@ -213,7 +231,8 @@ def supports(fmt: KVFormat, query: torch.Tensor, head_size: int, num_kv_heads: i
     from vllm_kvmix.options import CUDA, decode_kernel
 
     return (query.is_cuda and decode_kernel() == CUDA
-            and covers(fmt, head_size, query.shape[1] // num_kv_heads, query.dtype, sliding_window, soft_cap))
+            and covers(fmt, head_size, query.shape[1] // num_kv_heads, query.dtype, sliding_window, soft_cap)
+            and fits_device(fmt, head_size, query.device))
 
 
 @functools.cache

@@ -70,7 +70,9 @@ def auto_variant(label: str | None) -> tuple[str, dict]:
     smallest norm first, a control for whether the norms' order matters); ``layers=0k8v2+1k4v2``: those layers'
     formats replace the plan's (a hand-made plan; the bytes are the caller's to balance); ``nohybrid``: vLLM's
     hybrid KV-cache
-    manager off (one KV-cache group, so per-layer page sizes on sliding-window models).  The variants replace
+    manager off (one KV-cache group, so per-layer page sizes on sliding-window models); ``kvscales`` (with vLLM's
+    ``fp8``): per-layer scales calibrated on held-out text (:func:`calibrate_kv_scales`) instead of 1.0.  The
+    variants replace
     ``allocation.plan_layers`` / ``autoplan.choose_mode`` in this process (the engine runs in-process here);
     ``None`` restores the served functions.
     """
@@ -105,6 +107,8 @@ def auto_variant(label: str | None) -> tuple[str, dict]:
                 fixed.get(i, kv) for i, kv in enumerate(inner(k, v, gain, avg, mode))]
         elif opt == "nohybrid":
             extra["disable_hybrid_kv_cache_manager"] = True
+        elif opt == "kvscales":  # vLLM's fp8 with calibrated per-layer scales (calibrate_kv_scales), not 1.0
+            pass
         else:
             raise ValueError(f"unknown variant option {opt!r} in {label!r}")
     return name, extra
@@ -123,6 +127,64 @@ def auto_plan_summary(name: str) -> dict:
     per_layer = [f"k{k}v{v}" for _, k, v in autoplan.LAST_PLAN]
     counts = {f: per_layer.count(f) for f in dict.fromkeys(sorted(per_layer, reverse=True))}
     return {"plan": per_layer, "plan_counts": ", ".join(f"{f} x{n}" for f, n in counts.items())}
+
+
+# vLLM's own rule while it computed fp8 KV scales at run time (calculate_kv_scales, removed by 0.32): the largest
+# |K| / |V| of a batch over these constants (its K_SCALE_CONSTANT / V_SCALE_CONSTANT defaults)
+K_SCALE_CONSTANT, V_SCALE_CONSTANT = 200.0, 100.0
+CALIBRATION_TOKENS = 2048
+CALIBRATION_SCALE = 64.0  # 448 x 64: past any K / V of the models here
+
+
+def calibration_window(model_dir: str) -> list[int]:
+    """Held-out text for fp8 scales: the last CALIBRATION_TOKENS tokens of the scored books' last text (the
+    windows are taken from the starts of the texts)."""
+    from transformers import AutoTokenizer
+
+    from vllm_kvmix.models import ensure_texts
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(ensure_texts()[TEXTS[-1]], add_special_tokens=False)["input_ids"]
+    return ids[-CALIBRATION_TOKENS:]
+
+
+def calibrate_kv_scales(llm, model_dir: str) -> list[tuple[float, float]]:
+    """Set every attention layer's fp8 K / V scale (the floats vLLM's CPU backend reads) from one held-out
+    prompt: max |K| / K_SCALE_CONSTANT, max |V| / V_SCALE_CONSTANT per layer.  Returns the scales."""
+    from vllm import SamplingParams
+
+    def attach(model):
+        layers = [m for _, m in model.named_modules() if type(m).__name__ == "Attention"]
+        amax = {id(m): [0.0, 0.0] for m in layers}
+
+        def pre(m, args):
+            amax[id(m)][0] = max(amax[id(m)][0], args[1].detach().abs().max().item())
+            amax[id(m)][1] = max(amax[id(m)][1], args[2].detach().abs().max().item())
+
+        handles = [m.register_forward_pre_hook(pre) for m in layers]
+        for m in layers:  # the calibration prompt's own cache: scales wide enough that no K / V overflows fp8
+            m._k_scale_float = m._v_scale_float = CALIBRATION_SCALE
+            m._k_scale.fill_(CALIBRATION_SCALE)
+            m._v_scale.fill_(CALIBRATION_SCALE)
+        model._kvmix_calibration = (layers, amax, handles)
+        return True
+
+    def apply(model):
+        layers, amax, handles = model._kvmix_calibration
+        for h in handles:
+            h.remove()
+        scales = []
+        for m in layers:
+            k, v = amax[id(m)][0] / K_SCALE_CONSTANT, amax[id(m)][1] / V_SCALE_CONSTANT
+            m._k_scale_float, m._v_scale_float = k, v
+            m._k_scale.fill_(k)
+            m._v_scale.fill_(v)
+            scales.append((k, v))
+        return scales
+
+    llm.apply_model(attach)
+    llm.generate([{"prompt_token_ids": calibration_window(model_dir)}], SamplingParams(max_tokens=1), use_tqdm=False)
+    return llm.apply_model(apply)[0]
 
 
 class LogitsCapture:
@@ -270,6 +332,9 @@ def run(models, formats, n_windows, n_tokens, dtype, ref_dtype: str = "float32",
             name, extra = auto_variant(fmt)
             llm = make_llm(mdir, name, dtype=dtype, max_model_len=n_tokens + 16,
                            max_num_batched_tokens=prefill_chunk or n_tokens + 16, **extra)
+            if "@kvscales" in fmt:
+                kv_scales = calibrate_kv_scales(llm, mdir)
+                print(f"{model} {fmt}: K / V scales per layer", [f"{k:.3g}/{v:.3g}" for k, v in kv_scales], flush=True)
             capture = LogitsCapture()
             capture.install(llm)
             kept, metrics = score(llm, capture, windows, ref, getattr(torch, ref_dtype), chunked=bool(prefill_chunk))

@@ -886,9 +886,9 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   const int p_stop = min(p_end, own);
   const int n_units = p_begin + warp < p_stop ? (p_stop - p_begin - warp + NW - 1) / NW * PASSES : 0;
   const int* bt_row = block_table + (long long)b * stride_bt;
+  auto unit_page = [&](int u) { return p_begin + warp + NW * (u / PASSES); };  // the page of this warp's unit u
   auto copy_unit = [&](int u) {
-    const int p = p_begin + warp + NW * (u / PASSES);
-    const u8* page = cache + (long long)bt_row[p] * stride_cb + (long long)kvh * stride_ch;
+    const u8* page = cache + (long long)bt_row[unit_page(u)] * stride_cb + (long long)kvh * stride_ch;
     copy_pass<KB, VB, D>(ring + (u % STAGES) * PL::BYTES, page, (u % PASSES) * HS::T, lane, k_meta_off, v_codes_off,
                          v_meta_off);
   };
@@ -950,7 +950,7 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
       __syncwarp();  // unit u's bytes, copied by every lane, visible to the warp
       const u8* buf = ring + (u % STAGES) * PL::BYTES;
       const int t0 = (u % PASSES) * HS::T;
-      const int pass_lo = WINDOW ? lo - (p_begin + warp + NW * (u / PASSES)) * KVMIX_P - t0 : 0;  // > 0: window start
+      const int pass_lo = WINDOW ? lo - unit_page(u) * KVMIX_P - t0 : 0;  // > 0: the window starts in the pass
       if (!WINDOW || pass_lo <= 0)
         attend<KB, KB, VB, false, false, D, true>(buf, 0, HS::T, 0, qs, m_run, l_run, acc, g, qd, PL::K_META,
                                                   PL::V_CODES, PL::V_META);
@@ -977,8 +977,10 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
       }
     }
   }
-  if constexpr (HS::RING) cp_async_wait<0>();
-  __syncthreads();  // sm_acc overlays the rings
+  if constexpr (HS::RING) {
+    cp_async_wait<0>();
+    __syncthreads();  // sm_acc overlays the rings
+  }
 
   // ---- merge the warps: each head's (max, sum) and acc fragments into shared memory
   if constexpr (s_transposed(KB)) {

@@ -72,7 +72,7 @@ def test_layers_whose_shared_memory_the_gpu_lacks_decode_on_triton(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a 99 KB card")
-    monkeypatch.setattr(cuda_decode, "_smem_limit", lambda index: 99 * 1024)
+    monkeypatch.setattr(cuda_decode, "smem_limit", lambda index: 99 * 1024)
     k8v4 = parse_format("kvmix-k8v4")
     need = cuda_decode.smem_bytes(8, 4, 256) + cuda_decode.static_smem_bytes()
     assert need > 99 * 1024
@@ -82,7 +82,7 @@ def test_layers_whose_shared_memory_the_gpu_lacks_decode_on_triton(monkeypatch):
     dev = torch.device("cuda", 0)
     assert not cuda_decode.fits_device(k8v4, 256, dev)
     assert cuda_decode.fits_device(K4V2, 256, dev) and cuda_decode.fits_device(k8v4, 128, dev)
-    monkeypatch.setattr(cuda_decode, "_smem_limit", lambda index: 227 * 1024)  # H100 / H200
+    monkeypatch.setattr(cuda_decode, "smem_limit", lambda index: 227 * 1024)  # H100 / H200
     assert all(cuda_decode.fits_device(parse_format(f), d, dev) for f in ("kvmix-k8v4", "kvmix-k4v2") for d in (64, 128, 256))
 
 

@@ -36,13 +36,12 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvmix.formats import KVFormat
+from vllm_kvmix.formats import PAGE_TOKENS, KVFormat
 
 WARPS = 4  # warps per block (each walks its own pages); 4 blocks per SM at <= 128 registers (head size 256: 2)
 MAX_SPLITS = 64  # split-K partials one block merges (the kernel's KVMIX_MAX_SPLITS: shared memory sm_w)
 ROWS = 8  # query heads per block; workspace rows per (query block, KV head, chunk, split): the kernel's KVMIX_ROWS
 RING_STAGES = 2  # packed page passes in each warp's shared-memory ring: the kernel's KVMIX_RING_STAGES
-PAGE_TOKENS = 64
 SOURCE_NAME = "page_decode.cu"
 HEAD_SIZES = (64, 128, 256)  # the kernel's template parameter D (csrc/page_decode.cu HeadShape)
 KEY_BITS = (4, 8)
@@ -110,8 +109,14 @@ def static_smem_bytes() -> int:
     return 4 * (2 * WARPS * ROWS + MAX_SPLITS * ROWS) + 4
 
 
+def block_smem_bytes(k_bits: int, v_bits: int, head_size: int) -> int:
+    """All the shared memory a block of the served build takes: dynamic and static."""
+    return smem_bytes(k_bits, v_bits, head_size) + static_smem_bytes()
+
+
 @functools.cache
-def _smem_limit(index: int) -> int:
+def smem_limit(index: int) -> int:
+    """The shared memory a block may opt in to on CUDA device ``index``."""
     props = torch.cuda.get_device_properties(index)
     return getattr(props, "shared_memory_per_block_optin", 48 * 1024)
 
@@ -120,7 +125,7 @@ def fits_device(fmt: KVFormat, head_size: int, device: torch.device) -> bool:
     """Whether ``device`` gives a block the shared memory the instantiation needs (head size 256 with 8-bit keys
     needs more than the ~99 KB of sm_86 / sm_89 cards: those layers decode on the Triton kernel)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return smem_bytes(fmt.k_bits, fmt.v_bits, head_size) + static_smem_bytes() <= _smem_limit(index)
+    return block_smem_bytes(fmt.k_bits, fmt.v_bits, head_size) <= smem_limit(index)
 
 
 def nvrtc_options(defines: tuple[str, ...] = ()) -> list[str]:

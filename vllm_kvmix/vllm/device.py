@@ -65,10 +65,9 @@ def prepare_decode(fmt: KVFormat, head_size: int, rep: int, dtype: torch.dtype, 
                 f"{dtype}, window {sliding_window}, soft cap {soft_cap})")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     if device is not None and not cuda_decode.fits_device(fmt, head_size, device):
-        need = cuda_decode.smem_bytes(fmt.k_bits, fmt.v_bits, head_size) + cuda_decode.static_smem_bytes()
         return (f"kvmix: {fmt.name} decode on the Triton page kernel: the CUDA decode kernel at head size {head_size} "
-                f"needs {need} bytes of shared memory per block, {torch.cuda.get_device_name(device)} gives "
-                f"{cuda_decode._smem_limit(device.index)}")
+                f"needs {cuda_decode.block_smem_bytes(fmt.k_bits, fmt.v_bits, head_size)} bytes of shared memory per "
+                f"block, {torch.cuda.get_device_name(device)} gives {cuda_decode.smem_limit(device.index)}")
     cuda_decode.prepare(fmt, dtype, head_size, sliding_window)
     name = cuda_decode.kernel_name(fmt.k_bits, fmt.v_bits, dtype == torch.bfloat16, head_size,
                                    sliding_window is not None)

@@ -52,7 +52,7 @@ def main():
     kw = dict(model=model, load_format="dummy", skip_tokenizer_init=True, max_model_len=context + 320,
               kv_cache_dtype=kvd, max_num_seqs=1, gpu_memory_utilization=0.85, enforce_eager="--eager" in sys.argv)
     llm = LLM(**kw)
-    prompt = [{"prompt_token_ids": [1000 + i for i in range(context)]}]
+    prompt = [{"prompt_token_ids": [1000 + i % 30000 for i in range(context)]}]  # ids inside every vocabulary
 
     def gen(n):
         t0 = time.time()

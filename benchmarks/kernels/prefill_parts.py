@@ -1,25 +1,24 @@
 """The kvmix launches of one layer's prefill step, timed apart, with launch variants (no vLLM needed).
 
-    python benchmarks/kernels/prefill_parts.py [--precision tf32x3|tf32] [--out DIR]
+    python benchmarks/kernels/prefill_parts.py [--out DIR]
 
 The e2e step profile (``bench.py --steps``, H200) put kvmix's own prefill launches at ~7% of a 16k-token
 step (per step of 32 layers: ``_dequant_kernel`` 20 ms, ``_stage_kernel`` 10 ms, ``_pack_kernel`` 3 ms,
 next to FA3's 70 ms).  This times each of them on the e2e workloads' fresh prompts (Llama-3.1-8B heads,
 k4v2) against the bytes it must move, and the variants a change would pick from:
 
-* ``_stage_kernel`` with TB tokens per program and num_warps (every program loads the 128 x 128 fp32
-  rotation, 64 KiB; served: TB=16 for steps of one-token rows, 64 with a prompt);
+* ``_stage_kernel`` with TB tokens per program and num_warps (served: TB=16 for steps of one-token rows that
+  the CUDA decode kernel does not take, 64 with a prompt);
 * ``_dequant_kernel`` with 4 / 8 warps;
 * the output rotation: a GEMM on the +-1 matrix in bf16 (served: exact products, fp32 accumulation), in
   bf16 with an fp32 output and a scale after it, and in fp32 (served before commit 97e1043).
-* with ``--precision``, the stage rotation's ``tl.dot`` precision (module constant, patched before compiling).
 
 H200 (``benchmarks/results/prefill-parts-h200.json``, the kernels before commit 97e1043): rotating
 values in the dequant kernel took 0.35 of its 0.42 ms per 16k-token step and layer; the bf16 output GEMM
 0.08 ms.  Values now stay rotated in the pages and the output GEMM rotates them back.
 
 Prints one line per launch (median ms over triton.testing.do_bench, GB/s on the bytes it must move) and
-writes DIR/prefill_parts-PRECISION.json.
+writes DIR/prefill_parts.json.
 """
 
 import argparse
@@ -29,14 +28,13 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
 
 try:  # the installed package (wheel or editable); a source tree run without installing: the tree
     import vllm_kvmix  # noqa: F401
 except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from vllm_kvmix.formats import PAGE_TOKENS, parse_format, stage_layout  # noqa: E402
-from vllm_kvmix.kernels import codec, page, prefill  # noqa: E402
+from vllm_kvmix.kernels import page, prefill  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from page_bench import kvmix_case  # noqa: E402
@@ -53,19 +51,14 @@ def ms(fn):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--precision", default=None)
     args = ap.parse_args()
-    prec = args.precision or codec.ROT_PRECISION.value
-    if args.precision:
-        for m in (codec, page, prefill):
-            m.ROT_PRECISION = tl.constexpr(args.precision)
     fmt = parse_format("kvmix-k4v2")
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
 
     def report(case, name, t, nbytes=None):
         gbs = nbytes / (t * 1e-3) / 1e9 if nbytes else None
-        rows.append(dict(case=case, launch=name, ms=t, gb_s=gbs, precision=prec))
+        rows.append(dict(case=case, launch=name, ms=t, gb_s=gbs))
         print(f"{case:<22}{name:<44}{t:8.4f} ms" + (f" {gbs:7.0f} GB/s" if gbs else ""), flush=True)
 
     for label, reqs in CASES:
@@ -86,7 +79,7 @@ def main():
 
         def stage(tb, warps):
             page._stage_kernel[(triton.cdiv(T, tb), HKV)](
-                k_new, v_new, st.rot, plan.tok_req, *st.common, st.stage, st.scratch, T,
+                k_new, v_new, plan.tok_req, *st.common, st.stage, st.scratch, T,
                 k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
                 st.stage.stride(0), st.stage.stride(1), st.scratch.stride(0), st.scratch.stride(1),
                 D=D, TB=tb, num_warps=warps, **st.stage_consts)
@@ -144,7 +137,7 @@ def main():
         del cache, stage, st, plan
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"prefill_parts-{prec}.json"), "w") as f:
+    with open(os.path.join(args.out, "prefill_parts.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
 
 

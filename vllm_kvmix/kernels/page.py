@@ -13,7 +13,7 @@ tokens are already there); further touched pages (a prefill crossing page
 boundaries) get pages of a per-step scratch buffer.  Four launches:
 
 1. ``_stage_kernel`` (token blocks x KV heads): rotate values (Hadamard,
-   fp32), quantize new keys and values to 8 bits per token (keys in groups of
+   ~fp32: :func:`_hadamard_columns`), quantize new keys and values to 8 bits per token (keys in groups of
    16 channels, values of 64), store into the slot
    or scratch page of their position;
 2. ``_pack_kernel`` (requests x touched pages x KV heads): every touched page
@@ -105,9 +105,39 @@ def _store_group(base_ptr, page_off, off, row_mask, codes, scale16, mn16, g,
     tl.store(meta + 1, mn16, mask=row_mask[:, None])
 
 
+@triton.jit
+def _hadamard_columns(row_ptr, row_ok, g, D: tl.constexpr):
+    """fp32 ``(x @ H)[:, 64 g : 64 g + 64]`` of the rows ``x[R, D]`` at ``row_ptr[:, None] + channel`` (H:
+    the normalized Sylvester Hadamard matrix, ``vllm_kvmix.quant.hadamard``).  H's entries are generated, not
+    loaded: ``(-1) ** popcount(i & j)`` is exact in TF32, and so are fp16 / bf16 values, so one TF32 product
+    with fp32 accumulation is exact up to the sums' rounding; fp32 values take two (their top 10 mantissa
+    bits, then the rest).  The 1 / sqrt(D) comes after.  The channels go 32 at a time (x reloaded per chunk,
+    from L1), which keeps the kernel within its registers: loading H as fp32 and multiplying in "tf32x3"
+    took 255 registers and spilled (48 / 1,576 bytes of stack a thread at D = 128 / 256)."""
+    KC: tl.constexpr = 32
+    i = tl.arange(0, KC)
+    j = g * 64 + tl.arange(0, 64)
+    acc = tl.zeros([row_ok.shape[0], 64], tl.float32)
+    for k0 in range(0, D, KC):
+        raw = tl.load(row_ptr + (k0 + i)[None, :], mask=row_ok[:, None], other=0.0)
+        b = (k0 + i)[:, None] & j[None, :]  # channel indices < 256: parity of 8 bits
+        b = b ^ (b >> 4)
+        b = b ^ (b >> 2)
+        b = b ^ (b >> 1)
+        sign = tl.where((b & 1) == 0, 1.0, -1.0)
+        if raw.dtype == tl.float32:
+            x_hi = (raw.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # exact in TF32
+            acc = tl.dot(x_hi, sign, acc, input_precision="tf32")
+            acc = tl.dot(raw - x_hi, sign, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(raw.to(tl.float32), sign, acc, input_precision="tf32")
+    INV_SQRT_D: tl.constexpr = 1.0 / D ** 0.5
+    return acc * INV_SQRT_D
+
+
 @triton.jit(do_not_specialize=["T"])
 def _stage_kernel(
-    key_ptr, value_ptr, rot_ptr, tok_req_ptr, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr,
+    key_ptr, value_ptr, tok_req_ptr, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr,
     stage_ptr, scratch_ptr, T,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_ss, stride_sh, stride_xs, stride_xh,
     D: tl.constexpr, TB: tl.constexpr,
@@ -134,17 +164,13 @@ def _stage_kernel(
     scratch_page = tl.where(in_scratch, sbase + j - 1, 0) * stride_xs + h * stride_xh
     d = tl.arange(0, D)
     k = tl.load(key_ptr + t[:, None] * stride_kt + h * stride_kh + d[None, :], mask=t_ok[:, None], other=0.0)
-    v = tl.load(value_ptr + t[:, None] * stride_vt + h * stride_vh + d[None, :], mask=t_ok[:, None], other=0.0)
     kc, ks, km = quant_rows(k.to(tl.float32), 8, SK_GROUP)
     _store_rows(stage_ptr, slot_page, off, in_slot, kc, ks, km, 8, 0, SK_META)
     _store_rows(scratch_ptr, scratch_page, off, in_scratch, kc, ks, km, 8, 0, SK_META)
     # values: rotate and quantize one 64-channel group (= one column block of H) at a time
-    v = v.to(tl.float32)
     G: tl.constexpr = D // 64
-    c = tl.arange(0, 64)
     for g in tl.static_range(G):
-        h_g = tl.load(rot_ptr + d[:, None] * D + g * 64 + c[None, :])
-        vg = tl.dot(v, h_g, input_precision=ROT_PRECISION)
+        vg = _hadamard_columns(value_ptr + t[:, None] * stride_vt + h * stride_vh, t_ok, g, D)
         vc, vs, vm = quant_rows(vg, 8, 64)
         _store_group(stage_ptr, slot_page, off, in_slot, vc, vs, vm, g, D, SV_CODES, SV_META)
         _store_group(scratch_ptr, scratch_page, off, in_scratch, vc, vs, vm, g, D, SV_CODES, SV_META)
@@ -595,7 +621,7 @@ class PageStep:
         stage, scratch = self.stage, self.scratch
         tb = STAGE_TOKENS if self.plan.max_query_len == 1 else STAGE_TOKENS_PREFILL
         _stage_kernel[(triton.cdiv(self.t, tb), self.h)](
-            key, value, self.rot, self.plan.tok_req, *self.common, stage, scratch, self.t,
+            key, value, self.plan.tok_req, *self.common, stage, scratch, self.t,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
             D=self.d, TB=tb, **self.stage_consts,

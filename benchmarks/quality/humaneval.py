@@ -116,7 +116,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.bar(names, [r["pass_at_1"] for r in mine], color=["0.5" if n == "bf16" else "C0" for n in names])
         for i, r in enumerate(mine):
             ax.text(i, r["pass_at_1"] + 0.5, f"{r['pass_at_1']:.1f}", ha="center", fontsize=8)
-        ax.set_title(f"{model}: HumanEval pass@1 ({mine[0]['problems']} problems)")
+        ax.set_title(f"{model}: HumanEval pass@1\n({mine[0]['problems']} problems, greedy)", fontsize=10)
         ax.set_ylabel("pass@1 %")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()

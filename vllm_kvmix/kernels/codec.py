@@ -16,9 +16,10 @@ import triton.language as tl
 from vllm_kvmix.quant import CLIP_STEPS as _CLIP_STEPS
 
 FP16_MAX = tl.constexpr(65504.0)
-# Hadamard rotations (value staging, output) as fp32 dots: "tf32x3" (three tensor-core TF32 products,
-# ~fp32 accuracy).  "ieee" spilled hundreds of registers on H100 (_stage_kernel: 850 spills, 64 us for
-# one decode token; the combine kernel 100 us) -- benchmarks/results/page-decode-h100.json.
+# The Triton kernels' output rotation (x H after attention) as fp32 dots: "tf32x3" (three tensor-core TF32
+# products, ~fp32 accuracy).  "ieee" spilled hundreds of registers on H100 (the combine kernel 100 us) --
+# benchmarks/results/page-decode-h100.json.  Value staging generates H's signs instead
+# (page._hadamard_columns).
 ROT_PRECISION = tl.constexpr("tf32x3")
 CLIP_STEPS = tl.constexpr(_CLIP_STEPS)
 # the clip search's squared errors are summed in this type (fp64: +27% pack time on the H200, same choices

@@ -748,9 +748,9 @@ name, d = sys.argv[1], int(sys.argv[2])
 stage, bits = page._constants(parse_format("kvmix-k4v2"), d)
 if name == "dequant":
     fn, consts = prefill._dequant_kernel, dict(D=d, **bits, **stage)
-else:  # the stage kernel as a step with a prompt launches it (the fp32 rotation's operands in shared memory)
+else:  # the stage kernel as a step with a prompt launches it
     fn, consts = page._stage_kernel, dict(D=d, TB=page.STAGE_TOKENS_PREFILL, **stage)
-ptrs = {"k_out_ptr": "*bf16", "v_out_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "rot_ptr": "*fp32"}
+ptrs = {"k_out_ptr": "*bf16", "v_out_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16"}
 u8 = ("cache_ptr", "stage_ptr", "scratch_ptr")
 sig = {n: "constexpr" if n in consts else "*u8" if n in u8 else ptrs.get(n, "*i32") if n.endswith("_ptr")
        else "fp32" if n == "v_scale" else "i32" for n in fn.arg_names}
@@ -759,13 +759,10 @@ attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_nam
          if n.endswith("_ptr") or n.startswith("stride_")}
 k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 print("SHARED", k.metadata.shared)
-import os, re, subprocess, tempfile
-with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-    f.write(k.asm["cubin"])
-    f.flush()
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-print("STACK", re.search(r"STACK:([0-9]+)", res).group(1))
+import re
+sys.path.insert(0, "benchmarks/kernels")
+from sass import resources  # cuobjdump's resource line of the cubin
+print("STACK", re.search(r"STACK:([0-9]+)", resources(k)).group(1))
 """
 
 

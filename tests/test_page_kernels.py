@@ -260,8 +260,11 @@ def test_prefill_on_flash_attn_window_and_head_size(fa):
 def test_sliding_window_and_head_sizes(d, window):
     fmt = parse_format("kvmix-k4v2")
     q, k, v = _case(3, 160, h=1, rep=3, d=d)
-    got = _run(KernelSeqs(fmt, 1, d), q, k, v, [100, 1, 59], sliding_window=window)
+    ref, ker = Seqs(fmt, 1, d), KernelSeqs(fmt, 1, d)
+    got = _run(ker, q, k, v, [100, 1, 59], sliding_window=window)
     assert _rel(got, _oracle(q, k, v, fmt, 0.125, window)) < 2e-3
+    _run(ref, q, k, v, [100, 1, 59], sliding_window=window)
+    _same_pages(ref, ker, fmt, d, 160 // P)  # the pack kernel goes 64 channels at a time past d = 64
 
 
 def _decode_inputs(seqs: KernelSeqs, reqs, q, k, v, n_pad, dtype):
@@ -748,6 +751,8 @@ name, d = sys.argv[1], int(sys.argv[2])
 stage, bits = page._constants(parse_format("kvmix-k4v2"), d)
 if name == "dequant":
     fn, consts = prefill._dequant_kernel, dict(D=d, **bits, **stage)
+elif name == "pack":
+    fn, consts = page._pack_kernel, dict(D=d, **stage, **bits)
 else:  # the stage kernel as a step with a prompt launches it
     fn, consts = page._stage_kernel, dict(D=d, TB=page.STAGE_TOKENS_PREFILL, **stage)
 ptrs = {"k_out_ptr": "*bf16", "v_out_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16"}
@@ -767,8 +772,8 @@ print("STACK", re.search(r"STACK:([0-9]+)", resources(k)).group(1))
 
 
 def _sm90_resources(kernel, d) -> dict:
-    """``{"SHARED": bytes, "STACK": bytes a thread}`` of a prefill kernel compiled for sm_90 as a prompt step
-    launches it (Triton's own ptxas and cuobjdump, no GPU needed; a subprocess, outside the interpreter)."""
+    """``{"SHARED": bytes, "STACK": bytes a thread}`` of a write or prefill kernel compiled for sm_90 as a
+    prompt step launches it (Triton's own ptxas and cuobjdump, no GPU needed; a subprocess, outside the interpreter)."""
     import subprocess
     import sys
 
@@ -791,12 +796,14 @@ def test_prefill_kernels_fit_hopper_shared_memory(kernel, d):
     assert _sm90_resources(kernel, d)["SHARED"] <= 227 * 1024
 
 
+@pytest.mark.parametrize("kernel", ["stage", "pack"])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_stage_kernel_keeps_its_registers(d):
-    """The stage kernel at a prompt step's launch (64 tokens, 4 warps) spills nothing on sm_90: with the
-    Hadamard matrix loaded in fp32 and multiplied in "tf32x3" it took 255 registers and 48 / 1,576 bytes of
-    stack a thread at d = 128 / 256 (``page._hadamard_columns``)."""
-    assert _sm90_resources("stage", d)["STACK"] == 0
+def test_write_kernels_keep_their_registers(kernel, d):
+    """The stage kernel at a prompt step's launch (64 tokens, 4 warps) and the pack kernel spill nothing on
+    sm_90.  The stage kernel, with the Hadamard matrix loaded in fp32 and multiplied in "tf32x3", took 255
+    registers and 48 / 1,576 bytes of stack a thread at d = 128 / 256 (``page._hadamard_columns``); the pack
+    kernel, with whole [64, D] key and value tiles, 255 registers and 376 bytes at d = 256."""
+    assert _sm90_resources(kernel, d)["STACK"] == 0
 
 
 def test_prefill_kernels_compile_before_the_first_prompt(monkeypatch):

@@ -3,7 +3,7 @@
 ``quant_rows`` / ``pack_rows`` turn rows of ``[D]`` vectors into packed codes +
 fp16 (scale, minimum) per 64-channel group (staging, packed values; ``quant_rows_clipped``
 for values below 8 bits);
-``decode_tile`` loads a ``[TILE, D]`` tile of per-token codes back as fp32.
+``decode_cols`` / ``decode_tile`` load channels of a ``[TILE, D]`` tile of per-token codes back as fp32.
 Also ``softmax_step`` (online softmax) and ``rotate_store`` (output times the
 Hadamard matrix, for rotated values).  Bit-for-bit the same arithmetic
 as :func:`vllm_kvmix.quant.quantize` (fp16-rounded metadata, round half up,
@@ -129,36 +129,47 @@ def code_f32(code):
 
 
 @triton.jit
-def decode_tile(
+def decode_cols(
     head_page_ptr,  # *u8: start of the (page, kv head) byte range
     t,  # [TILE] token offsets inside the page
     t_mask,  # [TILE] which offsets to load
+    C0: tl.constexpr,  # first channel
+    W: tl.constexpr,  # channels (a multiple of GROUP and of 8 // BITS)
     D: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     CODES_OFF: tl.constexpr,
     META_OFF: tl.constexpr,
 ):
-    """Dequantize ``[TILE, D]`` (rows outside ``t_mask`` are 0) as fp32.
+    """Dequantize channels ``[C0, C0 + W)`` of ``[TILE, D]`` per-token codes as fp32 ``[TILE, W]`` (rows
+    outside ``t_mask`` are 0).
 
-    Loads each packed byte once (contiguous rows of ``D * BITS / 8`` bytes) and
-    each group's (scale, minimum) once, then unpacks and broadcasts in registers.
+    Loads each packed byte once (``W * BITS / 8`` contiguous bytes a row) and each group's (scale, minimum)
+    once, then unpacks and broadcasts in registers.
     """
     G: tl.constexpr = D // GROUP
+    NG: tl.constexpr = W // GROUP
     CB: tl.constexpr = D * BITS // 8
     TILE: tl.constexpr = t.shape[0]
     byte = tl.load(
-        head_page_ptr + CODES_OFF + t[:, None] * CB + tl.arange(0, CB)[None, :],
+        head_page_ptr + CODES_OFF + t[:, None] * CB + (tl.arange(0, W * BITS // 8) + C0 * BITS // 8)[None, :],
         mask=t_mask[:, None], other=0,
     ).to(tl.int32)
     code = _unpack(byte, BITS)
     meta_ptr = (head_page_ptr + META_OFF).to(tl.pointer_type(tl.float16))
-    m_off = t[:, None] * (2 * G) + 2 * tl.arange(0, G)[None, :]
+    m_off = t[:, None] * (2 * G) + 2 * (tl.arange(0, NG) + C0 // GROUP)[None, :]
     scale = tl.load(meta_ptr + m_off, mask=t_mask[:, None], other=0.0).to(tl.float32)
     mn = tl.load(meta_ptr + m_off + 1, mask=t_mask[:, None], other=0.0).to(tl.float32)
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (TILE, G, GROUP)), (TILE, D))
-    mn = tl.reshape(tl.broadcast_to(mn[:, :, None], (TILE, G, GROUP)), (TILE, D))
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (TILE, NG, GROUP)), (TILE, W))
+    mn = tl.reshape(tl.broadcast_to(mn[:, :, None], (TILE, NG, GROUP)), (TILE, W))
     return code_f32(code) * scale + mn
+
+
+@triton.jit
+def decode_tile(head_page_ptr, t, t_mask, D: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                CODES_OFF: tl.constexpr, META_OFF: tl.constexpr):
+    """Dequantize the whole ``[TILE, D]`` tile (:func:`decode_cols` of every channel)."""
+    return decode_cols(head_page_ptr, t, t_mask, 0, D, D, BITS, GROUP, CODES_OFF, META_OFF)
 
 
 @triton.jit

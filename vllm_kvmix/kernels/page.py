@@ -51,7 +51,7 @@ from vllm_kvmix.formats import PAGE_TOKENS, KVFormat, stage_layout
 from vllm_kvmix.kernels import cuda_decode, prefill
 from vllm_kvmix.kernels.codec import (
     ROT_PRECISION,
-    decode_tile,
+    decode_cols,
     minmax_meta,
     pack_rows,
     quant_rows,
@@ -75,34 +75,24 @@ P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
 
 
 @triton.jit
-def _store_rows(base_ptr, page_off, off, row_mask, codes, scale16, mn16,
+def _store_cols(base_ptr, page_off, off, row_mask, codes, scale16, mn16, C0: tl.constexpr, D: tl.constexpr,
                 BITS: tl.constexpr, CODES_OFF: tl.constexpr, META_OFF: tl.constexpr):
-    """Store per-token codes + meta of rows at token offsets ``off[R]`` of pages ``base_ptr + page_off[R]``."""
-    D: tl.constexpr = codes.shape[1]
-    G: tl.constexpr = scale16.shape[1]
+    """Store per-token codes of channels ``[C0, C0 + W)`` (``codes[R, W]``) and their groups' meta
+    (``scale16`` / ``mn16`` ``[R, W // GROUP]``) at token offsets ``off[R]`` of pages ``base_ptr + page_off[R]``
+    whose rows hold ``D`` channels."""
+    W: tl.constexpr = codes.shape[1]
+    NG: tl.constexpr = scale16.shape[1]
+    GROUP: tl.constexpr = W // NG
+    G: tl.constexpr = D // GROUP
     CB: tl.constexpr = D * BITS // 8
-    packed = pack_rows(codes, BITS)
     page_ptr = base_ptr + page_off
-    tl.store(page_ptr[:, None] + CODES_OFF + off[:, None] * CB + tl.arange(0, CB)[None, :], packed,
+    cols = tl.arange(0, W * BITS // 8) + C0 * BITS // 8
+    tl.store(page_ptr[:, None] + CODES_OFF + off[:, None] * CB + cols[None, :], pack_rows(codes, BITS),
              mask=row_mask[:, None])
     meta = (page_ptr[:, None] + META_OFF + off[:, None] * (G * 4)).to(tl.pointer_type(tl.float16))
-    g = tl.arange(0, G)[None, :]
+    g = (tl.arange(0, NG) + C0 // GROUP)[None, :]
     tl.store(meta + 2 * g, scale16, mask=row_mask[:, None])
     tl.store(meta + 2 * g + 1, mn16, mask=row_mask[:, None])
-
-
-@triton.jit
-def _store_group(base_ptr, page_off, off, row_mask, codes, scale16, mn16, g,
-                 D: tl.constexpr, CODES_OFF: tl.constexpr, META_OFF: tl.constexpr):
-    """8-bit codes ``[R, 64]`` + meta ``[R, 1]`` of channel group ``g`` of rows ``off[R]``."""
-    G: tl.constexpr = D // 64
-    page_ptr = base_ptr + page_off
-    c = tl.arange(0, 64)
-    tl.store(page_ptr[:, None] + CODES_OFF + off[:, None] * D + g * 64 + c[None, :], codes.to(tl.uint8),
-             mask=row_mask[:, None])
-    meta = (page_ptr[:, None] + META_OFF + off[:, None] * (G * 4) + g * 4).to(tl.pointer_type(tl.float16))
-    tl.store(meta, scale16, mask=row_mask[:, None])
-    tl.store(meta + 1, mn16, mask=row_mask[:, None])
 
 
 @triton.jit
@@ -165,25 +155,15 @@ def _stage_kernel(
     d = tl.arange(0, D)
     k = tl.load(key_ptr + t[:, None] * stride_kt + h * stride_kh + d[None, :], mask=t_ok[:, None], other=0.0)
     kc, ks, km = quant_rows(k.to(tl.float32), 8, SK_GROUP)
-    _store_rows(stage_ptr, slot_page, off, in_slot, kc, ks, km, 8, 0, SK_META)
-    _store_rows(scratch_ptr, scratch_page, off, in_scratch, kc, ks, km, 8, 0, SK_META)
+    _store_cols(stage_ptr, slot_page, off, in_slot, kc, ks, km, 0, D, 8, 0, SK_META)
+    _store_cols(scratch_ptr, scratch_page, off, in_scratch, kc, ks, km, 0, D, 8, 0, SK_META)
     # values: rotate and quantize one 64-channel group (= one column block of H) at a time
     G: tl.constexpr = D // 64
     for g in tl.static_range(G):
         vg = _hadamard_columns(value_ptr + t[:, None] * stride_vt + h * stride_vh, t_ok, g, D)
         vc, vs, vm = quant_rows(vg, 8, 64)
-        _store_group(stage_ptr, slot_page, off, in_slot, vc, vs, vm, g, D, SV_CODES, SV_META)
-        _store_group(scratch_ptr, scratch_page, off, in_scratch, vc, vs, vm, g, D, SV_CODES, SV_META)
-
-
-@triton.jit
-def _copy_page(src, t, D: tl.constexpr, SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr,
-               SV_META: tl.constexpr):
-    """The 8-bit copy of a page: K and rotated V as fp32 ``[P, D]``."""
-    ok = t < P
-    k = decode_tile(src, t, ok, D, 8, SK_GROUP, 0, SK_META)
-    v = decode_tile(src, t, ok, D, 8, 64, SV_CODES, SV_META)
-    return k, v
+        _store_cols(stage_ptr, slot_page, off, in_slot, vc, vs, vm, g * 64, D, 8, SV_CODES, SV_META)
+        _store_cols(scratch_ptr, scratch_page, off, in_scratch, vc, vs, vm, g * 64, D, 8, SV_CODES, SV_META)
 
 
 @triton.jit
@@ -209,27 +189,36 @@ def _pack_kernel(
         else:
             src = scratch_ptr + (tl.load(sbase_ptr + b).to(tl.int64) + j - 1) * stride_xs + h * stride_xh
         t = tl.arange(0, P)
-        k8, v8 = _copy_page(src, t, D, SK_META, SK_GROUP, SV_CODES, SV_META)
+        ok = t < P
         blk = tl.load(block_table_ptr + b * stride_bt + pg).to(tl.int64)
         dst_off = blk * stride_cb + h * stride_ch
         dst = cache_ptr + dst_off
+        # 64 channels at a time (a [64, 64] fp32 tile live, at every head size: whole [64, D] tiles of keys and
+        # values took 255 registers and spilled at D = 256)
+        C: tl.constexpr = 64
         # keys per channel over the page's 64 tokens
         K_LEVELS: tl.constexpr = (1 << K_BITS) - 1
-        ks, km, kinv = minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
-        y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
-        kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
         CBK: tl.constexpr = D * K_BITS // 8
-        tl.store(dst + K_CODES + t[:, None] * CBK + tl.arange(0, CBK)[None, :], pack_rows(kc, K_BITS))
-        d = tl.arange(0, D)
         kmeta = (dst + K_META).to(tl.pointer_type(tl.float16))
-        tl.store(kmeta + 2 * d, ks)
-        tl.store(kmeta + 2 * d + 1, km)
+        for c in tl.static_range(D // C):
+            k8 = decode_cols(src, t, ok, c * C, C, D, 8, SK_GROUP, 0, SK_META)
+            ks, km, kinv = minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
+            y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
+            kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
+            cols = tl.arange(0, C * K_BITS // 8) + c * C * K_BITS // 8
+            tl.store(dst + K_CODES + t[:, None] * CBK + cols[None, :], pack_rows(kc, K_BITS))
+            d = tl.arange(0, C) + c * C
+            tl.store(kmeta + 2 * d, ks)
+            tl.store(kmeta + 2 * d + 1, km)
         # values (rotated) per token, 64-channel groups; below 8 bits with clipped ranges (the reference's rule)
-        if V_BITS < 8:
-            vc, vs, vm = quant_rows_clipped(v8, V_BITS, 64)
-        else:
-            vc, vs, vm = quant_rows(v8, V_BITS, 64)
-        _store_rows(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, t < P, vc, vs, vm, V_BITS, V_CODES, V_META)
+        for c in tl.static_range(D // C):
+            v8 = decode_cols(src, t, ok, c * C, C, D, 8, 64, SV_CODES, SV_META)
+            if V_BITS < 8:
+                vc, vs, vm = quant_rows_clipped(v8, V_BITS, 64)
+            else:
+                vc, vs, vm = quant_rows(v8, V_BITS, 64)
+            _store_cols(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, ok, vc, vs, vm, c * C, D, V_BITS, V_CODES,
+                        V_META)
 
 
 @triton.jit

@@ -252,7 +252,8 @@ def write_bench(gen):
     """The page scheme's write (stage + pack) vs reshape_and_cache_flash (bf16, block 16).
 
     decode: 256 sequences x 1 token, each at offset 63 of its page so every page fills and packs
-    (the worst step); prefill: one 4096-token prompt (64 pages staged and packed).  Each case is timed
+    (the worst step); prefill: one 4096-token prompt (64 pages staged and packed); and a decode step's write
+    as served (:func:`served_decode_write`).  Each case is timed
     launched eagerly (``ms``: host launch cost included, as a prefill step runs) and replayed from a CUDA
     graph (``graph_ms``: GPU time only, as vLLM runs decode batches); ``stage_graph_ms`` / ``pack_graph_ms``
     split kvmix's write into its two kernels.
@@ -281,9 +282,40 @@ def write_bench(gen):
         if ms is not None:
             rows.append(dict(case=label, kernel="reshape_and_cache_flash bf16", ms=ms,
                              graph_ms=reshape_and_cache_ms(k, v, slots_bf16, n_blocks, graph=True)))
+    rows += served_decode_write(gen)
     print("\nwrite (ms; eager launch / CUDA graph):")
     for r in rows:
-        print(f"  {r['case']:<32} {r['kernel']:<30} {r['ms']:.4f} / {r.get('graph_ms', float('nan')):.4f}", flush=True)
+        eager = f"{r['ms']:.4f}" if r.get("ms") is not None else "-"
+        print(f"  {r['case']:<44} {r['kernel']:<30} {eager} / {r.get('graph_ms', float('nan')):.4f}", flush=True)
+    return rows
+
+
+def served_decode_write(gen, B=256, L=1024, fill=4):
+    """A decode step's write as served: the CUDA decode launch stages each row's new token, then the pack
+    launch packs the pages that filled -- ``fill`` of the ``B`` rows (a sequence fills a page every 64 steps,
+    so ~B / 64 a step in a steady batch).  ``graph_ms`` = the step (``PageStep.run``) minus attention alone
+    (``PageStep.attend``, no staging), both replayed from CUDA graphs; compare with reshape_and_cache_flash's
+    row of the decode case (B tokens)."""
+    rows = []
+    label = f"decode {B}x1 as served ({fill} of {B} pages fill)"
+    q = torch.randn(B, HQ, D, dtype=torch.bfloat16, device=dev, generator=gen)
+    out = torch.empty_like(q)
+    k = torch.randn(B, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
+    v = torch.randn_like(k)
+    qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)
+    seq = torch.full((B,), L - 32, dtype=torch.int32, device=dev)
+    seq[:fill] = L  # these rows' new token is the last of their page
+    slots = torch.arange(B, dtype=torch.int32, device=dev)
+    for fname in FORMATS:
+        fmt = parse_format(fname)
+        cache, stage, bt = kvmix_case(fmt, B, L, gen)
+        plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), L, HQ, HKV)
+        st = PageStep(k, cache, stage, fmt, slots, bt, plan)
+        step = triton.testing.do_bench_cudagraph(lambda: st.run(q, k, v, out, D**-0.5))
+        attend = triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, D**-0.5))
+        rows.append(dict(case=label, kernel=fname, ms=None, graph_ms=step - attend, step_graph_ms=step,
+                         attend_graph_ms=attend, pack_graph_ms=triton.testing.do_bench_cudagraph(st.pack)))
+        del cache, stage
     return rows
 
 

@@ -802,7 +802,8 @@ def test_write_kernels_keep_their_registers(kernel, d):
     """The stage kernel at a prompt step's launch (64 tokens, 4 warps) and the pack kernel spill nothing on
     sm_90.  The stage kernel, with the Hadamard matrix loaded in fp32 and multiplied in "tf32x3", took 255
     registers and 48 / 1,576 bytes of stack a thread at d = 128 / 256 (``page._hadamard_columns``); the pack
-    kernel, with whole [64, D] key and value tiles, 255 registers and 376 bytes at d = 256."""
+    kernel, one program per (page, KV head) with whole [64, D] key and value tiles, 255 registers and 376 bytes
+    at d = 256."""
     assert _sm90_resources(kernel, d)["STACK"] == 0
 
 

@@ -133,7 +133,7 @@ def decode_cols(
     head_page_ptr,  # *u8: start of the (page, kv head) byte range
     t,  # [TILE] token offsets inside the page
     t_mask,  # [TILE] which offsets to load
-    C0: tl.constexpr,  # first channel
+    C0,  # first channel (a multiple of W)
     W: tl.constexpr,  # channels (a multiple of GROUP and of 8 // BITS)
     D: tl.constexpr,
     BITS: tl.constexpr,

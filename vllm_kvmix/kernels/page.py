@@ -16,9 +16,10 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
    ~fp32: :func:`_hadamard_columns`), quantize new keys and values to 8 bits per token (keys in groups of
    16 channels, values of 64), store into the slot
    or scratch page of their position;
-2. ``_pack_kernel`` (requests x touched pages x KV heads): every touched page
-   that is full after the step is re-quantized from its 8-bit copy -- keys per
-   channel over the page, values per token -- and stored packed in the cache;
+2. ``_pack_kernel`` (requests x touched pages x KV heads x ``pack_parts``):
+   every touched page that is full after the step is re-quantized from its
+   8-bit copy -- keys per channel over the page (one program), values per token
+   (one program per 64-channel group) -- and stored packed in the cache;
 3. ``_page_attention_kernel`` (query blocks x KV heads x splits): a query at
    position ``p`` reads pages before ``p // 64`` packed and its own page from
    the 8-bit copy, all by bit planes (:mod:`vllm_kvmix.kernels.planes`: the
@@ -75,7 +76,7 @@ P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
 
 
 @triton.jit
-def _store_cols(base_ptr, page_off, off, row_mask, codes, scale16, mn16, C0: tl.constexpr, D: tl.constexpr,
+def _store_cols(base_ptr, page_off, off, row_mask, codes, scale16, mn16, C0, D: tl.constexpr,
                 BITS: tl.constexpr, CODES_OFF: tl.constexpr, META_OFF: tl.constexpr):
     """Store per-token codes of channels ``[C0, C0 + W)`` (``codes[R, W]``) and their groups' meta
     (``scale16`` / ``mn16`` ``[R, W // GROUP]``) at token offsets ``off[R]`` of pages ``base_ptr + page_off[R]``
@@ -166,6 +167,11 @@ def _stage_kernel(
         _store_cols(scratch_ptr, scratch_page, off, in_scratch, vc, vs, vm, g * 64, D, 8, SV_CODES, SV_META)
 
 
+def pack_parts(d: int) -> int:
+    """Programs that pack one (page, KV head): the keys, and each 64-channel group of values."""
+    return 1 + d // 64
+
+
 @triton.jit
 def _pack_kernel(
     qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr,
@@ -175,9 +181,15 @@ def _pack_kernel(
     K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
     V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
 ):
+    """Grid (requests, touched pages, KV heads x ``pack_parts(D)``): part 0 packs the page's keys, part
+    ``1 + g`` its values' channel group ``g``.  A page that fills in a decode step is packed by that many
+    programs side by side (the values' clip search is the long part), and no program holds more than one
+    [64, 64] fp32 tile: whole [64, D] key and value tiles took 255 registers and spilled at D = 256."""
     b = tl.program_id(0)
     j = tl.program_id(1)
-    h = tl.program_id(2)
+    PARTS: tl.constexpr = 1 + D // 64
+    h = tl.program_id(2) // PARTS
+    part = tl.program_id(2) % PARTS
     q0 = tl.load(qsl_ptr + b)
     q1 = tl.load(qsl_ptr + b + 1)
     seq = tl.load(seq_ptr + b)
@@ -192,32 +204,30 @@ def _pack_kernel(
         ok = t < P
         blk = tl.load(block_table_ptr + b * stride_bt + pg).to(tl.int64)
         dst_off = blk * stride_cb + h * stride_ch
-        dst = cache_ptr + dst_off
-        # 64 channels at a time (a [64, 64] fp32 tile live, at every head size: whole [64, D] tiles of keys and
-        # values took 255 registers and spilled at D = 256)
         C: tl.constexpr = 64
-        # keys per channel over the page's 64 tokens
-        K_LEVELS: tl.constexpr = (1 << K_BITS) - 1
-        CBK: tl.constexpr = D * K_BITS // 8
-        kmeta = (dst + K_META).to(tl.pointer_type(tl.float16))
-        for c in tl.static_range(D // C):
-            k8 = decode_cols(src, t, ok, c * C, C, D, 8, SK_GROUP, 0, SK_META)
-            ks, km, kinv = minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
-            y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
-            kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
-            cols = tl.arange(0, C * K_BITS // 8) + c * C * K_BITS // 8
-            tl.store(dst + K_CODES + t[:, None] * CBK + cols[None, :], pack_rows(kc, K_BITS))
-            d = tl.arange(0, C) + c * C
-            tl.store(kmeta + 2 * d, ks)
-            tl.store(kmeta + 2 * d + 1, km)
-        # values (rotated) per token, 64-channel groups; below 8 bits with clipped ranges (the reference's rule)
-        for c in tl.static_range(D // C):
-            v8 = decode_cols(src, t, ok, c * C, C, D, 8, 64, SV_CODES, SV_META)
+        if part == 0:  # keys per channel over the page's 64 tokens, 64 channels at a time
+            dst = cache_ptr + dst_off
+            K_LEVELS: tl.constexpr = (1 << K_BITS) - 1
+            CBK: tl.constexpr = D * K_BITS // 8
+            kmeta = (dst + K_META).to(tl.pointer_type(tl.float16))
+            for c in tl.static_range(D // C):
+                k8 = decode_cols(src, t, ok, c * C, C, D, 8, SK_GROUP, 0, SK_META)
+                ks, km, kinv = minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
+                y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
+                kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
+                cols = tl.arange(0, C * K_BITS // 8) + c * C * K_BITS // 8
+                tl.store(dst + K_CODES + t[:, None] * CBK + cols[None, :], pack_rows(kc, K_BITS))
+                d = tl.arange(0, C) + c * C
+                tl.store(kmeta + 2 * d, ks)
+                tl.store(kmeta + 2 * d + 1, km)
+        else:  # values (rotated) per token, group part - 1; below 8 bits with clipped ranges (the reference's rule)
+            c0 = (part - 1) * C
+            v8 = decode_cols(src, t, ok, c0, C, D, 8, 64, SV_CODES, SV_META)
             if V_BITS < 8:
                 vc, vs, vm = quant_rows_clipped(v8, V_BITS, 64)
             else:
                 vc, vs, vm = quant_rows(v8, V_BITS, 64)
-            _store_cols(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, ok, vc, vs, vm, c * C, D, V_BITS, V_CODES,
+            _store_cols(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, ok, vc, vs, vm, c0, D, V_BITS, V_CODES,
                         V_META)
 
 
@@ -620,7 +630,7 @@ class PageStep:
     def pack(self) -> None:
         """Every page that is full after the step, from its 8-bit copy into the cache."""
         stage, scratch, cache = self.stage, self.scratch, self.cache
-        _pack_kernel[(self.n_req, max_touched_pages(self.plan.max_query_len), self.h)](
+        _pack_kernel[(self.n_req, max_touched_pages(self.plan.max_query_len), self.h * pack_parts(self.d))](
             *self.common, self.block_table, stage, scratch, cache,
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
             cache.stride(0), cache.stride(1), self.block_table.stride(0),

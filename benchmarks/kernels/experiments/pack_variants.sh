@@ -15,7 +15,7 @@ variant() {  # NAME ERR_DTYPE WARPS CLIP_STEPS
 import sys; sys.path.insert(0, 'benchmarks/kernels'); import torch, page_bench as pb
 pb.FORMATS = ['kvmix-k4v2']
 rows = pb.write_bench(torch.Generator(device='cuda').manual_seed(0))
-print('$1', [(r['case'][:7], round(r['graph_ms'] * 1000, 1), round(r.get('pack_graph_ms', 0) * 1000, 1)) for r in rows])
+print('$1', [(r['case'][:26], round(r['graph_ms'] * 1000, 1), round(r.get('pack_graph_ms', 0) * 1000, 1)) for r in rows])
 " 2>&1 | grep "^$1"
 }
 variant A_fp64_w4 float64 4 _CLIP_STEPS

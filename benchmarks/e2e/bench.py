@@ -11,6 +11,9 @@ by it on the same machine):
 
 usage: python3 benchmarks/e2e/bench.py MODEL_DIR BACKEND KV_DTYPE WORKLOAD [--out FILE] [--max-num-seqs N]
                                       [--steps] [--eager]
+``tpot`` rows: ``tpot_ms`` = the timed generate over its output tokens (the prompt's prefill, prefix-cached
+by the warm-up, included once); ``ttft_ms`` = a one-token generate of the same prompt; ``decode_ms_per_token``
+= the difference over the other output tokens (decode steps alone).
 Prints one RESULT line (JSON) and appends it to FILE if given; the row's "run" is $RUN (e.g.
 "commit abc1234, nvidia-h200"), the key the plot scripts select rows by.  --steps: the engine in-process and each
 model-runner step timed (synchronized before and after, so the run itself is slower): the row gets
@@ -172,6 +175,12 @@ def main():
             row[:] = [0, 0, 0.0]
         for row in traced.values():
             row.update(steps=0, tokens=0, wall_s=0.0, by_kind={}, by_kernel={})
+    ttft = None
+    if wl == "tpot":  # the prompt alone (prefix-cached by the warm-up, as in the timed run): the first token's time
+        t = time.time()
+        llm.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False),
+                     use_tqdm=False)
+        ttft = time.time() - t
     t2 = time.time()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     t3 = time.time()
@@ -197,6 +206,9 @@ def main():
         row["traced"] = _traced_summary(traced)
     if wl == "tpot":  # one request: generation time over its decode tokens (prefill included once)
         row["tpot_ms"] = round(1000 * (t3 - t2) / lout, 2)
+        # and without the (cached) prompt: the timed run less a one-token run, over the other lout - 1 tokens
+        row["ttft_ms"] = round(1000 * ttft, 2)
+        row["decode_ms_per_token"] = round(1000 * (t3 - t2 - ttft) / (lout - 1), 3)
     emit(row, out_file)
 
 

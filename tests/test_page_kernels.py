@@ -116,6 +116,31 @@ def test_page_step_matches_reference(name, split):
     _same_pages(ref, ker, fmt, 64, 150 // P)
 
 
+def test_decode_step_packs_the_pages_that_fill():
+    """A decode step of 40 rows (3 blocks of the pack kernel's PACK_DECODE_ROWS requests, the last partial)
+    where 5 rows' new token is the last of their page -- two in one block, one in the partial block: exactly
+    those pages are packed, as the reference packs them, and no other page of the cache is written."""
+    from vllm_kvmix.kernels.page import PACK_DECODE_ROWS
+
+    fmt, n, fill = parse_format("kvmix-k4v2"), 40, {0, 5, 17, 18, 39}
+    assert n > 2 * PACK_DECODE_ROWS and n % PACK_DECODE_ROWS
+    cases = [_case(40 + i, 64, h=2, rep=2, d=64) for i in range(n)]
+    q, k, v = ([c[i] for c in cases] for i in range(3))
+    ref, ker = Seqs(fmt, 2, 64, n_pages=2 * n, n_slots=n), KernelSeqs(fmt, 2, 64, n_pages=2 * n, n_slots=n)
+    prompt = [(r, 63 if r in fill else 30) for r in range(n)]
+    for seqs in (ref, ker):
+        assert [seqs.add() for _ in range(n)] == list(range(n))
+        seqs.run(prompt, q, k, v, 0.125)
+        seqs.run([(r, 1) for r in range(n)], q, k, v, 0.125)
+    ids = torch.tensor([ref.tables[r][0] for r in sorted(fill)])
+    kr, vr = read_packed(ref.cache, ids, fmt, 64)
+    kk, vk = read_packed(ker.cache.cpu(), ids, fmt, 64)
+    assert _rel(kk, kr) < 1e-3 and _rel(vk, vr) < 1e-3
+    rest = torch.ones(ker.cache.shape[0], dtype=torch.bool)
+    rest[ids] = False
+    assert (ker.cache.cpu()[rest] == 0xFF).all()
+
+
 MIXED_SCHEDULE = [[(0, 70), (1, 5)], [(0, 1), (1, 100), (2, 64)], [(0, 129), (1, 95), (2, 1)], [(2, 135)]]
 
 
@@ -751,8 +776,8 @@ name, d = sys.argv[1], int(sys.argv[2])
 stage, bits = page._constants(parse_format("kvmix-k4v2"), d)
 if name == "dequant":
     fn, consts = prefill._dequant_kernel, dict(D=d, **bits, **stage)
-elif name == "pack":
-    fn, consts = page._pack_kernel, dict(D=d, **stage, **bits)
+elif name.startswith("pack"):  # "pack" as a prompt step launches it, "pack-decode" as a decode step does
+    fn, consts = page._pack_kernel, dict(D=d, **stage, **bits, R=page.PACK_DECODE_ROWS if "decode" in name else 1)
 else:  # the stage kernel as a step with a prompt launches it
     fn, consts = page._stage_kernel, dict(D=d, TB=page.STAGE_TOKENS_PREFILL, **stage)
 ptrs = {"k_out_ptr": "*bf16", "v_out_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16"}
@@ -796,11 +821,11 @@ def test_prefill_kernels_fit_hopper_shared_memory(kernel, d):
     assert _sm90_resources(kernel, d)["SHARED"] <= 227 * 1024
 
 
-@pytest.mark.parametrize("kernel", ["stage", "pack"])
+@pytest.mark.parametrize("kernel", ["stage", "pack", "pack-decode"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_write_kernels_keep_their_registers(kernel, d):
-    """The stage kernel at a prompt step's launch (64 tokens, 4 warps) and the pack kernel spill nothing on
-    sm_90.  The stage kernel, with the Hadamard matrix loaded in fp32 and multiplied in "tf32x3", took 255
+    """The stage kernel at a prompt step's launch (64 tokens, 4 warps) and the pack kernel (as prompt and
+    decode steps launch it) spill nothing on sm_90.  The stage kernel, with the Hadamard matrix loaded in fp32 and multiplied in "tf32x3", took 255
     registers and 48 / 1,576 bytes of stack a thread at d = 128 / 256 (``page._hadamard_columns``); the pack
     kernel, one program per (page, KV head) with whole [64, D] key and value tiles, 255 registers and 376 bytes
     at d = 256."""

@@ -16,7 +16,7 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
    ~fp32: :func:`_hadamard_columns`), quantize new keys and values to 8 bits per token (keys in groups of
    16 channels, values of 64), store into the slot
    or scratch page of their position;
-2. ``_pack_kernel`` (requests x touched pages x KV heads x ``pack_parts``):
+2. ``_pack_kernel`` (blocks of requests x touched pages x KV heads x ``pack_parts``):
    every touched page that is full after the step is re-quantized from its
    8-bit copy -- keys per channel over the page (one program), values per token
    (one program per 64-channel group) -- and stored packed in the cache;
@@ -173,62 +173,85 @@ def pack_parts(d: int) -> int:
 
 
 @triton.jit
+def _pack_page(b, j, h, part, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr, stage_ptr, scratch_ptr,
+               cache_ptr, stride_ss, stride_sh, stride_xs, stride_xh, stride_cb, stride_ch, stride_bt,
+               D: tl.constexpr, SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr,
+               SV_META: tl.constexpr, K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
+               V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr):
+    """Part ``part`` of request ``b``'s touched page ``j``, KV head ``h``, from its 8-bit copy into the cache
+    (the caller checked that the page is full): part 0 the keys, part ``1 + g`` the values' channel group ``g``."""
+    q0 = tl.load(qsl_ptr + b)
+    q1 = tl.load(qsl_ptr + b + 1)
+    seq = tl.load(seq_ptr + b)
+    pg = (seq - (q1 - q0)) // P + j
+    if j == 0:
+        src = stage_ptr + tl.load(slot_ptr + b).to(tl.int64) * stride_ss + h * stride_sh
+    else:
+        src = scratch_ptr + (tl.load(sbase_ptr + b).to(tl.int64) + j - 1) * stride_xs + h * stride_xh
+    t = tl.arange(0, P)
+    ok = t < P
+    blk = tl.load(block_table_ptr + b.to(tl.int64) * stride_bt + pg).to(tl.int64)
+    dst_off = blk * stride_cb + h * stride_ch
+    C: tl.constexpr = 64
+    if part == 0:  # keys per channel over the page's 64 tokens, 64 channels at a time
+        dst = cache_ptr + dst_off
+        K_LEVELS: tl.constexpr = (1 << K_BITS) - 1
+        CBK: tl.constexpr = D * K_BITS // 8
+        kmeta = (dst + K_META).to(tl.pointer_type(tl.float16))
+        for c in tl.static_range(D // C):
+            k8 = decode_cols(src, t, ok, c * C, C, D, 8, SK_GROUP, 0, SK_META)
+            ks, km, kinv = minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
+            y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
+            kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
+            cols = tl.arange(0, C * K_BITS // 8) + c * C * K_BITS // 8
+            tl.store(dst + K_CODES + t[:, None] * CBK + cols[None, :], pack_rows(kc, K_BITS))
+            d = tl.arange(0, C) + c * C
+            tl.store(kmeta + 2 * d, ks)
+            tl.store(kmeta + 2 * d + 1, km)
+    else:  # values (rotated) per token, group part - 1; below 8 bits with clipped ranges (the reference's rule)
+        c0 = (part - 1) * C
+        v8 = decode_cols(src, t, ok, c0, C, D, 8, 64, SV_CODES, SV_META)
+        if V_BITS < 8:
+            vc, vs, vm = quant_rows_clipped(v8, V_BITS, 64)
+        else:
+            vc, vs, vm = quant_rows(v8, V_BITS, 64)
+        _store_cols(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, ok, vc, vs, vm, c0, D, V_BITS, V_CODES,
+                    V_META)
+
+
+@triton.jit(do_not_specialize=["n_req"])
 def _pack_kernel(
     qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr,
-    stage_ptr, scratch_ptr, cache_ptr,
+    stage_ptr, scratch_ptr, cache_ptr, n_req,
     stride_ss, stride_sh, stride_xs, stride_xh, stride_cb, stride_ch, stride_bt,
     D: tl.constexpr, SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
     K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
-    V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr,
+    V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr, R: tl.constexpr,
 ):
-    """Grid (requests, touched pages, KV heads x ``pack_parts(D)``): part 0 packs the page's keys, part
-    ``1 + g`` its values' channel group ``g``.  A page that fills in a decode step is packed by that many
-    programs side by side (the values' clip search is the long part), and no program holds more than one
-    [64, 64] fp32 tile: whole [64, D] key and value tiles took 255 registers and spilled at D = 256."""
-    b = tl.program_id(0)
+    """Grid (blocks of ``R`` requests, touched pages, KV heads x ``pack_parts(D)``): every touched page that is
+    full after the step, in parts side by side (:func:`_pack_page`; the values' clip search is the long part,
+    and no program holds more than one [64, 64] fp32 tile: whole [64, D] key and value tiles took 255
+    registers and spilled at D = 256).  A program packs the full pages among its ``R`` requests one after
+    the other: ``R`` = 1 for steps with a prompt (many pages each), :data:`PACK_DECODE_ROWS` for decode
+    steps, where a request fills a page once in 64 steps and nearly every program only looks and exits."""
     j = tl.program_id(1)
     PARTS: tl.constexpr = 1 + D // 64
     h = tl.program_id(2) // PARTS
     part = tl.program_id(2) % PARTS
-    q0 = tl.load(qsl_ptr + b)
-    q1 = tl.load(qsl_ptr + b + 1)
-    seq = tl.load(seq_ptr + b)
-    ctx = seq - (q1 - q0)
-    pg = ctx // P + j
-    if (q1 > q0) & ((pg + 1) * P <= seq):  # a touched page that is full after this step
-        if j == 0:
-            src = stage_ptr + tl.load(slot_ptr + b).to(tl.int64) * stride_ss + h * stride_sh
-        else:
-            src = scratch_ptr + (tl.load(sbase_ptr + b).to(tl.int64) + j - 1) * stride_xs + h * stride_xh
-        t = tl.arange(0, P)
-        ok = t < P
-        blk = tl.load(block_table_ptr + b * stride_bt + pg).to(tl.int64)
-        dst_off = blk * stride_cb + h * stride_ch
-        C: tl.constexpr = 64
-        if part == 0:  # keys per channel over the page's 64 tokens, 64 channels at a time
-            dst = cache_ptr + dst_off
-            K_LEVELS: tl.constexpr = (1 << K_BITS) - 1
-            CBK: tl.constexpr = D * K_BITS // 8
-            kmeta = (dst + K_META).to(tl.pointer_type(tl.float16))
-            for c in tl.static_range(D // C):
-                k8 = decode_cols(src, t, ok, c * C, C, D, 8, SK_GROUP, 0, SK_META)
-                ks, km, kinv = minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
-                y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
-                kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
-                cols = tl.arange(0, C * K_BITS // 8) + c * C * K_BITS // 8
-                tl.store(dst + K_CODES + t[:, None] * CBK + cols[None, :], pack_rows(kc, K_BITS))
-                d = tl.arange(0, C) + c * C
-                tl.store(kmeta + 2 * d, ks)
-                tl.store(kmeta + 2 * d + 1, km)
-        else:  # values (rotated) per token, group part - 1; below 8 bits with clipped ranges (the reference's rule)
-            c0 = (part - 1) * C
-            v8 = decode_cols(src, t, ok, c0, C, D, 8, 64, SV_CODES, SV_META)
-            if V_BITS < 8:
-                vc, vs, vm = quant_rows_clipped(v8, V_BITS, 64)
-            else:
-                vc, vs, vm = quant_rows(v8, V_BITS, 64)
-            _store_cols(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, ok, vc, vs, vm, c0, D, V_BITS, V_CODES,
-                        V_META)
+    r = tl.program_id(0) * R + tl.arange(0, R)
+    r_ok = r < n_req
+    q0 = tl.load(qsl_ptr + r, mask=r_ok, other=0)
+    q1 = tl.load(qsl_ptr + r + 1, mask=r_ok, other=0)
+    seq = tl.load(seq_ptr + r, mask=r_ok, other=0)
+    full = r_ok & (q1 > q0) & (((seq - (q1 - q0)) // P + j + 1) * P <= seq)  # touched page j full after the step
+    NONE: tl.constexpr = 1 << 30
+    b = tl.min(tl.where(full, r, NONE))
+    while b < NONE:
+        _pack_page(b, j, h, part, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr, stage_ptr, scratch_ptr,
+                   cache_ptr, stride_ss, stride_sh, stride_xs, stride_xh, stride_cb, stride_ch, stride_bt,
+                   D, SK_META, SK_GROUP, SV_CODES, SV_META, K_BITS, K_CODES, K_META, V_BITS, V_CODES, V_META)
+        full = full & (r != b)
+        b = tl.min(tl.where(full, r, NONE))
 
 
 @triton.jit
@@ -424,9 +447,12 @@ def _page_attention_kernel(
 LAUNCH = {"num_warps": 4, "num_stages": 2, "maxnreg": 128}
 LAUNCH_PREFILL = {"num_warps": 4, "num_stages": 2}
 LAUNCH_PACK = {"num_warps": 4}
+# requests per _pack_kernel program in a decode step: a 256-row step launches 16 x KV heads x parts programs, not
+# 256 x ..., of which all but the few with a filling page exit at once (R in _pack_kernel)
+PACK_DECODE_ROWS = 16
 STAGE_TOKENS = 16  # tokens per _stage_kernel program (tl.dot needs >= 16 rows) in a step of one-token rows
-# ... and in a step with a prompt: each program loads the 64 KiB fp32 rotation once for 64 tokens (H200,
-# 16k-token step: 0.17 ms against 0.26 ms at 16, benchmarks/kernels/prefill_parts.py)
+# ... and in a step with a prompt (H200, 16k-token step, when the kernel still loaded the fp32 rotation: 0.17 ms
+# against 0.26 ms at 16, benchmarks/kernels/prefill_parts.py)
 STAGE_TOKENS_PREFILL = 64
 FA_DTYPES = (torch.float16, torch.bfloat16)  # FlashAttention's inputs (prefill path)
 
@@ -630,11 +656,13 @@ class PageStep:
     def pack(self) -> None:
         """Every page that is full after the step, from its 8-bit copy into the cache."""
         stage, scratch, cache = self.stage, self.scratch, self.cache
-        _pack_kernel[(self.n_req, max_touched_pages(self.plan.max_query_len), self.h * pack_parts(self.d))](
-            *self.common, self.block_table, stage, scratch, cache,
+        rows = PACK_DECODE_ROWS if self.plan.max_query_len == 1 else 1
+        _pack_kernel[(triton.cdiv(self.n_req, rows), max_touched_pages(self.plan.max_query_len),
+                      self.h * pack_parts(self.d))](
+            *self.common, self.block_table, stage, scratch, cache, self.n_req,
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
             cache.stride(0), cache.stride(1), self.block_table.stride(0),
-            D=self.d, **self.stage_consts, **self.bits, **LAUNCH_PACK,
+            D=self.d, **self.stage_consts, **self.bits, R=rows, **LAUNCH_PACK,
         )
 
     def attend(self, query, out, scale: float, sliding_window=None, soft_cap=None) -> None:

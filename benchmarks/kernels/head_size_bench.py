@@ -5,8 +5,8 @@
 Heads (query / KV) per head size: 64 -> Llama-3.2-1B (32 / 8), 128 -> Llama-3.1-8B (32 / 8), 256 -> Gemma-3-12B
 (16 / 8); one query token per sequence, batch x context as given.  kvmix: ``PageStep.attend`` (packed pages + the
 8-bit own page, output rotated back), on the CUDA decode kernel as served (row ``graph``: replayed from a CUDA
-graph, as vLLM runs decode) and on the Triton page kernel alone (``triton``).  bf16 baseline: FA3
-(vllm_flash_attn, paged, block 16, shuffled blocks) where vLLM is installed, else torch's
+graph, as vLLM runs decode) and on the Triton page kernel alone (``triton``).  Baselines: FA3 bf16 and FA3
+fp8 with scales 1.0 (vllm_flash_attn, paged, block 16, shuffled blocks) where vLLM is installed, else torch's
 ``scaled_dot_product_attention`` on contiguous bf16 K / V (``sdpa_bf16``: no paging, whichever backend torch
 picks for GQA).  GB/s counts the K/V bytes each kernel must read; the device copy bandwidth is measured in the
 same run.  Caches hold random bytes with valid fp16 metadata, as in page_bench.py (timing does not depend on
@@ -58,8 +58,9 @@ def kvmix_bytes(fmt, d, hkv, B, seq):
     return B * hkv * (packed + staged)
 
 
-def baseline(B, L, d, hq, hkv, q, out, gen):
-    """(name, ms, bytes) of bf16 attention over B x L tokens: FA3 if vLLM is installed, else torch SDPA."""
+def baselines(B, L, d, hq, hkv, q, out, gen):
+    """{name: (ms, bytes)} of vLLM's attention over B x L tokens -- FA3 bf16 and FA3 fp8 (scales 1.0) if vLLM is
+    installed, else torch SDPA bf16 -- and the name of the bf16 baseline."""
     kv_bytes = 2 * 2 * B * L * hkv * d
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -67,7 +68,18 @@ def baseline(B, L, d, hq, hkv, q, out, gen):
         k, v, bt, cu_q, seq = paged_bf16(B, L, hkv, d, gen)
         f = lambda: flash_attn_varlen_func(q, k, v, 1, cu_q, L, seqused_k=seq, softmax_scale=d**-0.5,  # noqa: E731
                                            causal=True, block_table=bt, out=out, fa_version=3)
-        return "fa3_bf16", bench(f), kv_bytes
+        res = {"fa3_bf16": (bench(f), kv_bytes)}
+        try:
+            k8, v8, q8 = (x.to(torch.float8_e4m3fn) for x in (k, v, q))
+            del k, v
+            one = torch.ones(B, hkv, device=dev, dtype=torch.float32)
+            f8 = lambda: flash_attn_varlen_func(q8, k8, v8, 1, cu_q, L, seqused_k=seq,  # noqa: E731
+                                                softmax_scale=d**-0.5, causal=True, block_table=bt, out=out,
+                                                fa_version=3, q_descale=one, k_descale=one, v_descale=one)
+            res["fa3_fp8"] = (bench(f8), kv_bytes // 2)
+        except Exception as e:  # noqa: BLE001 (keep the bf16 row)
+            print("FA3 fp8 unavailable:", repr(e)[:200], flush=True)
+        return "fa3_bf16", res
     except Exception as e:  # noqa: BLE001
         print("FA3 unavailable, timing torch SDPA bf16 instead:", repr(e)[:200], flush=True)
     k = torch.randn(B, hkv, L, d, dtype=torch.bfloat16, device=dev, generator=gen)
@@ -76,7 +88,7 @@ def baseline(B, L, d, hq, hkv, q, out, gen):
     f = lambda: torch.nn.functional.scaled_dot_product_attention(qq, k, v, scale=d**-0.5, enable_gqa=True)  # noqa: E731
     ms = bench(f)
     del k, v
-    return "sdpa_bf16", ms, kv_bytes
+    return "sdpa_bf16", {"sdpa_bf16": (ms, kv_bytes)}
 
 
 def main():
@@ -95,15 +107,17 @@ def main():
     bw = copy_bw()
     name = torch.cuda.get_device_name()
     print(f"device copy bandwidth {bw:.0f} GB/s ({name})", flush=True)
-    print(f"{'d':>4} {'B':>4} {'L':>7}  {'kernel':<24}{'ms':>8} {'GB/s':>7} {'%copy':>6} {'vs bf16':>8}", flush=True)
+    print(f"{'d':>4} {'B':>4} {'L':>7}  {'kernel':<24}{'ms':>8} {'GB/s':>7} {'%copy':>6} {'vs bf16':>8} {'vs fp8':>7}",
+          flush=True)
     rows = []
     for d in map(int, args.head_sizes.split(",")):
         hq, hkv = HEADS[d]
         for B, L in shapes:
             q = torch.randn(B, hq, d, dtype=torch.bfloat16, device=dev, generator=gen)
             out = torch.empty_like(q)
-            base_name, base_ms, base_bytes = baseline(B, L, d, hq, hkv, q, out, gen)
-            res = {base_name: (base_ms, base_bytes)}
+            base_name, res = baselines(B, L, d, hq, hkv, q, out, gen)
+            base_ms = res[base_name][0]
+            fp8_ms = res.get("fa3_fp8", (None,))[0]
             torch.cuda.empty_cache()
             seq_len = L - 32  # a typical decode step: the own page half full
             for fname in args.formats.split(","):
@@ -138,9 +152,11 @@ def main():
             for kname, (ms, byt) in res.items():
                 gbs = byt / (ms * 1e-3) / 1e9
                 rows.append(dict(d=d, hq=hq, hkv=hkv, B=B, L=L, kernel=kname, ms=ms, gbs=gbs, pct_copy=100 * gbs / bw,
-                                 baseline=base_name, speedup_vs_baseline=base_ms / ms))
+                                 baseline=base_name, speedup_vs_baseline=base_ms / ms,
+                                 speedup_vs_fa3_fp8=fp8_ms / ms if fp8_ms else None))
+                vs8 = f"{fp8_ms / ms:7.2f}x" if fp8_ms else "      -"
                 print(f"{d:>4} {B:>4} {L:>7}  {kname:<24}{ms:8.3f} {gbs:7.0f} {100 * gbs / bw:6.1f} "
-                      f"{base_ms / ms:7.2f}x", flush=True)
+                      f"{base_ms / ms:7.2f}x {vs8}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "head_size_bench.json"), "w") as f:
         json.dump(dict(device=name, copy_gbs=bw, attention=rows), f, indent=1)

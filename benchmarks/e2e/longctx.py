@@ -11,6 +11,11 @@ that run at once here; kvmix reserves staging per running sequence), dummy weigh
 - ``tpot_1x128k_ms``: one request, 130,816 prompt tokens (prefilled once before, so cached) + 256 output
   tokens: the timed generate's time over 256.  ``tpot_4x100k_ms``: four such requests of 102,400 tokens
   decoding together, time over 256 steps.
+--steps: the engine in-process and every prompt-chunk step plus every 16th decode step traced as ``bench.py
+--steps`` does (synchronized steps, so the timed figures are slower); the row gets ``traced`` = {phase: the
+traced steps' mean wall and GPU time by category and the top kernels}, where each prefill phase's chunks run
+over a growing cached context.  --phases: a comma-separated subset of prefill_32k, prefill_120k, 1x128k, 4x100k
+(default: all).
 Prints one RESULT line (JSON) and appends it to FILE; the row's "run" is $RUN.
 """
 import os
@@ -29,6 +34,15 @@ OUT_TOKENS = 256
 def main():
     model, backend, kvd = sys.argv[1:4]
     out_file = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+    phases = sys.argv[sys.argv.index("--phases") + 1].split(",") if "--phases" in sys.argv else \
+        ["prefill_32k", "prefill_120k", *TPOT]
+    traced = None
+    if "--steps" in sys.argv:
+        import bench
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process
+        bench.PROFILE_STEPS.update(prefill=(1, 0, 1 << 30), decode=(16, 8, 1 << 30))
+        _, traced = bench._time_steps()
     from vllm import LLM, SamplingParams
 
     t0 = time.time()
@@ -55,13 +69,37 @@ def main():
         row[key] = round(value, 3)
         print("PART", key, row[key], flush=True)
 
-    first, second = (timed([prompt(PREFILL[0])], 1) for _ in range(2))
-    put("prefill_32k_s", min(first, second))
-    put("prefill_120k_s", timed([prompt(PREFILL[1])], 1))
+    profiles = {}
+
+    def traced_from_here():
+        if traced is not None:
+            for t in traced.values():
+                t.update(steps=0, tokens=0, wall_s=0.0, by_kind={}, by_kernel={})
+
+    def keep_traced(phase):
+        if traced is not None:
+            import bench
+
+            profiles[phase] = bench._traced_summary(traced)
+
+    if "prefill_32k" in phases:
+        first = timed([prompt(PREFILL[0])], 1)
+        traced_from_here()
+        second = timed([prompt(PREFILL[0])], 1)
+        keep_traced("prefill_32k")
+        put("prefill_32k_s", min(first, second))
+    if "prefill_120k" in phases:
+        traced_from_here()
+        put("prefill_120k_s", timed([prompt(PREFILL[1])], 1))
+        keep_traced("prefill_120k")
     for name, (n, lin) in TPOT.items():
+        if name not in phases:
+            continue
         prompts = [prompt(lin) for _ in range(n)]
         put(f"fill_{name}_s", timed(prompts, 1))  # prefill once: cached for the timed run
+        traced_from_here()
         put(f"tpot_{name}_ms", 1000 * timed(prompts, OUT_TOKENS) / OUT_TOKENS)
+        keep_traced(name)
 
     import torch
     import vllm
@@ -76,6 +114,8 @@ def main():
                model=os.path.basename(model.rstrip("/")), run=os.environ.get("RUN", ""), vllm=vllm.__version__,
                gpu=torch.cuda.get_device_name(),
                kvmix=f"{vllm_kvmix.__version__} {os.path.dirname(vllm_kvmix.__file__)}")
+    if traced is not None:
+        row.update(steps_synchronized=True, traced=profiles)
     emit(row, out_file)
 
 

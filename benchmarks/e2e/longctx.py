@@ -34,8 +34,10 @@ OUT_TOKENS = 256
 def main():
     model, backend, kvd = sys.argv[1:4]
     out_file = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
-    phases = sys.argv[sys.argv.index("--phases") + 1].split(",") if "--phases" in sys.argv else \
-        ["prefill_32k", "prefill_120k", *TPOT]
+    known = ["prefill_32k", "prefill_120k", *TPOT]
+    phases = sys.argv[sys.argv.index("--phases") + 1].split(",") if "--phases" in sys.argv[:-1] else known
+    if "--phases" in sys.argv[-1:] or set(phases) - set(known):
+        sys.exit(f"--phases: a comma-separated subset of {','.join(known)}")
     traced = None
     if "--steps" in sys.argv:
         import bench

@@ -68,6 +68,14 @@ typedef unsigned char u8;
 // 0.88 / 0.90 of the step time for k4v2 / k4v4 at 64 x 8k, 1.02-1.05 for k8v4, whose wider key words take
 // its stack from 80 to 128 bytes.
 #define KVMIX_NEG_INF __int_as_float(0xff800000)
+// Experiment (0 as served): at least this many pages a split.  A decode graph's split count is fixed by the
+// model's longest context, so a short context spreads a page or two over each split and the last block merges
+// every split's partial; with a floor, the splits past the last one with pages exit at once and the merge reads
+// only the others (batch 1 x 8k: 16 splits of 8 pages instead of 64 of 2).  head_size_bench.py / page_bench.py
+// --experiments KVMIX_MIN_SPLIT_PAGES=8 time it.
+#ifndef KVMIX_MIN_SPLIT_PAGES
+#define KVMIX_MIN_SPLIT_PAGES 0
+#endif
 // Packed page passes a warp keeps in its shared-memory ring (cuda_decode.RING_STAGES): the next pass is copied
 // (cp.async) while the current one is computed, so no registers wait on loads in flight.
 #ifndef KVMIX_RING_STAGES
@@ -868,7 +876,14 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   const int n_pages = own + 1;
   const int lo = WINDOW ? max(seq - args.window, 0) : 0;  // the first key position attended
   const int p_first = lo / KVMIX_P;
+#if KVMIX_MIN_SPLIT_PAGES > 0
+  const int per = max((n_pages - p_first + num_splits - 1) / num_splits, KVMIX_MIN_SPLIT_PAGES);
+  const int n_merged = (n_pages - p_first + per - 1) / per;  // the splits with pages; the others exit here
+  if (num_splits > 1 && split >= n_merged) return;
+#else
   const int per = (n_pages - p_first + num_splits - 1) / num_splits;
+  const int n_merged = num_splits;  // splits whose partials the last block merges: every one
+#endif
   const int p_begin = p_first + split * per;
   const int p_end = min(n_pages, p_begin + per);
   u8* own_page = stage + (long long)slots[b] * stride_ss + (long long)kvh * stride_sh;
@@ -1042,18 +1057,18 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
     // ---- the last block of (row, KV head) to finish merges every split's partial
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) sm_last = atomicAdd(counters + (long long)qb * num_pairs + pair, 1) == num_splits - 1;
+    if (threadIdx.x == 0) sm_last = atomicAdd(counters + (long long)qb * num_pairs + pair, 1) == n_merged - 1;
     __syncthreads();
     if (!sm_last) return;
     __threadfence();
     // warp w: heads w, w + NW; lanes over splits -> the global max, each split's weight, the sum
     for (int r = warp; r < rows; r += NW) {
       float M = KVMIX_NEG_INF;
-      for (int sp = lane; sp < num_splits; sp += 32) M = fmaxf(M, __ldcg(ws_ml + ((base + sp) * KVMIX_ROWS + r) * 2));
+      for (int sp = lane; sp < n_merged; sp += 32) M = fmaxf(M, __ldcg(ws_ml + ((base + sp) * KVMIX_ROWS + r) * 2));
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
       float L = 0.f;
-      for (int sp = lane; sp < num_splits; sp += 32) {
+      for (int sp = lane; sp < n_merged; sp += 32) {
         const float f = M == KVMIX_NEG_INF ? 0.f : ex2(__ldcg(ws_ml + ((base + sp) * KVMIX_ROWS + r) * 2) - M);
         sm_w[sp][r] = f;
         L += f * __ldcg(ws_ml + ((base + sp) * KVMIX_ROWS + r) * 2 + 1);
@@ -1068,7 +1083,7 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
       float4 A;
       A.x = A.y = A.z = A.w = 0.f;
 #pragma unroll 8
-      for (int sp = 0; sp < num_splits; ++sp) {
+      for (int sp = 0; sp < n_merged; ++sp) {
         const float f = sm_w[sp][r];
         const float4 v = __ldcg(reinterpret_cast<const float4*>(ws_acc + ((base + sp) * KVMIX_ROWS + r) * D + c));
         A.x += f * v.x; A.y += f * v.y; A.z += f * v.z; A.w += f * v.w;

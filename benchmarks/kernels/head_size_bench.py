@@ -97,6 +97,9 @@ def main():
     ap.add_argument("--shapes", default="64x32768,256x8192", help="batch x context, e.g. 64x32768,256x8192")
     ap.add_argument("--head-sizes", default="64,128,256")
     ap.add_argument("--formats", default="kvmix-k4v2,kvmix-k4v4,kvmix-k8v4")
+    ap.add_argument("--plan-len", type=int, default=0,
+                    help="the length the split-K count is planned for (vLLM's decode graphs: the model's maximum "
+                         "length, e.g. 131072); default: each shape's context")
     ap.add_argument("--experiments", default="none",
                     help="builds of the CUDA source to time beside the served one (graph rows '... graph +D1+D2'): "
                          "';' between builds, '+' between defines, as page_bench.py")
@@ -127,7 +130,7 @@ def main():
                 qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)
                 seq = torch.full((B,), seq_len, dtype=torch.int32, device=dev)
                 slots = torch.arange(B, dtype=torch.int32, device=dev)
-                plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), seq_len, hq, hkv)
+                plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), max(seq_len, args.plan_len), hq, hkv)
                 st = PageStep(k, cache, stage, fmt, slots, bt, plan)
                 nbytes = kvmix_bytes(fmt, d, hkv, B, seq_len)
                 res[fname] = (bench(lambda: st.attend(q, out, d**-0.5)), nbytes)

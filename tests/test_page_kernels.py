@@ -116,6 +116,19 @@ def test_page_step_matches_reference(name, split):
     _same_pages(ref, ker, fmt, 64, 150 // P)
 
 
+@pytest.mark.parametrize("name, d", [("kvmix-k8v8", 128), ("kvmix-k2v2", 128), ("kvmix-k4v4", 256),
+                                     ("kvmix-k8v2", 256)])
+def test_pack_kernel_matches_the_reference_per_format(name, d):
+    """Every key and value width through the pack kernel's parts at head sizes with several 64-channel groups
+    (8-bit values take the plain quantizer, narrower ones the clip search): a prompt that fills two pages."""
+    fmt = parse_format(name)
+    q, k, v = _case(7, 140, h=1, rep=2, d=d)
+    ref, ker = Seqs(fmt, 1, d), KernelSeqs(fmt, 1, d)
+    _run(ref, q, k, v, [140])
+    _run(ker, q, k, v, [140])
+    _same_pages(ref, ker, fmt, d, 140 // P)
+
+
 def test_decode_step_packs_the_pages_that_fill():
     """A decode step of 40 rows (3 blocks of the pack kernel's PACK_DECODE_ROWS requests, the last partial)
     where 5 rows' new token is the last of their page -- two in one block, one in the partial block: exactly

@@ -168,17 +168,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _child_result(code: str):
-    """Run ``code`` in a child process with the engine in-process and vLLM's INFO logs on; returns the JSON of
-    its ``RESULT`` line and its logs."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "INFO"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
-    logs = p.stdout + p.stderr
-    assert p.returncode == 0, logs[-4000:]
-    line = next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.split(" ", 1)[1]), logs
-
-
 def test_kvmix_auto_plans_at_startup_under_llm(smollm2_dir):
     """kvmix-auto-b5 through LLM(...): a per-layer plan from the loaded weights, logged as a table;
     KV blocks exactly those of k8v2 (same bytes); sensible greedy text.  In a child process with

@@ -168,6 +168,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _child_result(code: str, **env) -> tuple[dict, str]:
+    """Run ``code`` in a fresh interpreter (engine in-process, vLLM's INFO logs on); its ``RESULT <json>`` line."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "INFO", **env}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    logs = p.stdout + p.stderr
+    assert p.returncode == 0, logs[-4000:]
+    line = next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.split(" ", 1)[1]), logs
+
+
 def test_kvmix_auto_plans_at_startup_under_llm(smollm2_dir):
     """kvmix-auto-b5 through LLM(...): a per-layer plan from the loaded weights, logged as a table;
     KV blocks exactly those of k8v2 (same bytes); sensible greedy text.  In a child process with
@@ -297,16 +307,6 @@ def test_bad_names_fail_with_choices(smollm2_dir):
     )
     assert p.returncode == 2
     assert "invalid choice: 'kvmix-k5v2'" in p.stderr and "kvmix-k4v2" in p.stderr
-
-
-def _child_result(code: str, **env) -> tuple[dict, str]:
-    """Run ``code`` in a fresh interpreter (engine in-process, vLLM's INFO logs on); its ``RESULT <json>`` line."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "INFO", **env}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
-    logs = p.stdout + p.stderr
-    assert p.returncode == 0, logs[-4000:]
-    line = next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.split(" ", 1)[1]), logs
 
 
 def test_bf16_is_unchanged_by_the_plugin(smollm2_dir):

@@ -103,8 +103,14 @@ def plan_query_blocks(query_start_loc, block_q: int, device, reqs=None) -> tuple
     first = torch.cumsum(n_blk, 0) - n_blk
     req = ids[blk]
     tok = starts[blk] + (torch.arange(blk.numel()) - first[blk]) * block_q
-    return (req.to(torch.int32).to(device, non_blocking=True),
-            tok.to(torch.int32).to(device, non_blocking=True), block_q)
+    # from pinned memory: a copy from pageable memory would wait for the stream (every launch queued so far)
+    pin = torch.device(device).type == "cuda"
+
+    def to_device(x):
+        x = x.to(torch.int32)
+        return (x.pin_memory() if pin else x).to(device, non_blocking=True)
+
+    return to_device(req), to_device(tok), block_q
 
 
 def block_q_for(num_heads: int, num_kv_heads: int, max_query_len: int = 1) -> int:

@@ -46,6 +46,7 @@ import triton.language as tl
 
 from vllm_kvmix.formats import PAGE_TOKENS
 from vllm_kvmix.kernels.codec import _unpack, code_f32, decode_tile
+from vllm_kvmix.kernels.splitk import host_to_device
 from vllm_kvmix.quant import hadamard
 
 P: tl.constexpr = tl.constexpr(PAGE_TOKENS)
@@ -189,11 +190,9 @@ class PrefillPlan:
         self.max_seqlen_q = int(np.diff(cu_np).max())
         self.max_seqlen_k = int(used_np.max())
         self.row_ranges = [(qsl[r], qsl[r + 1]) for r in self.reqs]
-        pin = device.type == "cuda"
 
         def dev(x):
-            x = torch.from_numpy(np.ascontiguousarray(x))
-            return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
+            return host_to_device(torch.from_numpy(np.ascontiguousarray(x)), device)
 
         self.pages = dev(np.concatenate(pages).astype(np.int32) if pages else np.zeros((0, FIELDS), np.int32))
         self.cu_seqlens_q = dev(cu_np)

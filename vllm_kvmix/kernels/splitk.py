@@ -103,14 +103,15 @@ def plan_query_blocks(query_start_loc, block_q: int, device, reqs=None) -> tuple
     first = torch.cumsum(n_blk, 0) - n_blk
     req = ids[blk]
     tok = starts[blk] + (torch.arange(blk.numel()) - first[blk]) * block_q
-    # from pinned memory: a copy from pageable memory would wait for the stream (every launch queued so far)
-    pin = torch.device(device).type == "cuda"
+    return host_to_device(req.to(torch.int32), device), host_to_device(tok.to(torch.int32), device), block_q
 
-    def to_device(x):
-        x = x.to(torch.int32)
-        return (x.pin_memory() if pin else x).to(device, non_blocking=True)
 
-    return to_device(req), to_device(tok), block_q
+def host_to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A tensor planned on the host, on ``device`` without waiting for the stream: copied from pinned memory
+    on CUDA (a non-blocking copy from pageable memory waits for every launch queued so far)."""
+    if torch.device(device).type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def block_q_for(num_heads: int, num_kv_heads: int, max_query_len: int = 1) -> int:

@@ -282,7 +282,7 @@ def write_bench(gen):
         if ms is not None:
             rows.append(dict(case=label, kernel="reshape_and_cache_flash bf16", ms=ms,
                              graph_ms=reshape_and_cache_ms(k, v, slots_bf16, n_blocks, graph=True)))
-    rows += served_decode_write(gen)
+    rows += served_decode_write(gen, spread=False) + served_decode_write(gen, spread=True)
     print("\nwrite (ms; eager launch / CUDA graph):")
     for r in rows:
         eager = f"{r['ms']:.4f}" if r.get("ms") is not None else "-"
@@ -290,21 +290,22 @@ def write_bench(gen):
     return rows
 
 
-def served_decode_write(gen, B=256, L=1024, fill=4):
+def served_decode_write(gen, B=256, L=1024, fill=4, spread=True):
     """A decode step's write as served: the CUDA decode launch stages each row's new token, then the pack
     launch packs the pages that filled -- ``fill`` of the ``B`` rows (a sequence fills a page every 64 steps,
-    so ~B / 64 a step in a steady batch).  ``graph_ms`` = the step (``PageStep.run``) minus attention alone
-    (``PageStep.attend``, no staging), both replayed from CUDA graphs; compare with reshape_and_cache_flash's
-    row of the decode case (B tokens)."""
+    so ~B / 64 a step in a steady batch), rows ``B / fill`` apart (``spread``) or the first ``fill`` rows (one
+    pack program packs them one after the other).  ``graph_ms`` = the step (``PageStep.run``) minus attention
+    alone (``PageStep.attend``, no staging), both replayed from CUDA graphs; compare with
+    reshape_and_cache_flash's row of the decode case (B tokens)."""
     rows = []
-    label = f"decode {B}x1 as served ({fill} of {B} pages fill)"
+    label = f"decode {B}x1 as served ({fill} of {B} pages fill, {'spread' if spread else 'first rows'})"
     q = torch.randn(B, HQ, D, dtype=torch.bfloat16, device=dev, generator=gen)
     out = torch.empty_like(q)
     k = torch.randn(B, HKV, D, dtype=torch.bfloat16, device=dev, generator=gen)
     v = torch.randn_like(k)
     qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)
     seq = torch.full((B,), L - 32, dtype=torch.int32, device=dev)
-    seq[:fill] = L  # these rows' new token is the last of their page
+    seq[torch.arange(fill) * (B // fill if spread else 1)] = L  # these rows' new token is the last of their page
     slots = torch.arange(B, dtype=torch.int32, device=dev)
     for fname in FORMATS:
         fmt = parse_format(fname)

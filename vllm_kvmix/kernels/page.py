@@ -18,8 +18,8 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
    or scratch page of their position;
 2. ``_pack_kernel`` (blocks of requests x touched pages x KV heads x ``pack_parts``):
    every touched page that is full after the step is re-quantized from its
-   8-bit copy -- keys per channel over the page (one program), values per token
-   (one program per 64-channel group) -- and stored packed in the cache;
+   8-bit copy -- keys per channel over the page (one program per 64 channels), values
+   per token (one program per 64-channel group and 16 tokens) -- and stored packed in the cache;
 3. ``_page_attention_kernel`` (query blocks x KV heads x splits): a query at
    position ``p`` reads pages before ``p // 64`` packed and its own page from
    the 8-bit copy, all by bit planes (:mod:`vllm_kvmix.kernels.planes`: the
@@ -167,9 +167,17 @@ def _stage_kernel(
         _store_cols(scratch_ptr, scratch_page, off, in_scratch, vc, vs, vm, g * 64, D, 8, SV_CODES, SV_META)
 
 
+# tokens per value program of the pack kernel: values are quantized per token, so a 64-channel group of a
+# page splits into PAGE_TOKENS // PACK_VALUE_ROWS programs; a filling page then waits for the clip search of
+# 16 tokens (the whole page's took ~12 us on the H200: the latency of every decode step where a page fills)
+PACK_VALUE_ROWS = 16
+VR: tl.constexpr = tl.constexpr(PACK_VALUE_ROWS)
+
+
 def pack_parts(d: int) -> int:
-    """Programs that pack one (page, KV head): the keys, and each 64-channel group of values."""
-    return 1 + d // 64
+    """Programs that pack one (page, KV head): the keys per 64-channel block (per channel over the page's
+    tokens), and the values per 64-channel group and block of :data:`PACK_VALUE_ROWS` tokens."""
+    return d // 64 * (1 + PAGE_TOKENS // PACK_VALUE_ROWS)
 
 
 @triton.jit
@@ -179,7 +187,9 @@ def _pack_page(b, j, h, part, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table
                SV_META: tl.constexpr, K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
                V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr):
     """Part ``part`` of request ``b``'s touched page ``j``, KV head ``h``, from its 8-bit copy into the cache
-    (the caller checked that the page is full): part 0 the keys, part ``1 + g`` the values' channel group ``g``."""
+    (the caller checked that the page is full): parts ``c < D / 64`` the keys' channels ``[64 c, 64 c + 64)``
+    over the page's 64 tokens, the others ``D / 64 + g * (64 / VR) + i`` the values' channel group ``g`` of
+    tokens ``[VR i, VR i + VR)`` (:func:`pack_parts`)."""
     q0 = tl.load(qsl_ptr + b)
     q1 = tl.load(qsl_ptr + b + 1)
     seq = tl.load(seq_ptr + b)
@@ -188,34 +198,36 @@ def _pack_page(b, j, h, part, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table
         src = stage_ptr + tl.load(slot_ptr + b).to(tl.int64) * stride_ss + h * stride_sh
     else:
         src = scratch_ptr + (tl.load(sbase_ptr + b).to(tl.int64) + j - 1) * stride_xs + h * stride_xh
-    t = tl.arange(0, P)
-    ok = t < P
     blk = tl.load(block_table_ptr + b.to(tl.int64) * stride_bt + pg).to(tl.int64)
     dst_off = blk * stride_cb + h * stride_ch
     C: tl.constexpr = 64
-    if part == 0:  # keys per channel over the page's 64 tokens, 64 channels at a time
+    KP: tl.constexpr = D // C
+    if part < KP:  # keys per channel over the page's 64 tokens: channels [64 c, 64 c + 64)
+        kt = tl.arange(0, P)
+        c = part
         dst = cache_ptr + dst_off
         K_LEVELS: tl.constexpr = (1 << K_BITS) - 1
         CBK: tl.constexpr = D * K_BITS // 8
         kmeta = (dst + K_META).to(tl.pointer_type(tl.float16))
-        for c in tl.static_range(D // C):
-            k8 = decode_cols(src, t, ok, c * C, C, D, 8, SK_GROUP, 0, SK_META)
-            ks, km, kinv = minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
-            y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
-            kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
-            cols = tl.arange(0, C * K_BITS // 8) + c * C * K_BITS // 8
-            tl.store(dst + K_CODES + t[:, None] * CBK + cols[None, :], pack_rows(kc, K_BITS))
-            d = tl.arange(0, C) + c * C
-            tl.store(kmeta + 2 * d, ks)
-            tl.store(kmeta + 2 * d + 1, km)
-    else:  # values (rotated) per token, group part - 1; below 8 bits with clipped ranges (the reference's rule)
-        c0 = (part - 1) * C
-        v8 = decode_cols(src, t, ok, c0, C, D, 8, 64, SV_CODES, SV_META)
+        k8 = decode_cols(src, kt, kt < P, c * C, C, D, 8, SK_GROUP, 0, SK_META)
+        ks, km, kinv = minmax_meta(tl.min(k8, axis=0), tl.max(k8, axis=0), K_LEVELS)
+        y = tl.floor((k8 - km.to(tl.float32)[None, :]) * kinv[None, :] + 0.5)
+        kc = tl.minimum(tl.maximum(y, 0.0), K_LEVELS * 1.0).to(tl.int32)
+        cols = tl.arange(0, C * K_BITS // 8) + c * C * K_BITS // 8
+        tl.store(dst + K_CODES + kt[:, None] * CBK + cols[None, :], pack_rows(kc, K_BITS))
+        d = tl.arange(0, C) + c * C
+        tl.store(kmeta + 2 * d, ks)
+        tl.store(kmeta + 2 * d + 1, km)
+    else:  # values (rotated) per token; below 8 bits with clipped ranges (the reference's rule)
+        vp = part - KP
+        c0 = vp // (P // VR) * C
+        vt = vp % (P // VR) * VR + tl.arange(0, VR)
+        v8 = decode_cols(src, vt, vt < P, c0, C, D, 8, 64, SV_CODES, SV_META)
         if V_BITS < 8:
             vc, vs, vm = quant_rows_clipped(v8, V_BITS, 64)
         else:
             vc, vs, vm = quant_rows(v8, V_BITS, 64)
-        _store_cols(cache_ptr, tl.zeros([P], tl.int64) + dst_off, t, ok, vc, vs, vm, c0, D, V_BITS, V_CODES,
+        _store_cols(cache_ptr, tl.zeros([VR], tl.int64) + dst_off, vt, vt < P, vc, vs, vm, c0, D, V_BITS, V_CODES,
                     V_META)
 
 
@@ -235,7 +247,7 @@ def _pack_kernel(
     the other: ``R`` = 1 for steps with a prompt (many pages each), :data:`PACK_DECODE_ROWS` for decode
     steps, where a request fills a page once in 64 steps and nearly every program only looks and exits."""
     j = tl.program_id(1)
-    PARTS: tl.constexpr = 1 + D // 64
+    PARTS: tl.constexpr = D // 64 * (1 + P // VR)  # pack_parts(D)
     h = tl.program_id(2) // PARTS
     part = tl.program_id(2) % PARTS
     r = tl.program_id(0) * R + tl.arange(0, R)

@@ -19,7 +19,8 @@ boundaries) get pages of a per-step scratch buffer.  Four launches:
 2. ``_pack_kernel`` (blocks of requests x touched pages x KV heads x ``pack_parts``):
    every touched page that is full after the step is re-quantized from its
    8-bit copy -- keys per channel over the page (one program per 64 channels), values
-   per token (one program per 64-channel group and 16 tokens) -- and stored packed in the cache;
+   per token (one program per 64-channel group, and in decode steps per 16 tokens) -- and stored packed
+   in the cache;
 3. ``_page_attention_kernel`` (query blocks x KV heads x splits): a query at
    position ``p`` reads pages before ``p // 64`` packed and its own page from
    the 8-bit copy, all by bit planes (:mod:`vllm_kvmix.kernels.planes`: the
@@ -167,17 +168,10 @@ def _stage_kernel(
         _store_cols(scratch_ptr, scratch_page, off, in_scratch, vc, vs, vm, g * 64, D, 8, SV_CODES, SV_META)
 
 
-# tokens per value program of the pack kernel: values are quantized per token, so a 64-channel group of a
-# page splits into PAGE_TOKENS // PACK_VALUE_ROWS programs; a filling page then waits for the clip search of
-# 16 tokens (the whole page's took ~12 us on the H200: the latency of every decode step where a page fills)
-PACK_VALUE_ROWS = 16
-VR: tl.constexpr = tl.constexpr(PACK_VALUE_ROWS)
-
-
-def pack_parts(d: int) -> int:
+def pack_parts(d: int, value_rows: int) -> int:
     """Programs that pack one (page, KV head): the keys per 64-channel block (per channel over the page's
-    tokens), and the values per 64-channel group and block of :data:`PACK_VALUE_ROWS` tokens."""
-    return d // 64 * (1 + PAGE_TOKENS // PACK_VALUE_ROWS)
+    tokens), and the values per 64-channel group and block of ``value_rows`` tokens."""
+    return d // 64 * (1 + PAGE_TOKENS // value_rows)
 
 
 @triton.jit
@@ -185,7 +179,7 @@ def _pack_page(b, j, h, part, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table
                cache_ptr, stride_ss, stride_sh, stride_xs, stride_xh, stride_cb, stride_ch, stride_bt,
                D: tl.constexpr, SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr,
                SV_META: tl.constexpr, K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
-               V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr):
+               V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr, VR: tl.constexpr):
     """Part ``part`` of request ``b``'s touched page ``j``, KV head ``h``, from its 8-bit copy into the cache
     (the caller checked that the page is full): parts ``c < D / 64`` the keys' channels ``[64 c, 64 c + 64)``
     over the page's 64 tokens, the others ``D / 64 + g * (64 / VR) + i`` the values' channel group ``g`` of
@@ -238,16 +232,18 @@ def _pack_kernel(
     stride_ss, stride_sh, stride_xs, stride_xh, stride_cb, stride_ch, stride_bt,
     D: tl.constexpr, SK_META: tl.constexpr, SK_GROUP: tl.constexpr, SV_CODES: tl.constexpr, SV_META: tl.constexpr,
     K_BITS: tl.constexpr, K_CODES: tl.constexpr, K_META: tl.constexpr,
-    V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr, R: tl.constexpr,
+    V_BITS: tl.constexpr, V_CODES: tl.constexpr, V_META: tl.constexpr, R: tl.constexpr, VR: tl.constexpr,
 ):
-    """Grid (blocks of ``R`` requests, touched pages, KV heads x ``pack_parts(D)``): every touched page that is
-    full after the step, in parts side by side (:func:`_pack_page`; the values' clip search is the long part,
+    """Grid (blocks of ``R`` requests, touched pages, KV heads x ``pack_parts(D, VR)``): every touched page
+    that is full after the step, in parts side by side (:func:`_pack_page`; the values' clip search is the long part,
     and no program holds more than one [64, 64] fp32 tile: whole [64, D] key and value tiles took 255
     registers and spilled at D = 256).  A program packs the full pages among its ``R`` requests one after
     the other: ``R`` = 1 for steps with a prompt (many pages each), :data:`PACK_DECODE_ROWS` for decode
-    steps, where a request fills a page once in 64 steps and nearly every program only looks and exits."""
+    steps, where a request fills a page once in 64 steps and nearly every program only looks and exits.
+    A value program packs ``VR`` tokens: 64 in steps with a prompt, :data:`PACK_DECODE_VALUE_ROWS` in
+    decode steps."""
     j = tl.program_id(1)
-    PARTS: tl.constexpr = D // 64 * (1 + P // VR)  # pack_parts(D)
+    PARTS: tl.constexpr = D // 64 * (1 + P // VR)  # pack_parts(D, VR)
     h = tl.program_id(2) // PARTS
     part = tl.program_id(2) % PARTS
     r = tl.program_id(0) * R + tl.arange(0, R)
@@ -261,7 +257,7 @@ def _pack_kernel(
     while b < NONE:
         _pack_page(b, j, h, part, qsl_ptr, seq_ptr, slot_ptr, sbase_ptr, block_table_ptr, stage_ptr, scratch_ptr,
                    cache_ptr, stride_ss, stride_sh, stride_xs, stride_xh, stride_cb, stride_ch, stride_bt,
-                   D, SK_META, SK_GROUP, SV_CODES, SV_META, K_BITS, K_CODES, K_META, V_BITS, V_CODES, V_META)
+                   D, SK_META, SK_GROUP, SV_CODES, SV_META, K_BITS, K_CODES, K_META, V_BITS, V_CODES, V_META, VR)
         full = full & (r != b)
         b = tl.min(tl.where(full, r, NONE))
 
@@ -462,6 +458,11 @@ LAUNCH_PACK = {"num_warps": 4}
 # requests per _pack_kernel program in a decode step: a 256-row step launches 16 x KV heads x parts programs, not
 # 256 x ..., of which all but the few with a filling page exit at once (R in _pack_kernel)
 PACK_DECODE_ROWS = 16
+# tokens per value program of the pack kernel in decode steps (values are quantized per token): a page that
+# fills waits for the clip search of 16 tokens, not 64 (k4v2, 4 of 256 decode rows filling, H200: the pack
+# launch 9.7 us against 16.9 us); steps with a prompt keep whole pages, whose 16-token programs pack 1.45x
+# slower in bulk (74.6 against 51.2 us for a 4096-token prompt) -- benchmarks/kernels/page_bench.py
+PACK_DECODE_VALUE_ROWS = 16
 STAGE_TOKENS = 16  # tokens per _stage_kernel program (tl.dot needs >= 16 rows) in a step of one-token rows
 # ... and in a step with a prompt (H200, 16k-token step, when the kernel still loaded the fp32 rotation: 0.17 ms
 # against 0.26 ms at 16, benchmarks/kernels/prefill_parts.py)
@@ -668,13 +669,14 @@ class PageStep:
     def pack(self) -> None:
         """Every page that is full after the step, from its 8-bit copy into the cache."""
         stage, scratch, cache = self.stage, self.scratch, self.cache
-        rows = PACK_DECODE_ROWS if self.plan.max_query_len == 1 else 1
+        decode = self.plan.max_query_len == 1
+        rows, value_rows = (PACK_DECODE_ROWS, PACK_DECODE_VALUE_ROWS) if decode else (1, PAGE_TOKENS)
         _pack_kernel[(triton.cdiv(self.n_req, rows), max_touched_pages(self.plan.max_query_len),
-                      self.h * pack_parts(self.d))](
+                      self.h * pack_parts(self.d, value_rows))](
             *self.common, self.block_table, stage, scratch, cache, self.n_req,
             stage.stride(0), stage.stride(1), scratch.stride(0), scratch.stride(1),
             cache.stride(0), cache.stride(1), self.block_table.stride(0),
-            D=self.d, **self.stage_consts, **self.bits, R=rows, **LAUNCH_PACK,
+            D=self.d, **self.stage_consts, **self.bits, R=rows, VR=value_rows, **LAUNCH_PACK,
         )
 
     def attend(self, query, out, scale: float, sliding_window=None, soft_cap=None) -> None:

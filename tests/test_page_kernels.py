@@ -792,8 +792,8 @@ stage, bits = page._constants(parse_format("kvmix-k4v2"), d)
 if name == "dequant":
     fn, consts = prefill._dequant_kernel, dict(D=d, **bits, **stage)
 elif name.startswith("pack"):  # "pack" as a prompt step launches it, "pack-decode" as a decode step does
-    fn, consts = page._pack_kernel, dict(D=d, **stage, **bits, R=page.PACK_DECODE_ROWS if "decode" in name else 1,
-                                            VR=page.PACK_DECODE_VALUE_ROWS if "decode" in name else 64)
+    rows, value_rows = page.pack_launch_rows("decode" in name)
+    fn, consts = page._pack_kernel, dict(D=d, **stage, **bits, R=rows, VR=value_rows)
 else:  # the stage kernel as a step with a prompt launches it
     fn, consts = page._stage_kernel, dict(D=d, TB=page.STAGE_TOKENS_PREFILL, **stage)
 ptrs = {"k_out_ptr": "*bf16", "v_out_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16"}

@@ -463,6 +463,14 @@ PACK_DECODE_ROWS = 16
 # launch 9.7 us against 16.9 us); steps with a prompt keep whole pages, whose 16-token programs pack 1.45x
 # slower in bulk (74.6 against 51.2 us for a 4096-token prompt) -- benchmarks/kernels/page_bench.py
 PACK_DECODE_VALUE_ROWS = 16
+
+
+def pack_launch_rows(decode: bool) -> tuple[int, int]:
+    """``(R, VR)`` of a ``_pack_kernel`` launch: requests per program and tokens per value program, for a decode
+    step or a step with a prompt."""
+    return (PACK_DECODE_ROWS, PACK_DECODE_VALUE_ROWS) if decode else (1, PAGE_TOKENS)
+
+
 STAGE_TOKENS = 16  # tokens per _stage_kernel program (tl.dot needs >= 16 rows) in a step of one-token rows
 # ... and in a step with a prompt (H200, 16k-token step, when the kernel still loaded the fp32 rotation: 0.17 ms
 # against 0.26 ms at 16, benchmarks/kernels/prefill_parts.py)
@@ -669,8 +677,7 @@ class PageStep:
     def pack(self) -> None:
         """Every page that is full after the step, from its 8-bit copy into the cache."""
         stage, scratch, cache = self.stage, self.scratch, self.cache
-        decode = self.plan.max_query_len == 1
-        rows, value_rows = (PACK_DECODE_ROWS, PACK_DECODE_VALUE_ROWS) if decode else (1, PAGE_TOKENS)
+        rows, value_rows = pack_launch_rows(self.plan.max_query_len == 1)
         _pack_kernel[(triton.cdiv(self.n_req, rows), max_touched_pages(self.plan.max_query_len),
                       self.h * pack_parts(self.d, value_rows))](
             *self.common, self.block_table, stage, scratch, cache, self.n_req,

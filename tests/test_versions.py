@@ -220,6 +220,24 @@ def test_specs_page_size_and_grouping():
         KvmixFullAttentionSpec.merge([full, make_spec("kvmix-k8v8", **common)])
 
 
+def test_group_window_only_for_groups_of_sliding_window_layers():
+    """The window split-K plans divide (``spec.group_window``): a sliding-window group's, none for a full-attention
+    group, for a full-attention spec that carries a window (the hybrid manager off: such a group also holds
+    full-attention layers) or for per-layer specs of which one attends its whole context."""
+    from types import SimpleNamespace
+
+    from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, group_window
+
+    common = dict(block_size=64, num_kv_heads=3, head_size=64)
+    sw, sw2, full = (make_spec("kvmix-k4v2", sliding_window=512, **common),
+                     make_spec("kvmix-k4v2", sliding_window=1024, **common), make_spec("kvmix-k4v2", **common))
+    assert group_window(sw) == 512 and group_window(full) is None
+    unified = KvmixFullAttentionSpec(kvmix_format="kvmix-k4v2", dtype=torch.uint8, sliding_window=512, **common)
+    assert group_window(unified) is None
+    assert group_window(SimpleNamespace(kv_cache_specs={"a": sw, "b": sw2})) == 1024
+    assert group_window(SimpleNamespace(kv_cache_specs={"a": sw, "b": full})) is None
+
+
 @pytest.mark.skipif(CUDA_WHEEL, reason="0.33+ plan groups elsewhere (kv_cache_planning); no engines on 0.33 / 0.34 here")
 def test_per_layer_page_sizes_make_one_group():
     """kvmix-auto var mode: full-attention layers with different page formats -> one KV-cache group

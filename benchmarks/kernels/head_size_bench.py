@@ -1,6 +1,12 @@
 """Decode attention at head sizes 64, 128 and 256: the kvmix page scheme vs a bf16 baseline, in one process.
 
     python benchmarks/kernels/head_size_bench.py [--shapes 64x32768,256x8192] [--formats kvmix-k4v2] [--out DIR]
+    python benchmarks/kernels/head_size_bench.py --head-sizes 256 --shapes 1x8192 --window 1024 --plan-len 8512
+
+``--window W``: every kernel attends the last W tokens only (a sliding-window layer, e.g. Gemma-3's 1024); with
+``--plan-len`` the split-K count is the one vLLM's decode graphs plan (the model's maximum length); row ``graph
+ctx-splits``: the same step with the split-K count of the whole context (what the plan chose before it counted
+the window's pages).
 
 Heads (query / KV) per head size: 64 -> Llama-3.2-1B (32 / 8), 128 -> Llama-3.1-8B (32 / 8), 256 -> Gemma-3-12B
 (16 / 8); one query token per sequence, batch x context as given.  kvmix: ``PageStep.attend`` (packed pages + the
@@ -50,24 +56,26 @@ def kvmix_case(fmt, d, hkv, B, L, gen):
     return cache, stage, bt
 
 
-def kvmix_bytes(fmt, d, hkv, B, seq):
-    """Bytes attention reads: full pages packed, the own page's tokens at 8 bits."""
+def kvmix_bytes(fmt, d, hkv, B, seq, window=0):
+    """Bytes attention reads: full pages packed (from the window's first page), the own page's tokens at 8 bits."""
     own = (seq - 1) // PAGE_TOKENS
-    packed = own * PAGE_TOKENS * fmt.bytes_per_token_head(d)
+    first = max(seq - window, 0) // PAGE_TOKENS if window else 0
+    packed = (own - first) * PAGE_TOKENS * fmt.bytes_per_token_head(d)
     staged = (seq - own * PAGE_TOKENS) * fmt.stage_bytes_per_seq_head(d) // PAGE_TOKENS
     return B * hkv * (packed + staged)
 
 
-def baselines(B, L, d, hq, hkv, q, out, gen):
-    """{name: (ms, bytes)} of vLLM's attention over B x L tokens -- FA3 bf16 and FA3 fp8 (scales 1.0) if vLLM is
-    installed, else torch SDPA bf16 -- and the name of the bf16 baseline."""
-    kv_bytes = 2 * 2 * B * L * hkv * d
+def baselines(B, L, d, hq, hkv, q, out, gen, window=0):
+    """{name: (ms, bytes)} of vLLM's attention over B x L tokens (the last ``window`` of them if given) -- FA3 bf16
+    and FA3 fp8 (scales 1.0) if vLLM is installed, else torch SDPA bf16 -- and the name of the bf16 baseline."""
+    kv_bytes = 2 * 2 * B * (min(window, L) if window else L) * hkv * d
+    win = [window - 1, 0] if window else None
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         k, v, bt, cu_q, seq = paged_bf16(B, L, hkv, d, gen)
         f = lambda: flash_attn_varlen_func(q, k, v, 1, cu_q, L, seqused_k=seq, softmax_scale=d**-0.5,  # noqa: E731
-                                           causal=True, block_table=bt, out=out, fa_version=3)
+                                           causal=True, block_table=bt, out=out, fa_version=3, window_size=win)
         res = {"fa3_bf16": (bench(f), kv_bytes)}
         try:
             k8, v8, q8 = (x.to(torch.float8_e4m3fn) for x in (k, v, q))
@@ -75,14 +83,15 @@ def baselines(B, L, d, hq, hkv, q, out, gen):
             one = torch.ones(B, hkv, device=dev, dtype=torch.float32)
             f8 = lambda: flash_attn_varlen_func(q8, k8, v8, 1, cu_q, L, seqused_k=seq,  # noqa: E731
                                                 softmax_scale=d**-0.5, causal=True, block_table=bt, out=out,
-                                                fa_version=3, q_descale=one, k_descale=one, v_descale=one)
+                                                fa_version=3, q_descale=one, k_descale=one, v_descale=one,
+                                                window_size=win)
             res["fa3_fp8"] = (bench(f8), kv_bytes // 2)
         except Exception as e:  # noqa: BLE001 (keep the bf16 row)
             print("FA3 fp8 unavailable:", repr(e)[:200], flush=True)
         return "fa3_bf16", res
     except Exception as e:  # noqa: BLE001
         print("FA3 unavailable, timing torch SDPA bf16 instead:", repr(e)[:200], flush=True)
-    k = torch.randn(B, hkv, L, d, dtype=torch.bfloat16, device=dev, generator=gen)
+    k = torch.randn(B, hkv, min(window, L) if window else L, d, dtype=torch.bfloat16, device=dev, generator=gen)
     v = torch.randn_like(k)
     qq = q.view(B, hq, 1, d)
     f = lambda: torch.nn.functional.scaled_dot_product_attention(qq, k, v, scale=d**-0.5, enable_gqa=True)  # noqa: E731
@@ -100,6 +109,7 @@ def main():
     ap.add_argument("--plan-len", type=int, default=0,
                     help="the length the split-K count is planned for (vLLM's decode graphs: the model's maximum "
                          "length, e.g. 131072); default: each shape's context")
+    ap.add_argument("--window", type=int, default=0, help="sliding window in tokens (0: none)")
     ap.add_argument("--experiments", default="none",
                     help="builds of the CUDA source to time beside the served one (graph rows '... graph +D1+D2'): "
                          "';' between builds, '+' between defines, as page_bench.py")
@@ -118,11 +128,12 @@ def main():
         for B, L in shapes:
             q = torch.randn(B, hq, d, dtype=torch.bfloat16, device=dev, generator=gen)
             out = torch.empty_like(q)
-            base_name, res = baselines(B, L, d, hq, hkv, q, out, gen)
+            base_name, res = baselines(B, L, d, hq, hkv, q, out, gen, args.window)
             base_ms = res[base_name][0]
             fp8_ms = res.get("fa3_fp8", (None,))[0]
             torch.cuda.empty_cache()
             seq_len = L - 32  # a typical decode step: the own page half full
+            window = args.window or None
             for fname in args.formats.split(","):
                 fmt = parse_format(fname)
                 cache, stage, bt = kvmix_case(fmt, d, hkv, B, L, gen)
@@ -130,11 +141,18 @@ def main():
                 qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)
                 seq = torch.full((B,), seq_len, dtype=torch.int32, device=dev)
                 slots = torch.arange(B, dtype=torch.int32, device=dev)
-                plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), max(seq_len, args.plan_len), hq, hkv)
+                plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), max(seq_len, args.plan_len), hq, hkv,
+                                window=window)
                 st = PageStep(k, cache, stage, fmt, slots, bt, plan)
-                nbytes = kvmix_bytes(fmt, d, hkv, B, seq_len)
-                res[fname] = (bench(lambda: st.attend(q, out, d**-0.5)), nbytes)
-                res[fname + " graph"] = (triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, d**-0.5)), nbytes)
+                nbytes = kvmix_bytes(fmt, d, hkv, B, seq_len, args.window)
+                attend = lambda: st.attend(q, out, d**-0.5, window)  # noqa: E731
+                res[fname] = (bench(attend), nbytes)
+                res[fname + " graph"] = (triton.testing.do_bench_cudagraph(attend), nbytes)
+                if window:  # the split-K count of the whole context, as planned before windows were counted
+                    ctx_plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), max(seq_len, args.plan_len), hq, hkv)
+                    st_ctx = PageStep(k, cache, stage, fmt, slots, bt, ctx_plan)
+                    res[fname + " graph ctx-splits"] = (
+                        triton.testing.do_bench_cudagraph(lambda: st_ctx.attend(q, out, d**-0.5, window)), nbytes)
                 served = cuda_decode.compiled
                 for defines in experiments:  # builds with other defines, the same step
                     cuda_decode.compiled = (lambda k_bits, v_bits, bf16, head_size=d, window=False, dd=defines:
@@ -142,19 +160,20 @@ def main():
                     tag = "+" + "+".join(defines)
                     try:
                         res[f"{fname} graph {tag}"] = (
-                            triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, d**-0.5)), nbytes)
+                            triton.testing.do_bench_cudagraph(attend), nbytes)
                     except Exception as e:  # noqa: BLE001 (keep the served build's rows)
                         print(f"  experiment {tag} failed:", repr(e)[:300], flush=True)
                     finally:
                         cuda_decode.compiled = served
                 os.environ[DECODE_KERNEL_ENV] = "triton"  # the same step on the Triton kernel alone
-                res[fname + " triton"] = (bench(lambda: st.attend(q, out, d**-0.5)), nbytes)
+                res[fname + " triton"] = (bench(attend), nbytes)
                 os.environ.pop(DECODE_KERNEL_ENV)
                 del cache, stage
                 torch.cuda.empty_cache()
             for kname, (ms, byt) in res.items():
                 gbs = byt / (ms * 1e-3) / 1e9
-                rows.append(dict(d=d, hq=hq, hkv=hkv, B=B, L=L, kernel=kname, ms=ms, gbs=gbs, pct_copy=100 * gbs / bw,
+                rows.append(dict(d=d, hq=hq, hkv=hkv, B=B, L=L, window=args.window, plan_len=args.plan_len,
+                                 kernel=kname, ms=ms, gbs=gbs, pct_copy=100 * gbs / bw,
                                  baseline=base_name, speedup_vs_baseline=base_ms / ms,
                                  speedup_vs_fa3_fp8=fp8_ms / ms if fp8_ms else None))
                 vs8 = f"{fp8_ms / ms:7.2f}x" if fp8_ms else "      -"

@@ -60,7 +60,7 @@ from vllm_kvmix.kernels.codec import (
     quant_rows_clipped,
     softmax_step,
 )
-from vllm_kvmix.kernels.splitk import block_q_for, combine_kernel, num_splits_for, plan_query_blocks
+from vllm_kvmix.kernels.splitk import block_q_for, combine_kernel, num_splits_for, pages_read, plan_query_blocks
 from vllm_kvmix.kernels.planes import (
     operand,
     packed_pv,
@@ -546,12 +546,15 @@ class StepPlan:
     of those rows, ``decode_attn`` = query blocks of the one-token rows,
     ``rest_attn`` = query blocks of the rows past ``max_prefill_pages`` (each None
     when empty); ``attn`` (every row) stays for models FlashAttention cannot take.
+
+    ``window``: the sliding window of every layer the plan serves (None: any layer attends its whole
+    context); split-K counts then divide the pages a window spans, not the context's.
     """
 
     def __init__(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, max_query_len: int,
                  query_start_loc_cpu: list[int], max_seq_len: int, num_heads: int, num_kv_heads: int,
                  num_splits: int | None = None, seq_lens_cpu: list[int] | None = None, flash_attn=None,
-                 max_prefill_pages: int = 1 << 30):
+                 max_prefill_pages: int = 1 << 30, window: int | None = None):
         b = seq_lens.shape[0]
         device = seq_lens.device
         qsl = query_start_loc[: b + 1].to(torch.int32)
@@ -568,14 +571,16 @@ class StepPlan:
         qb_req, qb_tok, bq = plan_query_blocks(query_start_loc_cpu, block_q_for(num_heads, num_kv_heads, max_query_len),
                                                device)
         if num_splits is None:
-            num_splits = num_splits_for(qb_req.numel() * num_kv_heads, triton.cdiv(max_seq_len, PAGE_TOKENS), device)
+            pages = pages_read(max_seq_len, window, min(bq, max_query_len))  # a block's tokens are one request's
+            num_splits = num_splits_for(qb_req.numel() * num_kv_heads, pages, device)
         self._set(qsl, seq, sbase, tok_req, num_tokens, max_query_len, num_tokens // PAGE_TOKENS + b + 1, {},
                   (qb_req, qb_tok, bq, rep_p, num_splits))
         if flash_attn is not None and seq_lens_cpu is not None and max_query_len > 1:
             self._plan_prefill(query_start_loc_cpu[: b + 1], seq_lens_cpu[:b], num_tokens, max_seq_len, num_heads,
-                               num_kv_heads, flash_attn, max_prefill_pages)
+                               num_kv_heads, flash_attn, max_prefill_pages, window)
 
-    def _plan_prefill(self, qsl, seq, num_tokens, max_seq_len, num_heads, num_kv_heads, flash_attn, max_pages):
+    def _plan_prefill(self, qsl, seq, num_tokens, max_seq_len, num_heads, num_kv_heads, flash_attn, max_pages,
+                      window):
         """Split the batch: one-token rows (decode kernels), prefill rows (``flash_attn`` over dequantized
         pages, :mod:`vllm_kvmix.kernels.prefill`), prefill rows past the page bound (Triton kernel)."""
         device = self.seq.device
@@ -589,7 +594,8 @@ class StepPlan:
             if not reqs:
                 return None
             req, tok, bq = plan_query_blocks(qsl, block_q_for(num_heads, num_kv_heads, max_q), device, reqs)
-            splits = num_splits_for(req.numel() * num_kv_heads, triton.cdiv(max_seq_len, PAGE_TOKENS), device)
+            pages = pages_read(max_seq_len, window, min(bq, max_q))
+            splits = num_splits_for(req.numel() * num_kv_heads, pages, device)
             return req, tok, bq, rep_p, splits
 
         self.prefill, self.flash_attn = groups, flash_attn
@@ -604,17 +610,17 @@ class StepPlan:
 
     @classmethod
     def decode(cls, bufs: DecodeBuffers, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, n: int,
-               max_seq_len: int, num_heads: int, num_kv_heads: int) -> "StepPlan":
+               max_seq_len: int, num_heads: int, num_kv_heads: int, window: int | None = None) -> "StepPlan":
         """``n`` rows of one new token each (rows past the real ones: zero tokens, padding).
 
         Every tensor is a view of ``bufs`` or of the caller's (persistent) ``query_start_loc`` /
-        ``seq_lens``; the grid depends on ``n`` and ``max_seq_len`` only (pass a bound, e.g. the
+        ``seq_lens``; the grid depends on ``n``, ``max_seq_len`` and ``window`` only (pass a bound, e.g. the
         model's maximum length, so a graph captured once stays valid).
         """
         plan = cls.__new__(cls)
         rows = bufs.rows[:n]
         rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
-        num_splits = num_splits_for(n * num_kv_heads, triton.cdiv(max_seq_len, PAGE_TOKENS), seq_lens.device)
+        num_splits = num_splits_for(n * num_kv_heads, pages_read(max_seq_len, window), seq_lens.device)
         plan._set(query_start_loc[: n + 1].to(torch.int32), seq_lens[:n].to(torch.int32), bufs.zeros[:n], rows,
                   n, 1, 1, bufs.scratch, (rows, rows, block_q_for(num_heads, num_kv_heads, 1), rep_p, num_splits))
         return plan
@@ -794,7 +800,8 @@ def page_step(
         qsl_cpu = query_start_loc_cpu if query_start_loc_cpu is not None else query_start_loc[: b + 1].tolist()
         msl = max_seq_len if max_seq_len is not None else int(seq_lens.max())
         plan = StepPlan(query_start_loc, seq_lens, query.shape[0], max_query_len, qsl_cpu, msl,
-                        query.shape[1], key.shape[1], num_splits, seq_lens_cpu, flash_attn, max_prefill_pages)
+                        query.shape[1], key.shape[1], num_splits, seq_lens_cpu, flash_attn, max_prefill_pages,
+                        sliding_window)
     st = PageStep(key, cache, stage, fmt, slots.to(torch.int32), block_table, plan)
     st.run(query, key, value, out, scale, sliding_window, soft_cap)
     return out

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvmix.formats import PAGE_TOKENS
 from vllm_kvmix.kernels.codec import rotate_store
 
 
@@ -82,14 +83,30 @@ SPLIT_PROGRAMS_PER_SM = 4
 
 
 def num_splits_for(num_programs: int, max_pages: int, device) -> int:
-    """Split-K factor: as many splits as fit one wave of SPLIT_PROGRAMS_PER_SM programs per SM,
-    at least 4 pages per split, at most 64."""
+    """Split-K factor on ``device`` (1 off CUDA): :func:`split_count` for its SM count."""
     if device.type != "cuda":
         return 1
-    target = SPLIT_PROGRAMS_PER_SM * _sm_count(device)
+    return split_count(num_programs, max_pages, _sm_count(device))
+
+
+def split_count(num_programs: int, max_pages: int, sm_count: int) -> int:
+    """Split-K factor: as many splits as fit one wave of SPLIT_PROGRAMS_PER_SM programs per SM,
+    at least 4 of the ``max_pages`` a program reads (:func:`pages_read`) per split, at most 64."""
+    target = SPLIT_PROGRAMS_PER_SM * sm_count
     if num_programs >= target:
         return 1
     return max(1, min(target // num_programs, max_pages // 4, 64))
+
+
+def pages_read(max_seq_len: int, window: int | None = None, block_q: int = 1) -> int:
+    """Pages a query block of ``block_q`` consecutive tokens reads at most: every page of ``max_seq_len``
+    tokens, or with a sliding window of ``window`` tokens the pages its keys span (``window + block_q - 1``
+    tokens that may start anywhere in a page).  The kernels split a row's pages from the window's first one,
+    so this, not the context, is what a split count divides."""
+    pages = triton.cdiv(max_seq_len, PAGE_TOKENS)
+    if window is None:
+        return pages
+    return min(pages, triton.cdiv(window + block_q - 2, PAGE_TOKENS) + 1)
 
 
 def plan_query_blocks(query_start_loc, block_q: int, device, reqs=None) -> tuple[torch.Tensor, torch.Tensor, int]:

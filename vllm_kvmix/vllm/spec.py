@@ -69,6 +69,17 @@ def stage_slots_of(kv_cache_spec) -> int:
     return max((getattr(s, "kvmix_stage_slots", 0) for s in specs), default=0)
 
 
+def group_window(kv_cache_spec) -> int | None:
+    """The sliding window of every layer of a KV-cache group (the largest where they differ), or None where a
+    layer of the group may attend its whole context.  Only sliding-window specs count: a full-attention spec
+    that carries a window (the hybrid manager off) shares its group with full-attention layers."""
+    inner = getattr(kv_cache_spec, "kv_cache_specs", None)
+    specs = list(inner.values()) if inner else [kv_cache_spec]
+    if not specs or not all(isinstance(s, SlidingWindowSpec) for s in specs):
+        return None
+    return max(s.sliding_window for s in specs)
+
+
 def kvmix_spec_for_layer(layer, vllm_config):
     """The kvmix spec of an ``Attention`` layer (decoder self-attention).
 

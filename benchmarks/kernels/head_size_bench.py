@@ -1,7 +1,7 @@
 """Decode attention at head sizes 64, 128 and 256: the kvmix page scheme vs a bf16 baseline, in one process.
 
     python benchmarks/kernels/head_size_bench.py [--shapes 64x32768,256x8192] [--formats kvmix-k4v2] [--out DIR]
-    python benchmarks/kernels/head_size_bench.py --head-sizes 256 --shapes 1x8192 --window 1024 --plan-len 8512
+    python benchmarks/kernels/head_size_bench.py --head-sizes 256 --shapes 1x8192 --window 1024 --plan-len 8464
 
 ``--window W``: every kernel attends the last W tokens only (a sliding-window layer, e.g. Gemma-3's 1024); with
 ``--plan-len`` the split-K count is the one vLLM's decode graphs plan (the model's maximum length); row ``graph

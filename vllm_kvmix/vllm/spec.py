@@ -72,7 +72,8 @@ def stage_slots_of(kv_cache_spec) -> int:
 def group_window(kv_cache_spec) -> int | None:
     """The sliding window of every layer of a KV-cache group (the largest where they differ), or None where a
     layer of the group may attend its whole context.  Only sliding-window specs count: a full-attention spec
-    that carries a window (the hybrid manager off) shares its group with full-attention layers."""
+    that carries a window (the hybrid manager off) shares its group with full-attention layers, so there the
+    split-K count stays the context's (correct, not the fastest for a model whose every layer is windowed)."""
     inner = getattr(kv_cache_spec, "kv_cache_specs", None)
     specs = list(inner.values()) if inner else [kv_cache_spec]
     if not specs or not all(isinstance(s, SlidingWindowSpec) for s in specs):

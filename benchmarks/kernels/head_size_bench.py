@@ -6,7 +6,8 @@
 ``--window W``: every kernel attends the last W tokens only (a sliding-window layer, e.g. Gemma-3's 1024); with
 ``--plan-len`` the split-K count is the one vLLM's decode graphs plan (the model's maximum length); row ``graph
 ctx-splits``: the same step with the split-K count of the whole context (what the plan chose before it counted
-the window's pages).
+the window's pages).  ``--splits 2,4,8,...``: the same graph at each of these split-K counts too (rows ``graph
+splits=N``; every row records the count it ran with), to see which count each head size and shape wants.
 
 Heads (query / KV) per head size: 64 -> Llama-3.2-1B (32 / 8), 128 -> Llama-3.1-8B (32 / 8), 256 -> Gemma-3-12B
 (16 / 8); one query token per sequence, batch x context as given.  kvmix: ``PageStep.attend`` (packed pages + the
@@ -110,17 +111,20 @@ def main():
                     help="the length the split-K count is planned for (vLLM's decode graphs: the model's maximum "
                          "length, e.g. 131072); default: each shape's context")
     ap.add_argument("--window", type=int, default=0, help="sliding window in tokens (0: none)")
+    ap.add_argument("--splits", default="", help="split-K counts to time beside the planned one, e.g. 2,4,8,16,32,64")
     ap.add_argument("--experiments", default="none",
                     help="builds of the CUDA source to time beside the served one (graph rows '... graph +D1+D2'): "
                          "';' between builds, '+' between defines, as page_bench.py")
     args = ap.parse_args()
     experiments = [tuple(e.split("+")) for e in args.experiments.split(";") if e and e != "none"]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    sweep = [int(x) for x in args.splits.split(",") if x]
     gen = torch.Generator(device=dev).manual_seed(0)
     bw = copy_bw()
     name = torch.cuda.get_device_name()
     print(f"device copy bandwidth {bw:.0f} GB/s ({name})", flush=True)
-    print(f"{'d':>4} {'B':>4} {'L':>7}  {'kernel':<24}{'ms':>8} {'GB/s':>7} {'%copy':>6} {'vs bf16':>8} {'vs fp8':>7}",
+    print(f"{'d':>4} {'B':>4} {'L':>7}  {'kernel':<32}{'splits':>6}{'ms':>8} {'GB/s':>7} {'%copy':>6} {'vs bf16':>8} "
+          f"{'vs fp8':>7}",
           flush=True)
     rows = []
     for d in map(int, args.head_sizes.split(",")):
@@ -129,6 +133,7 @@ def main():
             q = torch.randn(B, hq, d, dtype=torch.bfloat16, device=dev, generator=gen)
             out = torch.empty_like(q)
             base_name, res = baselines(B, L, d, hq, hkv, q, out, gen, args.window)
+            splits = {}  # kernel row -> the split-K count it ran with
             base_ms = res[base_name][0]
             fp8_ms = res.get("fa3_fp8", (None,))[0]
             torch.cuda.empty_cache()
@@ -148,11 +153,20 @@ def main():
                 attend = lambda: st.attend(q, out, d**-0.5, window)  # noqa: E731
                 res[fname] = (bench(attend), nbytes)
                 res[fname + " graph"] = (triton.testing.do_bench_cudagraph(attend), nbytes)
+                splits[fname] = splits[fname + " graph"] = splits[fname + " triton"] = plan.attn[4]
+                for ns in sweep:
+                    if ns != plan.attn[4]:
+                        st_ns = PageStep(k, cache, stage, fmt, slots, bt, StepPlan(
+                            qsl, seq, B, 1, list(range(B + 1)), seq_len, hq, hkv, ns, window=window))
+                        res[f"{fname} graph splits={ns}"] = (
+                            triton.testing.do_bench_cudagraph(lambda: st_ns.attend(q, out, d**-0.5, window)), nbytes)
+                        splits[f"{fname} graph splits={ns}"] = ns
                 if window:  # the split-K count of the whole context, as planned before windows were counted
                     ctx_plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), max(seq_len, args.plan_len), hq, hkv)
                     st_ctx = PageStep(k, cache, stage, fmt, slots, bt, ctx_plan)
                     res[fname + " graph ctx-splits"] = (
                         triton.testing.do_bench_cudagraph(lambda: st_ctx.attend(q, out, d**-0.5, window)), nbytes)
+                    splits[fname + " graph ctx-splits"] = ctx_plan.attn[4]
                 served = cuda_decode.compiled
                 for defines in experiments:  # builds with other defines, the same step
                     cuda_decode.compiled = (lambda k_bits, v_bits, bf16, head_size=d, window=False, dd=defines:
@@ -161,6 +175,7 @@ def main():
                     try:
                         res[f"{fname} graph {tag}"] = (
                             triton.testing.do_bench_cudagraph(attend), nbytes)
+                        splits[f"{fname} graph {tag}"] = plan.attn[4]
                     except Exception as e:  # noqa: BLE001 (keep the served build's rows)
                         print(f"  experiment {tag} failed:", repr(e)[:300], flush=True)
                     finally:
@@ -173,11 +188,12 @@ def main():
             for kname, (ms, byt) in res.items():
                 gbs = byt / (ms * 1e-3) / 1e9
                 rows.append(dict(d=d, hq=hq, hkv=hkv, B=B, L=L, window=args.window, plan_len=args.plan_len,
-                                 kernel=kname, ms=ms, gbs=gbs, pct_copy=100 * gbs / bw,
+                                 splits=splits.get(kname), kernel=kname, ms=ms, gbs=gbs, pct_copy=100 * gbs / bw,
                                  baseline=base_name, speedup_vs_baseline=base_ms / ms,
                                  speedup_vs_fa3_fp8=fp8_ms / ms if fp8_ms else None))
                 vs8 = f"{fp8_ms / ms:7.2f}x" if fp8_ms else "      -"
-                print(f"{d:>4} {B:>4} {L:>7}  {kname:<24}{ms:8.3f} {gbs:7.0f} {100 * gbs / bw:6.1f} "
+                ns_txt = splits.get(kname) or ""
+                print(f"{d:>4} {B:>4} {L:>7}  {kname:<32}{ns_txt:>6}{ms:8.3f} {gbs:7.0f} {100 * gbs / bw:6.1f} "
                       f"{base_ms / ms:7.2f}x {vs8}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "head_size_bench.json"), "w") as f:

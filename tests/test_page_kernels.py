@@ -300,8 +300,9 @@ def test_split_count_divides_the_pages_a_window_spans(monkeypatch):
     """Split-K counts divide the pages a row reads: with a sliding window those its keys span, not the context's
     (the kernels split from the window's first page).  ``pages_read`` against a brute-force count over every
     start in a page; then the count planned for Gemma-3-4B's shape (4 KV heads, one sequence, vLLM's decode
-    graph planned for `tpot`'s 8192 + 256 + 16 tokens, 132 SMs): 33 splits of the whole context, 4 of a 1024-token window (1
-    page per split before: below the rule of at least 4); and both plans pass the window on."""
+    graph planned for `tpot`'s 8192 + 256 + 16 tokens, 132 SMs): 33 splits of the whole context, 4 of a
+    1024-token window (1 page per split before: below the rule of at least 4); and both plans pass the window
+    on."""
     from vllm_kvmix.kernels import page, splitk
 
     for window in (1, 10, 63, 64, 65, 66, 70, 1024):

@@ -38,7 +38,7 @@ from vllm_kvmix.staging import SLOTS, stage_rows
 from vllm_kvmix.vllm import flash_prefill
 from vllm_kvmix.vllm.config_checks import check as check_config
 from vllm_kvmix.vllm.device import check_device, prepare_decode
-from vllm_kvmix.vllm.spec import group_window, stage_slots_of
+from vllm_kvmix.vllm.spec import group_window, layer_specs, stage_slots_of
 
 logger = logging.getLogger("vllm.kvmix")
 
@@ -62,9 +62,8 @@ def _head_pages(kv_cache: torch.Tensor) -> torch.Tensor:
 
 def _group_formats(kv_cache_spec) -> list[tuple[KVFormat, object]]:
     """(format, spec) of each distinct layer format of a KV-cache group (kvmix-auto: several)."""
-    specs = getattr(kv_cache_spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs (kvmix-auto, var mode)
     out = {}
-    for spec in (specs.values() if specs else [kv_cache_spec]):
+    for spec in layer_specs(kv_cache_spec):
         name = getattr(spec, "kvmix_layer_format", "") or spec.kvmix_format
         out.setdefault(name, (parse_format(name), spec))
     return list(out.values())

@@ -51,22 +51,25 @@ class KvmixSlidingWindowSpec(_KvmixPage, SlidingWindowSpec):
     kvmix_stage_slots: int = field(default=0, compare=False)
 
 
+def layer_specs(kv_cache_spec) -> list:
+    """The specs of a KV-cache group's layers: the per-layer ones of a UniformTypeKVCacheSpecs (kvmix-auto, var
+    mode), else the group's one spec."""
+    inner = getattr(kv_cache_spec, "kv_cache_specs", None)
+    return list(inner.values()) if inner else [kv_cache_spec]
+
+
 def set_stage_slots(kv_cache_config, slots: int) -> None:
     """Record the staging slots in the kvmix specs of a worker's KV-cache config (in place), so that the
     worker's attention metadata builders use the count the engine core's scheduler runs with."""
     for group in kv_cache_config.kv_cache_groups:
-        spec = group.kv_cache_spec
-        inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: per-layer specs
-        for s in (inner.values() if inner else [spec]):
+        for s in layer_specs(group.kv_cache_spec):
             if isinstance(s, _KvmixPage):
                 object.__setattr__(s, "kvmix_stage_slots", slots)  # frozen dataclass; a compare=False field
 
 
 def stage_slots_of(kv_cache_spec) -> int:
     """The staging slots recorded by :func:`set_stage_slots` (0: none recorded)."""
-    inner = getattr(kv_cache_spec, "kv_cache_specs", None)
-    specs = list(inner.values()) if inner else [kv_cache_spec]
-    return max((getattr(s, "kvmix_stage_slots", 0) for s in specs), default=0)
+    return max((getattr(s, "kvmix_stage_slots", 0) for s in layer_specs(kv_cache_spec)), default=0)
 
 
 def group_window(kv_cache_spec) -> int | None:
@@ -74,9 +77,8 @@ def group_window(kv_cache_spec) -> int | None:
     layer of the group may attend its whole context.  Only sliding-window specs count: a full-attention spec
     that carries a window (the hybrid manager off) shares its group with full-attention layers, so there the
     split-K count stays the context's (correct, not the fastest for a model whose every layer is windowed)."""
-    inner = getattr(kv_cache_spec, "kv_cache_specs", None)
-    specs = list(inner.values()) if inner else [kv_cache_spec]
-    if not specs or not all(isinstance(s, SlidingWindowSpec) for s in specs):
+    specs = layer_specs(kv_cache_spec)
+    if not all(isinstance(s, SlidingWindowSpec) for s in specs):
         return None
     return max(s.sliding_window for s in specs)
 

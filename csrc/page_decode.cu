@@ -68,13 +68,16 @@ typedef unsigned char u8;
 // 0.88 / 0.90 of the step time for k4v2 / k4v4 at 64 x 8k, 1.02-1.05 for k8v4, whose wider key words take
 // its stack from 80 to 128 bytes.
 #define KVMIX_NEG_INF __int_as_float(0xff800000)
-// Experiment (0 as served): at least this many pages a split.  A decode graph's split count is fixed by the
-// model's longest context, so a short context spreads a page or two over each split and the last block merges
-// every split's partial; with a floor, the splits past the last one with pages exit at once and the merge reads
-// only the others (batch 1 x 8k: 16 splits of 8 pages instead of 64 of 2).  head_size_bench.py / page_bench.py
-// --experiments KVMIX_MIN_SPLIT_PAGES=8 time it.
+// At least this many pages a split (0: none).  A decode graph's split count is fixed by the model's longest
+// context, so a short context spreads a page or two over each split and the last block merges every split's
+// partial; with a floor, the splits past the last one with pages exit at once and the merge reads only the
+// others (batch 1 x 8k in a graph planned for 128k: 32 splits of 4 pages instead of 64 of 2; H100, head size
+// 64 / 128 / 256: 0.009 / 0.014 / 0.019 ms against 0.011 / 0.016 / 0.028, docs/results.md section 2).
+// Sliding-window instantiations take no floor (1 page): their split count is planned on the pages the window
+// spans (splitk.pages_read), which a long row reads in full.  head_size_bench.py / page_bench.py --experiments
+// KVMIX_MIN_SPLIT_PAGES=N time another floor.
 #ifndef KVMIX_MIN_SPLIT_PAGES
-#define KVMIX_MIN_SPLIT_PAGES 0
+#define KVMIX_MIN_SPLIT_PAGES 4
 #endif
 // Packed page passes a warp keeps in its shared-memory ring (cuda_decode.RING_STAGES): the next pass is copied
 // (cp.async) while the current one is computed, so no registers wait on loads in flight.
@@ -877,7 +880,7 @@ __global__ void __launch_bounds__(NW * 32, HeadShape<D>::MIN_BLOCKS) kvmix_page_
   const int lo = WINDOW ? max(seq - args.window, 0) : 0;  // the first key position attended
   const int p_first = lo / KVMIX_P;
 #if KVMIX_MIN_SPLIT_PAGES > 0
-  const int per = max((n_pages - p_first + num_splits - 1) / num_splits, KVMIX_MIN_SPLIT_PAGES);
+  const int per = max((n_pages - p_first + num_splits - 1) / num_splits, WINDOW ? 1 : KVMIX_MIN_SPLIT_PAGES);
   const int n_merged = (n_pages - p_first + per - 1) / per;  // the splits with pages; the others exit here
   if (num_splits > 1 && split >= n_merged) return;
 #else

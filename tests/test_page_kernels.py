@@ -298,11 +298,11 @@ def test_prefill_on_flash_attn_window_and_head_size(fa):
 
 def test_split_count_divides_the_pages_a_window_spans(monkeypatch):
     """Split-K counts divide the pages a row reads: with a sliding window those its keys span, not the context's
-    (the kernels split from the window's first page).  ``pages_read`` against a brute-force count over every
-    start in a page; then the count planned for Gemma-3-4B's shape (4 KV heads, one sequence, vLLM's decode
-    graph planned for `tpot`'s 8192 + 256 + 16 tokens, 132 SMs): 33 splits of the whole context, 4 of a
-    1024-token window (1 page per split before: below the rule of at least 4); and both plans pass the window
-    on."""
+    (the kernels split from the window's first page), at least 2 a split against a full context's 4.
+    ``pages_read`` against a brute-force count over every start in a page; then the count planned for
+    Gemma-3-4B's shape (4 KV heads, one sequence, vLLM's decode graph planned for `tpot`'s 8192 + 256 + 16
+    tokens, 132 SMs): 33 splits of the whole context, 8 of a 1024-token window (33 of a page or none before it
+    counted the window, 4 at a floor of 4 pages); and every plan passes the window and its floor on."""
     from vllm_kvmix.kernels import page, splitk
 
     for window in (1, 10, 63, 64, 65, 66, 70, 1024):
@@ -312,17 +312,18 @@ def test_split_count_divides_the_pages_a_window_spans(monkeypatch):
             assert splitk.pages_read(100, window, bq) == min(max(spans), 2)
     assert splitk.pages_read(8464) == 133 and splitk.pages_read(8464, None, 64) == 133
     assert splitk.split_count(4, splitk.pages_read(8464), 132) == 33
+    assert splitk.split_count(4, splitk.pages_read(8464, 1024), 132, splitk.split_min_pages(1024)) == 8
     assert splitk.split_count(4, splitk.pages_read(8464, 1024), 132) == 4
     assert splitk.split_count(528, splitk.pages_read(8464), 132) == 1  # a full wave: no split
 
     seen = []
-    monkeypatch.setattr(page, "num_splits_for", lambda programs, pages, device: seen.append(pages) or 1)
+    monkeypatch.setattr(splitk, "num_splits_for", lambda programs, pages, device, floor: seen.append((pages, floor)) or 1)
     qsl = torch.arange(3, dtype=torch.int32, device=DEV)
     seq = torch.tensor([9000, 40], dtype=torch.int32, device=DEV)
     page.StepPlan.decode(page.DecodeBuffers(4, 3, DEV), qsl, seq, 2, 8464, 8, 4, window=1024)
     page.StepPlan(qsl, seq, 2, 1, [0, 1, 2], 8464, 8, 4, window=1024)
     page.StepPlan(qsl, seq, 2, 1, [0, 1, 2], 8464, 8, 4)
-    assert seen == [17, 17, 133]
+    assert seen == [(17, 2), (17, 2), (133, 4)]
 
 
 @pytest.mark.parametrize("d, window", [(128, 50), (256, 70)])

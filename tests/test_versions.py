@@ -242,17 +242,17 @@ def test_group_window_only_for_groups_of_sliding_window_layers():
 def test_builder_plans_decode_splits_over_its_groups_window(monkeypatch):
     """The metadata builder of a sliding-window group hands its window to the decode plan (a CUDA-graph decode
     batch: the plan the GPU path builds, here on CPU buffers), so split-K divides the window's pages: 17 for a
-    1024-token window with the model's 8464 tokens, 133 for a full-attention group."""
+    1024-token window with the model's 8464 tokens, at least 2 a split; 133 for a full-attention group, at least 4."""
     from types import SimpleNamespace
 
-    from vllm_kvmix.kernels import page
+    from vllm_kvmix.kernels import page, splitk
     from vllm_kvmix.staging import StagingSlots
     from vllm_kvmix.vllm import backend
 
     monkeypatch.setattr(backend, "refuse_unsupported", lambda *a: None)
     monkeypatch.setattr(backend, "SLOTS", StagingSlots())  # this process's table stays the engines' own
     seen = []
-    monkeypatch.setattr(page, "num_splits_for", lambda programs, pages, device: seen.append(pages) or 1)
+    monkeypatch.setattr(splitk, "num_splits_for", lambda programs, pages, device, floor: seen.append((pages, floor)) or 1)
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4), model_config=SimpleNamespace(
         max_model_len=8464))
     common = dict(block_size=64, num_kv_heads=4, head_size=256)
@@ -261,8 +261,8 @@ def test_builder_plans_decode_splits_over_its_groups_window(monkeypatch):
                         query_start_loc=torch.arange(n + 1, dtype=torch.int32),
                         seq_lens=torch.tensor([9000, 40], dtype=torch.int32), max_query_len=1, num_actual_tokens=n,
                         max_seq_len=9000, block_table_tensor=None, slot_mapping=None)
-    for spec, pages in ((make_spec("kvmix-k4v2", sliding_window=1024, **common), 17),
-                        (make_spec("kvmix-k4v2", **common), 133)):
+    for spec, pages in ((make_spec("kvmix-k4v2", sliding_window=1024, **common), (17, 2)),
+                        (make_spec("kvmix-k4v2", **common), (133, 4))):
         builder = backend.KvmixMetadataBuilder(spec, ["l0"], cfg, torch.device("cpu"))
         builder.heads = (8, 4)  # the GPU path's planning, on CPU tensors
         builder._decode_bufs = page.DecodeBuffers(4, 4, "cpu")

@@ -60,7 +60,7 @@ from vllm_kvmix.kernels.codec import (
     quant_rows_clipped,
     softmax_step,
 )
-from vllm_kvmix.kernels.splitk import block_q_for, combine_kernel, num_splits_for, pages_read, plan_query_blocks
+from vllm_kvmix.kernels.splitk import block_q_for, combine_kernel, plan_query_blocks, plan_splits
 from vllm_kvmix.kernels.planes import (
     operand,
     packed_pv,
@@ -571,8 +571,8 @@ class StepPlan:
         qb_req, qb_tok, bq = plan_query_blocks(query_start_loc_cpu, block_q_for(num_heads, num_kv_heads, max_query_len),
                                                device)
         if num_splits is None:
-            pages = pages_read(max_seq_len, window, min(bq, max_query_len))  # a block's tokens are one request's
-            num_splits = num_splits_for(qb_req.numel() * num_kv_heads, pages, device)
+            # a block's tokens are one request's
+            num_splits = plan_splits(qb_req.numel() * num_kv_heads, max_seq_len, window, min(bq, max_query_len), device)
         self._set(qsl, seq, sbase, tok_req, num_tokens, max_query_len, num_tokens // PAGE_TOKENS + b + 1, {},
                   (qb_req, qb_tok, bq, rep_p, num_splits))
         if flash_attn is not None and seq_lens_cpu is not None and max_query_len > 1:
@@ -594,8 +594,7 @@ class StepPlan:
             if not reqs:
                 return None
             req, tok, bq = plan_query_blocks(qsl, block_q_for(num_heads, num_kv_heads, max_q), device, reqs)
-            pages = pages_read(max_seq_len, window, min(bq, max_q))
-            splits = num_splits_for(req.numel() * num_kv_heads, pages, device)
+            splits = plan_splits(req.numel() * num_kv_heads, max_seq_len, window, min(bq, max_q), device)
             return req, tok, bq, rep_p, splits
 
         self.prefill, self.flash_attn = groups, flash_attn
@@ -620,7 +619,7 @@ class StepPlan:
         plan = cls.__new__(cls)
         rows = bufs.rows[:n]
         rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
-        num_splits = num_splits_for(n * num_kv_heads, pages_read(max_seq_len, window), seq_lens.device)
+        num_splits = plan_splits(n * num_kv_heads, max_seq_len, window, 1, seq_lens.device)
         plan._set(query_start_loc[: n + 1].to(torch.int32), seq_lens[:n].to(torch.int32), bufs.zeros[:n], rows,
                   n, 1, 1, bufs.scratch, (rows, rows, block_q_for(num_heads, num_kv_heads, 1), rep_p, num_splits))
         return plan

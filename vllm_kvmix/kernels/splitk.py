@@ -82,20 +82,32 @@ def _sm_count(device) -> int:
 SPLIT_PROGRAMS_PER_SM = 4
 
 
-def num_splits_for(num_programs: int, max_pages: int, device) -> int:
+# Pages a split gets at least (split_count): 4 of a full context, 2 of a sliding window, whose plan counts the pages a
+# long row reads in full (pages_read).  H100, head size 256, a 1024-token window (17 pages) at 1 and 4 x 8k:
+# 8 splits 0.012 / 0.014 ms, 4 splits 0.016 / 0.017 (head_size_bench.py --window 1024 --splits, results.md section 2).
+FULL_SPLIT_MIN_PAGES = 4
+WINDOW_SPLIT_MIN_PAGES = 2
+
+
+def split_min_pages(window: int | None) -> int:
+    """The pages a split gets at least, for a layer with sliding window ``window`` (None: full attention)."""
+    return FULL_SPLIT_MIN_PAGES if window is None else WINDOW_SPLIT_MIN_PAGES
+
+
+def num_splits_for(num_programs: int, max_pages: int, device, min_pages: int = FULL_SPLIT_MIN_PAGES) -> int:
     """Split-K factor on ``device`` (1 off CUDA): :func:`split_count` for its SM count."""
     if device.type != "cuda":
         return 1
-    return split_count(num_programs, max_pages, _sm_count(device))
+    return split_count(num_programs, max_pages, _sm_count(device), min_pages)
 
 
-def split_count(num_programs: int, max_pages: int, sm_count: int) -> int:
+def split_count(num_programs: int, max_pages: int, sm_count: int, min_pages: int = FULL_SPLIT_MIN_PAGES) -> int:
     """Split-K factor: as many splits as fit one wave of SPLIT_PROGRAMS_PER_SM programs per SM,
-    at least 4 of the ``max_pages`` a program reads (:func:`pages_read`) per split, at most 64."""
+    at least ``min_pages`` of the ``max_pages`` a program reads (:func:`pages_read`) per split, at most 64."""
     target = SPLIT_PROGRAMS_PER_SM * sm_count
     if num_programs >= target:
         return 1
-    return max(1, min(target // num_programs, max_pages // 4, 64))
+    return max(1, min(target // num_programs, max_pages // min_pages, 64))
 
 
 def pages_read(max_seq_len: int, window: int | None = None, block_q: int = 1) -> int:
@@ -107,6 +119,12 @@ def pages_read(max_seq_len: int, window: int | None = None, block_q: int = 1) ->
     if window is None:
         return pages
     return min(pages, triton.cdiv(window + block_q - 2, PAGE_TOKENS) + 1)
+
+
+def plan_splits(num_programs: int, max_seq_len: int, window: int | None, block_q: int, device) -> int:
+    """Split-K factor of ``num_programs`` (query block, KV head) programs whose query blocks of ``block_q`` tokens
+    read at most ``max_seq_len`` tokens' pages (``window``: a sliding window's)."""
+    return num_splits_for(num_programs, pages_read(max_seq_len, window, block_q), device, split_min_pages(window))
 
 
 def plan_query_blocks(query_start_loc, block_q: int, device, reqs=None) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -317,7 +317,8 @@ def test_split_count_divides_the_pages_a_window_spans(monkeypatch):
     assert splitk.split_count(528, splitk.pages_read(8464), 132) == 1  # a full wave: no split
 
     seen = []
-    monkeypatch.setattr(splitk, "num_splits_for", lambda programs, pages, device, floor: seen.append((pages, floor)) or 1)
+    monkeypatch.setattr(splitk, "num_splits_for",
+                        lambda programs, pages, device, floor: seen.append((pages, floor)) or 1)
     qsl = torch.arange(3, dtype=torch.int32, device=DEV)
     seq = torch.tensor([9000, 40], dtype=torch.int32, device=DEV)
     page.StepPlan.decode(page.DecodeBuffers(4, 3, DEV), qsl, seq, 2, 8464, 8, 4, window=1024)

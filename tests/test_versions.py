@@ -252,7 +252,8 @@ def test_builder_plans_decode_splits_over_its_groups_window(monkeypatch):
     monkeypatch.setattr(backend, "refuse_unsupported", lambda *a: None)
     monkeypatch.setattr(backend, "SLOTS", StagingSlots())  # this process's table stays the engines' own
     seen = []
-    monkeypatch.setattr(splitk, "num_splits_for", lambda programs, pages, device, floor: seen.append((pages, floor)) or 1)
+    monkeypatch.setattr(splitk, "num_splits_for",
+                        lambda programs, pages, device, floor: seen.append((pages, floor)) or 1)
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4), model_config=SimpleNamespace(
         max_model_len=8464))
     common = dict(block_size=64, num_kv_heads=4, head_size=256)

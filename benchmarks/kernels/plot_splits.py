@@ -35,7 +35,8 @@ def main():
     ap.add_argument("--format", default="kvmix-k4v2")
     args = ap.parse_args()
     rows = [r for r in rows_of(json.load(open(args.result))) if r["kernel"].startswith(args.format + " graph")]
-    swept = sorted({(r.get("window", 0), r.get("plan_len") or 0, r["L"], r["B"]) for r in rows if " splits=" in r["kernel"]})
+    swept = sorted({(r.get("window", 0), r.get("plan_len") or 0, r["L"], r["B"])
+                    for r in rows if " splits=" in r["kernel"]})
     cols = min(3, len(swept))
     nrows = -(-len(swept) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
@@ -63,8 +64,8 @@ def main():
     for row in axes:
         row[0].set_ylabel("graph replay, us per layer")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{args.format} decode against the split-K count (ring: the planned count; dashed: a page-floor build)",
-                 fontsize=10)
+    fig.suptitle(f"{args.format} decode against the split-K count "
+                 "(ring: the planned count; dashed: a page-floor build)", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.png, dpi=90)
     print(f"wrote {args.png}")

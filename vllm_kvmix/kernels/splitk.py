@@ -94,7 +94,7 @@ def split_min_pages(window: int | None) -> int:
     return FULL_SPLIT_MIN_PAGES if window is None else WINDOW_SPLIT_MIN_PAGES
 
 
-def num_splits_for(num_programs: int, max_pages: int, device, min_pages: int = FULL_SPLIT_MIN_PAGES) -> int:
+def num_splits_for(num_programs: int, max_pages: int, device, min_pages: int) -> int:
     """Split-K factor on ``device`` (1 off CUDA): :func:`split_count` for its SM count."""
     if device.type != "cuda":
         return 1

@@ -315,16 +315,21 @@ def test_split_count_divides_the_pages_a_window_spans(monkeypatch):
     assert splitk.split_count(4, splitk.pages_read(8464, 1024), 132, splitk.split_min_pages(1024)) == 8
     assert splitk.split_count(4, splitk.pages_read(8464, 1024), 132) == 4
     assert splitk.split_count(528, splitk.pages_read(8464), 132) == 1  # a full wave: no split
+    # a wave of 2 programs an SM at head size 256, 4 below: 8 KV heads at 1 x 128k, 32 programs at 4 x 32k
+    assert [splitk.programs_per_sm(d) for d in (64, 128, 256)] == [4, 4, 2]
+    assert splitk.split_count(8, splitk.pages_read(131072), 132, 4, splitk.programs_per_sm(256)) == 33
+    assert splitk.split_count(8, splitk.pages_read(131072), 132, 4, splitk.programs_per_sm(128)) == 64
+    assert splitk.split_count(32, splitk.pages_read(32768), 132, 4, splitk.programs_per_sm(256)) == 8
 
     seen = []
     monkeypatch.setattr(splitk, "num_splits_for",
-                        lambda programs, pages, device, floor: seen.append((pages, floor)) or 1)
+                        lambda programs, pages, device, floor, per_sm: seen.append((pages, floor, per_sm)) or 1)
     qsl = torch.arange(3, dtype=torch.int32, device=DEV)
     seq = torch.tensor([9000, 40], dtype=torch.int32, device=DEV)
-    page.StepPlan.decode(page.DecodeBuffers(4, 3, DEV), qsl, seq, 2, 8464, 8, 4, window=1024)
-    page.StepPlan(qsl, seq, 2, 1, [0, 1, 2], 8464, 8, 4, window=1024)
-    page.StepPlan(qsl, seq, 2, 1, [0, 1, 2], 8464, 8, 4)
-    assert seen == [(17, 2), (17, 2), (133, 4)]
+    page.StepPlan.decode(page.DecodeBuffers(4, 3, DEV), qsl, seq, 2, 8464, 8, 4, window=1024, head_size=256)
+    page.StepPlan(qsl, seq, 2, 1, [0, 1, 2], 8464, 8, 4, window=1024, head_size=256)
+    page.StepPlan(qsl, seq, 2, 1, [0, 1, 2], 8464, 8, 4, head_size=128)
+    assert seen == [(17, 2, 2), (17, 2, 2), (133, 4, 4)]
 
 
 @pytest.mark.parametrize("d, window", [(128, 50), (256, 70)])
@@ -401,7 +406,7 @@ def test_decode_plan_with_padded_rows(graph, dtype, d):
                       out=torch.empty_like(qd))
 
         # as vLLM does: metadata (plan, slots) built outside the capture, kernels captured
-        plan = StepPlan.decode(bufs, static["qsl"], static["seq"], n_pad, 4096, hq, h)
+        plan = StepPlan.decode(bufs, static["qsl"], static["seq"], n_pad, 4096, hq, h, head_size=d)
         slots = bufs.set_slots([dummy] * n_pad)
 
         def launch():
@@ -427,7 +432,7 @@ def test_decode_plan_with_padded_rows(graph, dtype, d):
             out = static["out"]
         else:
             out = torch.full_like(qd, float("nan"))
-            plan = StepPlan.decode(bufs, qsl, seq, n_pad, 4096, hq, h)
+            plan = StepPlan.decode(bufs, qsl, seq, n_pad, 4096, hq, h, head_size=d)
             page_step(qd, kd, vd, ker.cache, ker.stage, fmt, qsl, seq, bufs.set_slots(slots), table, 0.125, 1,
                       out=out, plan=plan)
         out = out.float().cpu()
@@ -590,7 +595,8 @@ def test_cuda_decode_matches_oracle_and_triton(name, defines, d, window, rep, dt
     outs = {}
     for path, splits in (("cuda", None), ("cuda", 5), ("triton", None)):
         monkeypatch.setenv(DECODE_KERNEL_ENV, path)
-        plan = StepPlan(qsl, seq, n_pad, 1, qsl.tolist(), max(seq_lens), h * rep, h, num_splits=splits)
+        plan = StepPlan(qsl, seq, n_pad, 1, qsl.tolist(), max(seq_lens), h * rep, h, num_splits=splits,
+                        head_size=d)
         step = PageStep(query[:, :h], cache, stage, fmt, slots, table, plan)
         out = torch.full_like(query, float("nan"))
         step.attend(query, out, scale, window)
@@ -634,7 +640,7 @@ def test_cuda_decode_stages_like_the_triton_kernel(dtype, d, window):
     twins, outs = {}, {}
     for path in ("fused", "triton-stage"):
         c, s_ = cache.clone().to(DEV), stage.clone().to(DEV)
-        plan = StepPlan(qsl, seq, n_pad, 1, qsl.tolist(), max(seq_lens), h * rep, h)
+        plan = StepPlan(qsl, seq, n_pad, 1, qsl.tolist(), max(seq_lens), h * rep, h, head_size=d)
         step = PageStep(k, c, s_, fmt, slots, table, plan)
         out = torch.full_like(q, float("nan"))
         assert step._fused_decode(q, k, window, None)

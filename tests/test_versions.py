@@ -226,7 +226,7 @@ def test_group_window_only_for_groups_of_sliding_window_layers():
     full-attention layers) or for per-layer specs of which one attends its whole context."""
     from types import SimpleNamespace
 
-    from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, group_window
+    from vllm_kvmix.vllm.spec import KvmixFullAttentionSpec, group_head_size, group_window
 
     common = dict(block_size=64, num_kv_heads=3, head_size=64)
     sw, sw2, full = (make_spec("kvmix-k4v2", sliding_window=512, **common),
@@ -236,13 +236,17 @@ def test_group_window_only_for_groups_of_sliding_window_layers():
     assert group_window(unified) is None
     assert group_window(SimpleNamespace(kv_cache_specs={"a": sw, "b": sw2})) == 1024
     assert group_window(SimpleNamespace(kv_cache_specs={"a": sw, "b": full})) is None
+    # and the head size its split-K plan counts programs by: the largest of the group's
+    wide = make_spec("kvmix-k4v2", **dict(common, head_size=256))
+    assert group_head_size(full) == 64 and group_head_size(SimpleNamespace(kv_cache_specs={"a": sw, "b": wide})) == 256
 
 
 @pytest.mark.skipif(CUDA_WHEEL, reason="0.33+: the builder is not built without a detected platform here")
 def test_builder_plans_decode_splits_over_its_groups_window(monkeypatch):
     """The metadata builder of a sliding-window group hands its window to the decode plan (a CUDA-graph decode
     batch: the plan the GPU path builds, here on CPU buffers), so split-K divides the window's pages: 17 for a
-    1024-token window with the model's 8464 tokens, at least 2 a split; 133 for a full-attention group, at least 4."""
+    1024-token window with the model's 8464 tokens, at least 2 a split; 133 for a full-attention group, at least 4;
+    both in waves of 2 programs an SM, the group's head size being 256."""
     from types import SimpleNamespace
 
     from vllm_kvmix.kernels import page, splitk
@@ -253,7 +257,7 @@ def test_builder_plans_decode_splits_over_its_groups_window(monkeypatch):
     monkeypatch.setattr(backend, "SLOTS", StagingSlots())  # this process's table stays the engines' own
     seen = []
     monkeypatch.setattr(splitk, "num_splits_for",
-                        lambda programs, pages, device, floor: seen.append((pages, floor)) or 1)
+                        lambda programs, pages, device, floor, per_sm: seen.append((pages, floor, per_sm)) or 1)
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4), model_config=SimpleNamespace(
         max_model_len=8464))
     common = dict(block_size=64, num_kv_heads=4, head_size=256)
@@ -262,8 +266,8 @@ def test_builder_plans_decode_splits_over_its_groups_window(monkeypatch):
                         query_start_loc=torch.arange(n + 1, dtype=torch.int32),
                         seq_lens=torch.tensor([9000, 40], dtype=torch.int32), max_query_len=1, num_actual_tokens=n,
                         max_seq_len=9000, block_table_tensor=None, slot_mapping=None)
-    for spec, pages in ((make_spec("kvmix-k4v2", sliding_window=1024, **common), (17, 2)),
-                        (make_spec("kvmix-k4v2", **common), (133, 4))):
+    for spec, pages in ((make_spec("kvmix-k4v2", sliding_window=1024, **common), (17, 2, 2)),
+                        (make_spec("kvmix-k4v2", **common), (133, 4, 2))):
         builder = backend.KvmixMetadataBuilder(spec, ["l0"], cfg, torch.device("cpu"))
         builder.heads = (8, 4)  # the GPU path's planning, on CPU tensors
         builder._decode_bufs = page.DecodeBuffers(4, 4, "cpu")

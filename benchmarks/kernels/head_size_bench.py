@@ -147,7 +147,7 @@ def main():
                 seq = torch.full((B,), seq_len, dtype=torch.int32, device=dev)
                 slots = torch.arange(B, dtype=torch.int32, device=dev)
                 plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), max(seq_len, args.plan_len), hq, hkv,
-                                window=window)
+                                window=window, head_size=d)
                 st = PageStep(k, cache, stage, fmt, slots, bt, plan)
                 nbytes = kvmix_bytes(fmt, d, hkv, B, seq_len, args.window)
                 attend = lambda: st.attend(q, out, d**-0.5, window)  # noqa: E731
@@ -157,12 +157,13 @@ def main():
                 for ns in sweep:
                     if ns != plan.attn[4]:
                         st_ns = PageStep(k, cache, stage, fmt, slots, bt, StepPlan(
-                            qsl, seq, B, 1, list(range(B + 1)), seq_len, hq, hkv, ns, window=window))
+                            qsl, seq, B, 1, list(range(B + 1)), seq_len, hq, hkv, ns, window=window, head_size=d))
                         res[f"{fname} graph splits={ns}"] = (
                             triton.testing.do_bench_cudagraph(lambda: st_ns.attend(q, out, d**-0.5, window)), nbytes)
                         splits[f"{fname} graph splits={ns}"] = ns
                 if window:  # the split-K count of the whole context, as planned before windows were counted
-                    ctx_plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), max(seq_len, args.plan_len), hq, hkv)
+                    ctx_plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), max(seq_len, args.plan_len), hq, hkv,
+                                        head_size=d)
                     st_ctx = PageStep(k, cache, stage, fmt, slots, bt, ctx_plan)
                     res[fname + " graph ctx-splits"] = (
                         triton.testing.do_bench_cudagraph(lambda: st_ctx.attend(q, out, d**-0.5, window)), nbytes)

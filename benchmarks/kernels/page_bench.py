@@ -146,7 +146,7 @@ def main():
             qsl = torch.arange(B + 1, dtype=torch.int32, device=dev)
             seq = torch.full((B,), seq_len, dtype=torch.int32, device=dev)
             slots = torch.arange(B, dtype=torch.int32, device=dev)
-            plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), seq_len, HQ, HKV)
+            plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), seq_len, HQ, HKV, head_size=D)
             st = PageStep(k, cache, stage, fmt, slots, bt, plan)
             res[fname] = (bench(lambda: st.attend(q, out, D**-0.5)), kvmix_bytes(fmt, B, seq_len))
             print(f"  {fname}: {plan.attn[4]} splits", flush=True)
@@ -172,7 +172,8 @@ def main():
                 for ns in [1, 2, 4, 8, 16, 32, 64]:  # split-K factors (the rule picked plan.attn[4])
                     if ns * 4 <= pages and ns != plan.attn[4]:
                         st_ns = PageStep(k, cache, stage, fmt, slots, bt,
-                                         StepPlan(qsl, seq, B, 1, list(range(B + 1)), seq_len, HQ, HKV, ns))
+                                         StepPlan(qsl, seq, B, 1, list(range(B + 1)), seq_len, HQ, HKV, ns,
+                                                  head_size=D))
                         res[f"{fname} split{ns}"] = (bench(lambda: st_ns.attend(q, out, D**-0.5)), res[fname][1])
 
             def full_step(cache=cache, stage=stage):  # one layer's share of a step (plan built once per step)
@@ -270,7 +271,7 @@ def write_bench(gen):
         for fname in FORMATS:
             fmt = parse_format(fname)
             cache, stage, bt = kvmix_case(fmt, B, seq_len, gen)
-            plan = StepPlan(qsl, seq, T, per, qsl.tolist(), seq_len, HQ, HKV)
+            plan = StepPlan(qsl, seq, T, per, qsl.tolist(), seq_len, HQ, HKV, head_size=D)
             st = PageStep(k, cache, stage, fmt, slots, bt, plan)
             rows.append(dict(case=label, kernel=fname, ms=bench(lambda: st.write(k, v)),
                              graph_ms=triton.testing.do_bench_cudagraph(lambda: st.write(k, v)),
@@ -310,7 +311,7 @@ def served_decode_write(gen, B=256, L=1024, fill=4, spread=True):
     for fname in FORMATS:
         fmt = parse_format(fname)
         cache, stage, bt = kvmix_case(fmt, B, L, gen)
-        plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), L, HQ, HKV)
+        plan = StepPlan(qsl, seq, B, 1, list(range(B + 1)), L, HQ, HKV, head_size=D)
         st = PageStep(k, cache, stage, fmt, slots, bt, plan)
         step = triton.testing.do_bench_cudagraph(lambda: st.run(q, k, v, out, D**-0.5))
         attend = triton.testing.do_bench_cudagraph(lambda: st.attend(q, out, D**-0.5))

@@ -100,7 +100,8 @@ def kvmix(fmt, reqs, q, k_new, v_new, gen, fa):
     max_q = max(n for _, n in reqs)
 
     def make_plan():
-        return StepPlan(qsl, seq, q.shape[0], max_q, qsl_cpu, L, HQ, HKV, seq_lens_cpu=seqs, flash_attn=fa)
+        return StepPlan(qsl, seq, q.shape[0], max_q, qsl_cpu, L, HQ, HKV, seq_lens_cpu=seqs, flash_attn=fa,
+                        head_size=D)
 
     plan = make_plan()
     torch.cuda.synchronize()

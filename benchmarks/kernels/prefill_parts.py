@@ -72,7 +72,7 @@ def main():
         seq = torch.tensor(seqs, dtype=torch.int32, device=dev)
         slots = torch.arange(B, dtype=torch.int32, device=dev)
         plan = page.StepPlan(qsl, seq, T, max(n for _, n in reqs), qsl_cpu, L, HQ, HKV, seq_lens_cpu=seqs,
-                             flash_attn=prefill.reference_flash_attn)
+                             flash_attn=prefill.reference_flash_attn, head_size=D)
         st = page.PageStep(k_new, cache, stage, fmt, slots, bt, plan)
         slay = stage_layout(D)
         staged_bytes = T * HKV * slay.head_page_bytes // PAGE_TOKENS

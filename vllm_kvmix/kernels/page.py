@@ -554,7 +554,7 @@ class StepPlan:
     def __init__(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, max_query_len: int,
                  query_start_loc_cpu: list[int], max_seq_len: int, num_heads: int, num_kv_heads: int,
                  num_splits: int | None = None, seq_lens_cpu: list[int] | None = None, flash_attn=None,
-                 max_prefill_pages: int = 1 << 30, window: int | None = None):
+                 max_prefill_pages: int = 1 << 30, window: int | None = None, *, head_size: int):
         b = seq_lens.shape[0]
         device = seq_lens.device
         qsl = query_start_loc[: b + 1].to(torch.int32)
@@ -572,15 +572,16 @@ class StepPlan:
                                                device)
         if num_splits is None:
             # a block's tokens are one request's
-            num_splits = plan_splits(qb_req.numel() * num_kv_heads, max_seq_len, window, min(bq, max_query_len), device)
+            num_splits = plan_splits(qb_req.numel() * num_kv_heads, max_seq_len, window, min(bq, max_query_len), device,
+                                     head_size)
         self._set(qsl, seq, sbase, tok_req, num_tokens, max_query_len, num_tokens // PAGE_TOKENS + b + 1, {},
                   (qb_req, qb_tok, bq, rep_p, num_splits))
         if flash_attn is not None and seq_lens_cpu is not None and max_query_len > 1:
             self._plan_prefill(query_start_loc_cpu[: b + 1], seq_lens_cpu[:b], num_tokens, max_seq_len, num_heads,
-                               num_kv_heads, flash_attn, max_prefill_pages, window)
+                               num_kv_heads, flash_attn, max_prefill_pages, window, head_size)
 
     def _plan_prefill(self, qsl, seq, num_tokens, max_seq_len, num_heads, num_kv_heads, flash_attn, max_pages,
-                      window):
+                      window, head_size):
         """Split the batch: one-token rows (decode kernels), prefill rows (``flash_attn`` over dequantized
         pages, :mod:`vllm_kvmix.kernels.prefill`), prefill rows past the page bound (Triton kernel)."""
         device = self.seq.device
@@ -594,7 +595,7 @@ class StepPlan:
             if not reqs:
                 return None
             req, tok, bq = plan_query_blocks(qsl, block_q_for(num_heads, num_kv_heads, max_q), device, reqs)
-            splits = plan_splits(req.numel() * num_kv_heads, max_seq_len, window, min(bq, max_q), device)
+            splits = plan_splits(req.numel() * num_kv_heads, max_seq_len, window, min(bq, max_q), device, head_size)
             return req, tok, bq, rep_p, splits
 
         self.prefill, self.flash_attn = groups, flash_attn
@@ -609,7 +610,8 @@ class StepPlan:
 
     @classmethod
     def decode(cls, bufs: DecodeBuffers, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, n: int,
-               max_seq_len: int, num_heads: int, num_kv_heads: int, window: int | None = None) -> "StepPlan":
+               max_seq_len: int, num_heads: int, num_kv_heads: int, window: int | None = None, *,
+               head_size: int) -> "StepPlan":
         """``n`` rows of one new token each (rows past the real ones: zero tokens, padding).
 
         Every tensor is a view of ``bufs`` or of the caller's (persistent) ``query_start_loc`` /
@@ -619,7 +621,7 @@ class StepPlan:
         plan = cls.__new__(cls)
         rows = bufs.rows[:n]
         rep_p = triton.next_power_of_2(num_heads // num_kv_heads)
-        num_splits = plan_splits(n * num_kv_heads, max_seq_len, window, 1, seq_lens.device)
+        num_splits = plan_splits(n * num_kv_heads, max_seq_len, window, 1, seq_lens.device, head_size)
         plan._set(query_start_loc[: n + 1].to(torch.int32), seq_lens[:n].to(torch.int32), bufs.zeros[:n], rows,
                   n, 1, 1, bufs.scratch, (rows, rows, block_q_for(num_heads, num_kv_heads, 1), rep_p, num_splits))
         return plan
@@ -800,7 +802,7 @@ def page_step(
         msl = max_seq_len if max_seq_len is not None else int(seq_lens.max())
         plan = StepPlan(query_start_loc, seq_lens, query.shape[0], max_query_len, qsl_cpu, msl,
                         query.shape[1], key.shape[1], num_splits, seq_lens_cpu, flash_attn, max_prefill_pages,
-                        sliding_window)
+                        sliding_window, head_size=query.shape[2])
     st = PageStep(key, cache, stage, fmt, slots.to(torch.int32), block_table, plan)
     st.run(query, key, value, out, scale, sliding_window, soft_cap)
     return out

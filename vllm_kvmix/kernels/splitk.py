@@ -75,11 +75,21 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Split-K fills one wave of SPLIT_PROGRAMS_PER_SM programs per SM: the page kernel's decode programs
-# (page.LAUNCH: 4 warps capped at 128 registers; 2 warps took ~255) fit 4 to an SM.  page_bench.py --sweep on H100 (2026-11-23, bit-plane
-# kernel): 16 x 32k took 0.70 ms with 3 splits (2 per SM), 0.55 ms with 4 and 8; 1 x 32k 0.094 ms
-# with 32 splits, 0.088 ms with 64; 64 x 8k (512 programs) the same with 1 or 2.
-SPLIT_PROGRAMS_PER_SM = 4
+# Split-K fills one wave of the decode programs that fit an SM at once (programs_per_sm): the page kernels'
+# decode programs (page.LAUNCH: 4 warps capped at 128 registers; the CUDA kernel's likewise) fit 4 to an SM
+# up to head size 128; the CUDA kernel's head-size-256 blocks (216+ registers a thread) fit 2.
+# page_bench.py --sweep on H100 (2026-11-23, bit-plane kernel): 16 x 32k took 0.70 ms with 3 splits (2 per
+# SM), 0.55 ms with 4 and 8; 1 x 32k 0.094 ms with 32 splits, 0.088 ms with 64; 64 x 8k (512 programs) the
+# same with 1 or 2.  Head size 256, 8 KV heads (head_size_bench.py --splits, H100, results.md section 2):
+# 1 x 32k 0.037 ms with 32 splits against 0.047 with 64, 1 x 128k 0.107 against 0.118, 4 x 32k 0.107 with 8
+# against 0.114 with 16, 16 x 32k 0.390 with 2 against 0.394 with 4: one wave of 2 per SM each time.
+PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM_HEAD_256 = 2
+
+
+def programs_per_sm(head_size: int) -> int:
+    """Decode programs of ``head_size`` that run on one SM at once."""
+    return PROGRAMS_PER_SM_HEAD_256 if head_size > 128 else PROGRAMS_PER_SM
 
 
 # Pages a split gets at least (split_count): 4 of a full context, 2 of a sliding window, whose plan counts the pages a
@@ -94,17 +104,18 @@ def split_min_pages(window: int | None) -> int:
     return FULL_SPLIT_MIN_PAGES if window is None else WINDOW_SPLIT_MIN_PAGES
 
 
-def num_splits_for(num_programs: int, max_pages: int, device, min_pages: int) -> int:
+def num_splits_for(num_programs: int, max_pages: int, device, min_pages: int, per_sm: int) -> int:
     """Split-K factor on ``device`` (1 off CUDA): :func:`split_count` for its SM count."""
     if device.type != "cuda":
         return 1
-    return split_count(num_programs, max_pages, _sm_count(device), min_pages)
+    return split_count(num_programs, max_pages, _sm_count(device), min_pages, per_sm)
 
 
-def split_count(num_programs: int, max_pages: int, sm_count: int, min_pages: int = FULL_SPLIT_MIN_PAGES) -> int:
-    """Split-K factor: as many splits as fit one wave of SPLIT_PROGRAMS_PER_SM programs per SM,
+def split_count(num_programs: int, max_pages: int, sm_count: int, min_pages: int = FULL_SPLIT_MIN_PAGES,
+                per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Split-K factor: as many splits as fit one wave of ``per_sm`` programs per SM (:func:`programs_per_sm`),
     at least ``min_pages`` of the ``max_pages`` a program reads (:func:`pages_read`) per split, at most 64."""
-    target = SPLIT_PROGRAMS_PER_SM * sm_count
+    target = per_sm * sm_count
     if num_programs >= target:
         return 1
     return max(1, min(target // num_programs, max_pages // min_pages, 64))
@@ -121,10 +132,11 @@ def pages_read(max_seq_len: int, window: int | None = None, block_q: int = 1) ->
     return min(pages, triton.cdiv(window + block_q - 2, PAGE_TOKENS) + 1)
 
 
-def plan_splits(num_programs: int, max_seq_len: int, window: int | None, block_q: int, device) -> int:
-    """Split-K factor of ``num_programs`` (query block, KV head) programs whose query blocks of ``block_q`` tokens
-    read at most ``max_seq_len`` tokens' pages (``window``: a sliding window's)."""
-    return num_splits_for(num_programs, pages_read(max_seq_len, window, block_q), device, split_min_pages(window))
+def plan_splits(num_programs: int, max_seq_len: int, window: int | None, block_q: int, device, head_size: int) -> int:
+    """Split-K factor of ``num_programs`` (query block, KV head) programs of ``head_size`` whose query blocks of
+    ``block_q`` tokens read at most ``max_seq_len`` tokens' pages (``window``: a sliding window's)."""
+    return num_splits_for(num_programs, pages_read(max_seq_len, window, block_q), device, split_min_pages(window),
+                          programs_per_sm(head_size))
 
 
 def plan_query_blocks(query_start_loc, block_q: int, device, reqs=None) -> tuple[torch.Tensor, torch.Tensor, int]:

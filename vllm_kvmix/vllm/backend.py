@@ -38,7 +38,7 @@ from vllm_kvmix.staging import SLOTS, stage_rows
 from vllm_kvmix.vllm import flash_prefill
 from vllm_kvmix.vllm.config_checks import check as check_config
 from vllm_kvmix.vllm.device import check_device, prepare_decode
-from vllm_kvmix.vllm.spec import group_window, layer_specs, stage_slots_of
+from vllm_kvmix.vllm.spec import group_head_size, group_window, layer_specs, stage_slots_of
 
 logger = logging.getLogger("vllm.kvmix")
 
@@ -126,6 +126,7 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
         self._generation = SLOTS.generation
         self._decode_bufs = None
         self._window = group_window(kv_cache_spec)  # split-K counts divide the pages a window spans
+        self._head_size = group_head_size(kv_cache_spec)  # and fill a wave of the programs an SM holds
         refuse_unsupported(self.fmt, vllm_config, device)
         if device.type == "cuda":
             num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
@@ -177,7 +178,8 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
             if decode:
                 slots = self._decode_bufs.set_slots(step_slots)
                 page_plan = StepPlan.decode(self._decode_bufs, m.query_start_loc, m.seq_lens, n,
-                                            self.max_model_len, *self.heads, window=self._window)
+                                            self.max_model_len, *self.heads, window=self._window,
+                                            head_size=self._head_size)
             else:
                 slots = torch.tensor(step_slots, dtype=torch.int32, pin_memory=True).to(self.device, non_blocking=True)
                 fa = flash_prefill.flash_attn_prefill()
@@ -187,7 +189,8 @@ class KvmixMetadataBuilder(AttentionMetadataBuilder[KvmixMetadata]):
                     seq_cpu = (bound if bound is not None else m.seq_lens).to("cpu")[:n].tolist()
                 page_plan = StepPlan(m.query_start_loc, m.seq_lens[:n], m.num_actual_tokens, m.max_query_len,
                                      qsl_cpu, m.max_seq_len, *self.heads, seq_lens_cpu=seq_cpu, flash_attn=fa,
-                                     max_prefill_pages=self._prefill_pages, window=self._window)
+                                     max_prefill_pages=self._prefill_pages, window=self._window,
+                                     head_size=self._head_size)
         elif not dummy:
             requests = self._request_steps(qsl_cpu, seq_lens_cpu, step_slots)
         return KvmixMetadata(

@@ -83,6 +83,13 @@ def group_window(kv_cache_spec) -> int | None:
     return max(s.sliding_window for s in specs)
 
 
+def group_head_size(kv_cache_spec) -> int:
+    """The head size of a KV-cache group's layers (the largest where they differ: its decode programs fit
+    fewest to an SM, which is what the group's shared split-K plan counts,
+    :func:`vllm_kvmix.kernels.splitk.programs_per_sm`)."""
+    return max(s.head_size for s in layer_specs(kv_cache_spec))
+
+
 def kvmix_spec_for_layer(layer, vllm_config):
     """The kvmix spec of an ``Attention`` layer (decoder self-attention).
 

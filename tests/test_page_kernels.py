@@ -330,6 +330,12 @@ def test_split_count_divides_the_pages_a_window_spans(monkeypatch):
     page.StepPlan(qsl, seq, 2, 1, [0, 1, 2], 8464, 8, 4, window=1024, head_size=256)
     page.StepPlan(qsl, seq, 2, 1, [0, 1, 2], 8464, 8, 4, head_size=128)
     assert seen == [(17, 2, 2), (17, 2, 2), (133, 4, 4)]
+    # a prompt step: the plan of every row, then its one-token rows' (the prefill split's decode_attn)
+    seen.clear()
+    qsl5 = torch.tensor([0, 1, 5], dtype=torch.int32, device=DEV)
+    plan = page.StepPlan(qsl5, seq, 5, 4, [0, 1, 5], 8464, 8, 4, seq_lens_cpu=[9000, 40],
+                         flash_attn=reference_flash_attn, head_size=256)
+    assert plan.decode_attn is not None and [x[2] for x in seen] == [2, 2]
 
 
 @pytest.mark.parametrize("d, window", [(128, 50), (256, 70)])

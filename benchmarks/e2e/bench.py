@@ -25,7 +25,7 @@ Every format runs with the same max_num_seqs: the workload's concurrency, 128 on
 formats keep one 8-bit staging page per running sequence and layer (18.5 KiB per KV head at d=128),
 reserved for max_num_seqs sequences out of the KV budget: vLLM's H100 default (1024) would take 4.4 GiB
 for Llama-3.1-8B, more than cap's whole budget (128 on cap: staging 0.55 GiB of its 4 GiB, 3.96x bf16's
-tokens; ~100 bf16 sequences of 1280 tokens fit, 128 may run).  The engine's step costs more with more
+tokens: ~25 bf16 sequences of 1280 tokens fit, ~100 at k4v2, 128 may run).  The engine's step costs more with more
 sequences allowed, whatever the KV format (Llama-3.2-1B's bf16 step at 1 x 8k: 2.36 ms at max_num_seqs 1024,
 1.70 ms at 1, H100), so the formats a row compares share the setting.  --max-num-seqs overrides it.
 """

@@ -82,7 +82,8 @@ def _sm_count(device) -> int:
 # SM), 0.55 ms with 4 and 8; 1 x 32k 0.094 ms with 32 splits, 0.088 ms with 64; 64 x 8k (512 programs) the
 # same with 1 or 2.  Head size 256, 8 KV heads (head_size_bench.py --splits, H100, results.md section 2):
 # 1 x 32k 0.037 ms with 32 splits against 0.047 with 64, 1 x 128k 0.107 against 0.118, 4 x 32k 0.107 with 8
-# against 0.114 with 16, 16 x 32k 0.390 with 2 against 0.394 with 4: one wave of 2 per SM each time.
+# against 0.114 with 16 (16 x 32k: the same with 2 or 4): one wave of 2 per SM each time.  The Triton page
+# kernel's head-size-256 plans use the same count (its occupancy there is not measured).
 PROGRAMS_PER_SM = 4
 PROGRAMS_PER_SM_HEAD_256 = 2
 

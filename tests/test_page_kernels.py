@@ -678,7 +678,7 @@ def test_cuda_decode_stages_like_the_triton_kernel(dtype, d, window):
 
 def test_cuda_decode_constants_match_the_source():
     """The launcher's bounds and workspace sizing are the kernel's shared-memory shapes (csrc/page_decode.cu)."""
-    from vllm_kvmix.kernels import cuda_decode
+    from vllm_kvmix.kernels import cuda_decode, splitk
 
     src = cuda_decode.source_path().read_text()
     assert f"#define KVMIX_ROWS {cuda_decode.ROWS} " in src
@@ -691,6 +691,10 @@ def test_cuda_decode_constants_match_the_source():
     assert f"#define KVMIX_RING_STAGES {cuda_decode.RING_STAGES}\n" in src  # the ring's depth (smem_bytes)
     assert "static constexpr int T = D > 128 ? 32 : KVMIX_P;" in src  # page passes (pass_tokens)
     assert "static constexpr bool RING = D > 128;" in src  # which head sizes read packed pages via the ring (ring)
+    # the blocks an SM holds, which split-K plans a wave of (splitk.programs_per_sm)
+    assert f"#define KVMIX_MIN_BLOCKS {splitk.PROGRAMS_PER_SM}\n" in src
+    assert f"#define KVMIX_MIN_BLOCKS_256 {splitk.PROGRAMS_PER_SM_HEAD_256}\n" in src
+    assert "MIN_BLOCKS = D > 128 ? KVMIX_MIN_BLOCKS_256 : KVMIX_MIN_BLOCKS;" in src
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])

@@ -77,7 +77,8 @@ def _sm_count(device) -> int:
 
 # Split-K fills one wave of the decode programs that fit an SM at once (programs_per_sm): the page kernels'
 # decode programs (page.LAUNCH: 4 warps capped at 128 registers; the CUDA kernel's likewise) fit 4 to an SM
-# up to head size 128; the CUDA kernel's head-size-256 blocks (216+ registers a thread) fit 2.
+# up to head size 128; the CUDA kernel's head-size-256 blocks (216+ registers a thread) fit 2 (the kernel's
+# KVMIX_MIN_BLOCKS / KVMIX_MIN_BLOCKS_256 launch bounds, csrc/page_decode.cu; a test ties the two).
 # page_bench.py --sweep on H100 (2026-11-23, bit-plane kernel): 16 x 32k took 0.70 ms with 3 splits (2 per
 # SM), 0.55 ms with 4 and 8; 1 x 32k 0.094 ms with 32 splits, 0.088 ms with 64; 64 x 8k (512 programs) the
 # same with 1 or 2.  Head size 256, 8 KV heads (head_size_bench.py --splits, H100, results.md section 2):
